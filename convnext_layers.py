@@ -1,0 +1,353 @@
+"""Building blocks shared by ConvNeXt V1 (`convnext_v1`) and V2 (`convnext_v2`).
+
+The two families differ in one place only: a V1 block ends with a learnable
+per-channel layer scale, a V2 block instead applies Global Response
+Normalization (GRN) after the GELU. Everything else -- the variant table format,
+the stem, the downsampling layers, the block, the head and the small-input
+stride rule -- lives here, once.
+
+Layer names mirror timm's module paths (`stages.2.blocks.4.conv_dw` becomes
+`stage2_block4_dwconv`), so `weights_convert` maps checkpoints with a handful of
+rules. All tensors are channels-last: (batch, height, width, channels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import keras
+from keras import ops
+
+LAYER_NORM_EPSILON = 1e-6  # timm uses 1e-6 in every ConvNeXt LayerNorm
+GRN_EPSILON = 1e-6
+POOLING_CHOICES = (None, "avg", "max")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Depth (blocks per stage) and width (channels per stage) of one model size."""
+
+    depths: tuple[int, int, int, int]
+    widths: tuple[int, int, int, int]
+
+
+def resolve_variant(variant: str, table: dict[str, Variant], family: str) -> Variant:
+    if not isinstance(variant, str) or variant.lower() not in table:
+        raise ValueError(
+            f"Unknown {family} variant {variant!r}. Valid variants: {', '.join(table)}."
+        )
+    return table[variant.lower()]
+
+
+# ----------------------------------------------------------------------------
+# Custom layers (all registered, so `.keras` files load without custom_objects)
+# ----------------------------------------------------------------------------
+
+
+@keras.saving.register_keras_serializable(package="convnext")
+class DepthwiseConv(keras.layers.DepthwiseConv2D):
+    """The 7x7 depthwise convolution of a ConvNeXt block, "same" padding, stride 1.
+
+    (B, H, W, C) -> (B, H, W, C). Weights are those of `keras.layers.DepthwiseConv2D`
+    (kernel (k, k, C, 1), bias (C,)); only the way the product is computed may
+    differ per backend, chosen for speed without changing the numbers.
+    """
+
+    def __init__(self, kernel_size=7, **kwargs):
+        kwargs.setdefault("padding", "same")
+        super().__init__(kernel_size=kernel_size, **kwargs)
+
+
+@keras.saving.register_keras_serializable(package="convnext")
+class LayerScale(keras.layers.Layer):
+    """Per-channel learnable scale `x * gamma` that ends a ConvNeXt V1 block.
+
+    (..., C) -> (..., C); `gamma` has shape (C,) and starts at `init_value`.
+    """
+
+    def __init__(self, init_value=1e-6, **kwargs):
+        super().__init__(**kwargs)
+        self.init_value = float(init_value)
+
+    def build(self, input_shape):
+        self.gamma = self.add_weight(
+            name="gamma",
+            shape=(input_shape[-1],),
+            initializer=keras.initializers.Constant(self.init_value),
+        )
+
+    def call(self, x):
+        return x * ops.cast(self.gamma, x.dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "init_value": self.init_value}
+
+
+@keras.saving.register_keras_serializable(package="convnext")
+class StochasticDepth(keras.layers.Layer):
+    """Drops the whole residual branch of a sample with probability `rate`.
+
+    (B, ...) -> (B, ...). Active only in training, where kept samples are scaled
+    by 1 / (1 - rate) so the expected output is unchanged (timm's DropPath with
+    `scale_by_keep=True`). At inference it is the identity.
+    """
+
+    def __init__(self, rate=0.0, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"StochasticDepth rate must be in [0, 1), got {rate}.")
+        self.rate = float(rate)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, x, training=None):
+        if not training or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        mask_shape = (ops.shape(x)[0],) + (1,) * (len(x.shape) - 1)
+        random = keras.random.uniform(mask_shape, seed=self.seed_generator, dtype=x.dtype)
+        mask = ops.cast(random < keep, x.dtype)
+        return x * mask / keep
+
+    def get_config(self):
+        return {**super().get_config(), "rate": self.rate, "seed": self.seed}
+
+
+@keras.saving.register_keras_serializable(package="convnext")
+class GlobalResponseNorm(keras.layers.Layer):
+    """ConvNeXt V2's Global Response Normalization.
+
+    (B, H, W, C) -> (B, H, W, C):
+        Gx = ||x||_2 over (H, W)            (B, 1, 1, C)
+        Nx = Gx / (mean_C(Gx) + 1e-6)       (B, 1, 1, C)
+        y  = x + bias + weight * (x * Nx)
+    `weight` and `bias` have shape (C,) and start at zero, so a fresh block is
+    the identity here. The statistics are computed in float32 under mixed
+    precision: a sum of squares over H*W overflows float16 easily.
+    """
+
+    def __init__(self, epsilon=GRN_EPSILON, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = float(epsilon)
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        self.weight = self.add_weight(name="weight", shape=(channels,), initializer="zeros")
+        self.bias = self.add_weight(name="bias", shape=(channels,), initializer="zeros")
+
+    def call(self, x):
+        x32 = ops.cast(x, "float32")
+        gx = ops.sqrt(ops.sum(ops.square(x32), axis=(1, 2), keepdims=True))
+        nx = gx / (ops.mean(gx, axis=-1, keepdims=True) + self.epsilon)
+        weight = ops.cast(self.weight, "float32")
+        bias = ops.cast(self.bias, "float32")
+        return ops.cast(x32 + bias + weight * (x32 * nx), x.dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "epsilon": self.epsilon}
+
+
+def layer_norm(name):
+    return keras.layers.LayerNormalization(epsilon=LAYER_NORM_EPSILON, name=name)
+
+
+# ----------------------------------------------------------------------------
+# Strides for small inputs
+# ----------------------------------------------------------------------------
+
+STANDARD_STRIDES = (4, 2, 2, 2)  # stem, then the downsampling before stages 1, 2, 3
+# Tried in order until the last stage keeps a feature map of at least 2x2: first
+# the stem gives up resolution loss, then the late downsampling layers do.
+STRIDE_PLANS = (
+    (4, 2, 2, 2),
+    (2, 2, 2, 2),
+    (1, 2, 2, 2),
+    (1, 2, 2, 1),
+    (1, 2, 1, 1),
+    (1, 1, 1, 1),
+)
+MIN_FINAL_SIZE = 2
+
+
+def _conv_output_size(size, kernel, stride):
+    # stride == kernel: non-overlapping "valid" conv, as timm (floor);
+    # stride < kernel: "same" padding (ceil).
+    if stride == kernel:
+        return size // stride
+    return -(-size // stride)
+
+
+def final_feature_size(size, strides):
+    """Spatial size of the last stage for an input side `size` under `strides`."""
+    size = _conv_output_size(size, 4, strides[0])
+    for stride in strides[1:]:
+        size = _conv_output_size(size, 2, stride)
+    return size
+
+
+def plan_strides(height, width):
+    """Strides (stem, down1, down2, down3) for an input of `height` x `width`.
+
+    Inputs with a side of 64 or more (224, 256, 384, ...) get the standard
+    strides (4, 2, 2, 2), total stride 32, exactly as timm. A smaller input
+    lowers strides, stem first (4 -> 2 -> 1), then the downsampling layers from
+    the last stage backwards, until the last stage is at least 2x2. Kernel
+    shapes never change, so pretrained weights load into any of these layouts.
+    Unknown (None) sizes get the standard strides.
+    """
+    known = [s for s in (height, width) if s is not None]
+    if not known:
+        return STANDARD_STRIDES
+    side = min(known)
+    for strides in STRIDE_PLANS:
+        if final_feature_size(side, strides) >= MIN_FINAL_SIZE:
+            return strides
+    raise ValueError(
+        f"Input {height}x{width} is too small: ConvNeXt needs at least "
+        f"{MIN_FINAL_SIZE}x{MIN_FINAL_SIZE} pixels (every stride lowered to 1) and "
+        f"uses its standard strides from 64x64 up."
+    )
+
+
+# ----------------------------------------------------------------------------
+# Network assembly
+# ----------------------------------------------------------------------------
+
+
+def downsample_conv(filters, kernel, stride, name):
+    padding = "valid" if stride == kernel else "same"
+    return keras.layers.Conv2D(filters, kernel, strides=stride, padding=padding, name=name)
+
+
+def convnext_block(x, width, prefix, drop_path, layer_scale_init_value, use_grn):
+    """One ConvNeXt block: (B, H, W, C) -> (B, H, W, C), C = `width`.
+
+    dwconv 7x7 -> LayerNorm -> Dense 4C -> GELU (-> GRN, V2) -> Dense C
+    (-> layer scale, V1) -> stochastic depth -> + shortcut.
+    """
+    shortcut = x
+    x = DepthwiseConv(7, name=f"{prefix}_dwconv")(x)
+    x = layer_norm(f"{prefix}_norm")(x)
+    x = keras.layers.Dense(4 * width, name=f"{prefix}_pwconv1")(x)
+    x = keras.layers.Activation("gelu", name=f"{prefix}_gelu")(x)  # exact erf GELU
+    if use_grn:
+        x = GlobalResponseNorm(name=f"{prefix}_grn")(x)
+    x = keras.layers.Dense(width, name=f"{prefix}_pwconv2")(x)
+    if layer_scale_init_value is not None:
+        x = LayerScale(layer_scale_init_value, name=f"{prefix}_layer_scale")(x)
+    if drop_path > 0.0:
+        x = StochasticDepth(drop_path, name=f"{prefix}_drop_path")(x)
+    return keras.layers.Add(name=f"{prefix}_add")([shortcut, x])
+
+
+def _check_arguments(num_classes, include_top, pooling, drop_path_rate, output_stages):
+    if output_stages is not None:
+        stages = tuple(output_stages)
+        if (
+            not stages
+            or any(s not in (0, 1, 2, 3) for s in stages)
+            or len(set(stages)) != len(stages)
+        ):
+            raise ValueError(
+                f"output_stages must be distinct stage indices from (0, 1, 2, 3); got {output_stages!r}."
+            )
+        if include_top or pooling is not None:
+            raise ValueError("output_stages needs include_top=False and pooling=None.")
+    if pooling not in POOLING_CHOICES:
+        raise ValueError(f"pooling must be one of None, 'avg', 'max'; got {pooling!r}.")
+    if include_top and (not isinstance(num_classes, int) or num_classes < 1):
+        raise ValueError(
+            f"include_top=True needs num_classes >= 1, got {num_classes!r}. "
+            "Use include_top=False for a headless backbone."
+        )
+    if not 0.0 <= drop_path_rate < 1.0:
+        raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}.")
+
+
+def _input_layer(input_shape, input_tensor):
+    if input_tensor is not None:
+        if input_shape is None:
+            input_shape = tuple(input_tensor.shape[1:])
+        if not keras.backend.is_keras_tensor(input_tensor):
+            return keras.Input(tensor=input_tensor, shape=input_shape), input_shape
+        return input_tensor, input_shape
+    if input_shape is None:
+        input_shape = (224, 224, 3)
+    input_shape = tuple(input_shape)
+    if len(input_shape) != 3:
+        raise ValueError(
+            f"input_shape must be (height, width, channels), e.g. (224, 224, 3); "
+            f"got {input_shape!r} of rank {len(input_shape)}."
+        )
+    for dim in input_shape[:2]:
+        if dim is not None and (not isinstance(dim, int) or dim < 1):
+            raise ValueError(
+                f"input_shape sides must be positive ints or None; got {input_shape!r}."
+            )
+    if input_shape[2] is None or input_shape[2] < 1:
+        raise ValueError(f"input_shape needs a known channel count; got {input_shape!r}.")
+    return keras.Input(shape=input_shape, name="image"), input_shape
+
+
+def build_convnext(
+    variant: Variant,
+    *,
+    use_grn: bool,
+    layer_scale_init_value,
+    num_classes,
+    input_shape,
+    include_top,
+    pooling,
+    drop_path_rate,
+    classifier_activation,
+    input_tensor,
+    name,
+    output_stages=None,
+):
+    """Assemble a functional ConvNeXt; see `create_convnext_v1` for the arguments."""
+    _check_arguments(num_classes, include_top, pooling, drop_path_rate, output_stages)
+    inputs, input_shape = _input_layer(input_shape, input_tensor)
+    strides = plan_strides(input_shape[0], input_shape[1])
+
+    total_blocks = sum(variant.depths)
+    # linear rise 0 -> drop_path_rate over all blocks, as timm
+    block_rates = [
+        drop_path_rate * i / (total_blocks - 1) if total_blocks > 1 else 0.0
+        for i in range(total_blocks)
+    ]
+
+    x = downsample_conv(variant.widths[0], 4, strides[0], "stem_conv")(inputs)
+    x = layer_norm("stem_norm")(x)
+    block_index = 0
+    stage_outputs = []
+    for stage, (depth, width) in enumerate(zip(variant.depths, variant.widths)):
+        if stage > 0:
+            x = layer_norm(f"stage{stage}_downsample_norm")(x)
+            x = downsample_conv(width, 2, strides[stage], f"stage{stage}_downsample_conv")(x)
+        for block in range(depth):
+            x = convnext_block(
+                x,
+                width,
+                prefix=f"stage{stage}_block{block}",
+                drop_path=block_rates[block_index],
+                layer_scale_init_value=layer_scale_init_value,
+                use_grn=use_grn,
+            )
+            block_index += 1
+        stage_outputs.append(x)
+
+    if output_stages is not None:
+        # multi-scale features (strides 4, 8, 16, 32 for standard inputs), like
+        # timm's features_only
+        return keras.Model(inputs, [stage_outputs[s] for s in output_stages], name=name)
+    if include_top:
+        x = keras.layers.GlobalAveragePooling2D(name="head_pool")(x)
+        x = layer_norm("head_norm")(x)
+        x = keras.layers.Dense(num_classes, activation=classifier_activation, name="head_fc")(x)
+    elif pooling == "avg":
+        x = keras.layers.GlobalAveragePooling2D(name="head_pool")(x)
+    elif pooling == "max":
+        x = keras.layers.GlobalMaxPooling2D(name="head_pool")(x)
+
+    model = keras.Model(inputs, x, name=name)
+    return model

@@ -1,0 +1,1 @@
+"""Images to L2-normalised ConvNeXt embeddings, cosine verification and its metrics."""

@@ -1,0 +1,95 @@
+"""Shared fixtures. timm and torch are imported before Keras on purpose: with
+KERAS_BACKEND=tensorflow, a process that loads TensorFlow first segfaults when
+torch later loads triton."""
+
+import json  # noqa: E402
+import os  # noqa: E402
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import timm  # noqa: F401  (import order matters, see above)
+import torch
+from safetensors.torch import save_file  # noqa: E402
+
+BACKEND = keras.backend.backend()
+
+
+def randomize_timm_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Set every parameter of a timm model to random values, in place.
+
+    timm initialises layer scale to 1e-6 and GRN to zero, which would make
+    almost every block an identity and hide it from a comparison. Norm weights
+    go to 1 +- 0.2, other 1-D parameters (biases, layer scale, GRN) to +-0.2,
+    weights to N(0, 1/fan_in) so activations keep a sane scale.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if param.ndim == 1 and "norm" in name and name.endswith("weight"):
+                param.copy_(1.0 + 0.2 * noise)
+            elif param.ndim == 1:
+                param.copy_(0.2 * noise)
+            else:
+                param.copy_(noise / param[0].numel() ** 0.5)
+    return model.eval()
+
+
+def random_timm_model(arch: str, seed: int = 0, **kwargs) -> torch.nn.Module:
+    """`timm.create_model(arch)` (no download) with every parameter randomised."""
+    return randomize_timm_(timm.create_model(arch, pretrained=False, **kwargs), seed)
+
+
+def timm_state_numpy(model: torch.nn.Module) -> dict:
+    return {k: v.detach().numpy() for k, v in model.state_dict().items()}
+
+
+def save_timm_checkpoint(model: torch.nn.Module, folder, arch: str, pretrained_cfg=None):
+    """Write `model.safetensors` + timm-style `config.json` into `folder` (Hub layout)."""
+    os.makedirs(folder, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, os.path.join(folder, "model.safetensors"))
+    cfg = dict(model.pretrained_cfg or {})
+    cfg.update(pretrained_cfg or {})
+    config = {
+        "architecture": arch,
+        "num_classes": model.num_classes,
+        "num_features": model.num_features,
+        "pretrained_cfg": {k: v for k, v in cfg.items() if _jsonable(v)},
+    }
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return folder
+
+
+def _jsonable(value):
+    try:
+        json.dumps(value)
+        return True
+    except TypeError:
+        return False
+
+
+def nchw_to_nhwc(x):
+    return np.transpose(x, (0, 2, 3, 1))
+
+
+@pytest.fixture(scope="session")
+def rng():
+    return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def timm_atto_checkpoint(tmp_path_factory):
+    """A randomised convnext_atto saved in the Hub layout: (folder, timm model)."""
+    model = random_timm_model("convnext_atto", seed=1)
+    folder = tmp_path_factory.mktemp("convnext_atto")
+    return save_timm_checkpoint(model, folder, "convnext_atto"), model
+
+
+@pytest.fixture(scope="session")
+def timm_v2_atto_checkpoint(tmp_path_factory):
+    model = random_timm_model("convnextv2_atto", seed=2)
+    folder = tmp_path_factory.mktemp("convnextv2_atto")
+    return save_timm_checkpoint(model, folder, "convnextv2_atto"), model
