@@ -249,7 +249,8 @@ def _check_arguments(num_classes, include_top, pooling, drop_path_rate, output_s
             or len(set(stages)) != len(stages)
         ):
             raise ValueError(
-                f"output_stages must be distinct stage indices from (0, 1, 2, 3); got {output_stages!r}."
+                "output_stages must be distinct stage indices from (0, 1, 2, 3); "
+                f"got {output_stages!r}."
             )
         if include_top or pooling is not None:
             raise ValueError("output_stages needs include_top=False and pooling=None.")
@@ -320,7 +321,7 @@ def build_convnext(
     x = layer_norm("stem_norm")(x)
     block_index = 0
     stage_outputs = []
-    for stage, (depth, width) in enumerate(zip(variant.depths, variant.widths)):
+    for stage, (depth, width) in enumerate(zip(variant.depths, variant.widths, strict=True)):
         if stage > 0:
             x = layer_norm(f"stage{stage}_downsample_norm")(x)
             x = downsample_conv(width, 2, strides[stage], f"stage{stage}_downsample_conv")(x)
