@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import keras
+import numpy as np
 from keras import ops
 
 LAYER_NORM_EPSILON = 1e-6  # timm uses 1e-6 in every ConvNeXt LayerNorm
@@ -56,6 +57,84 @@ class DepthwiseConv(keras.layers.DepthwiseConv2D):
     def __init__(self, kernel_size=7, **kwargs):
         kwargs.setdefault("padding", "same")
         super().__init__(kernel_size=kernel_size, **kwargs)
+
+    # How the product is computed, per backend, chosen by measurement
+    # (benchmarks/dwconv_formulations.py: one layer on (32, 56, 56, 96) float32,
+    # through predict_on_batch, 2-core x86-64 AVX-512 CPU, median ms; the same
+    # ranking held on (32, 56, 56, 40) and (32, 14, 14, 160)):
+    #   jax:        lax grouped conv (what keras.ops.depthwise_conv runs; NHWC or
+    #               NCHW dimension numbers alike) 805-1670, 49 shifted
+    #               multiply-adds 111-210 -> shifted sum (XLA fuses it into one
+    #               loop; its grouped convolution on CPU is a slow generic path).
+    #   tensorflow: tf.nn.depthwise_conv2d (the parent's call) 39-42, shifted sum
+    #               858 -> native op.
+    #   torch:      keras.ops.depthwise_conv 147-251 (NHWC -> contiguous NCHW ->
+    #               channels_last copies), shifted sum 1374-3826, F.conv2d(groups=C)
+    #               on x.permute(0, 3, 1, 2) 71-110 -> the permuted view: a
+    #               contiguous NHWC tensor IS a channels_last NCHW tensor, so no
+    #               copy is made and oneDNN's channels_last depthwise kernel runs.
+    # Anything the fast paths do not cover (channels_first, strides, dilation,
+    # depth_multiplier > 1) goes through the parent's generic call.
+    def _fast_path(self):
+        return (
+            self.data_format == "channels_last"
+            and tuple(self.strides) == (1, 1)
+            and tuple(self.dilation_rate) == (1, 1)
+            and self.depth_multiplier == 1
+            and self.padding == "same"
+            and self.kernel_size[0] == self.kernel_size[1]
+            and self.kernel_size[0] % 2 == 1
+        )
+
+    def call(self, inputs):
+        backend = keras.backend.backend()
+        if backend not in ("jax", "torch") or not self._fast_path():
+            return super().call(inputs)
+        kernel = ops.cast(self.kernel, inputs.dtype)
+        bias = ops.cast(self.bias, inputs.dtype) if self.use_bias else None
+        if backend == "torch":
+            outputs = _depthwise_torch(inputs, kernel, bias)
+        else:
+            outputs = _depthwise_shifted_sum(inputs, kernel, bias)
+        if self.activation is not None:
+            outputs = self.activation(outputs)
+        return outputs
+
+
+def _depthwise_shifted_sum(x, kernel, bias):
+    """'same' stride-1 depthwise conv as sum_ij pad(x)[:, i:i+H, j:j+W] * kernel[i, j].
+
+    Accumulates in float32 (as a convolution kernel does) for half-precision inputs.
+    """
+    k = kernel.shape[0]
+    pad = k // 2
+    height, width = x.shape[1], x.shape[2]
+    dtype = x.dtype
+    if keras.backend.standardize_dtype(x.dtype) in ("float16", "bfloat16"):
+        x, kernel = ops.cast(x, "float32"), ops.cast(kernel, "float32")
+        bias = None if bias is None else ops.cast(bias, "float32")
+    padded = ops.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    out = None
+    for i in range(k):
+        for j in range(k):
+            term = padded[:, i : i + height, j : j + width, :] * kernel[i, j, :, 0]
+            out = term if out is None else out + term
+    if bias is not None:
+        out = out + bias
+    return ops.cast(out, dtype)
+
+
+def _depthwise_torch(x, kernel, bias):
+    """'same' stride-1 depthwise conv with torch's native kernel, NHWC in and out."""
+    import torch.nn.functional as F
+
+    k, channels = kernel.shape[0], kernel.shape[2]
+    weight = kernel.permute(2, 3, 0, 1)  # (k, k, C, 1) -> (C, 1, k, k)
+    # x.permute(0, 3, 1, 2) of a contiguous NHWC tensor is a channels_last NCHW
+    # view (no copy); conv2d keeps that memory format, so permuting back is
+    # again a view of a contiguous NHWC result.
+    y = F.conv2d(x.permute(0, 3, 1, 2), weight, bias, padding=k // 2, groups=channels)
+    return y.permute(0, 2, 3, 1)
 
 
 @keras.saving.register_keras_serializable(package="convnext")
@@ -352,3 +431,26 @@ def build_convnext(
 
     model = keras.Model(inputs, x, name=name)
     return model
+
+
+def count_macs(model: keras.Model) -> int:
+    """Multiply-accumulates of one image through `model`'s convolutions and dense
+    layers (what `torch.utils.flop_counter` counts for timm, divided by 2).
+
+    Needs a model built with a fixed input size. Norms, activations and
+    additions are left out, as in the published ConvNeXt GMAC figures.
+    """
+    macs = 0
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if not layer.weights:
+            continue
+        out_shape = layer.output.shape
+        positions = int(np.prod(out_shape[1:-1])) if len(out_shape) > 2 else 1
+        kernel = getattr(layer, "kernel", None)
+        if kernel is None:
+            continue
+        if isinstance(layer, keras.layers.DepthwiseConv2D):
+            macs += positions * int(np.prod(kernel.shape))  # (k, k, C, 1)
+        elif isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):
+            macs += positions * int(np.prod(kernel.shape))  # (k, k, I, O) or (I, O)
+    return macs

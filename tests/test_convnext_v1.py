@@ -1,0 +1,64 @@
+"""ConvNeXt V1: parameter counts and numerical parity with timm."""
+
+import keras
+import numpy as np
+import pytest
+import torch
+from conftest import nchw_to_nhwc, random_timm_model, timm_state_numpy
+
+from convnext_v1 import VARIANTS, create_convnext_v1
+from weights_convert import port_state_dict
+
+BIG = {"base", "large", "xlarge"}
+
+
+def timm_parameter_count(arch):
+    with torch.device("meta"):  # shapes only, nothing allocated
+        import timm
+
+        model = timm.create_model(arch)
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "variant", [pytest.param(v, marks=pytest.mark.slow) if v in BIG else v for v in VARIANTS]
+)
+def test_parameter_count_matches_timm(variant):
+    # small input: the count does not depend on it and the build is cheaper
+    model = create_convnext_v1(variant, input_shape=(64, 64, 3))
+    assert model.count_params() == timm_parameter_count(f"convnext_{variant}")
+
+
+def compare_with_timm(variant, size, batch=2, seed=0):
+    timm_model = random_timm_model(f"convnext_{variant}", seed=seed)
+    model = create_convnext_v1(variant, input_shape=(size, size, 3))
+    port_state_dict(model, timm_state_numpy(timm_model))
+    images = np.random.default_rng(seed).standard_normal((batch, 3, size, size), dtype=np.float32)
+    with torch.no_grad():
+        expected = timm_model(torch.from_numpy(images)).numpy()
+    logits = keras.ops.convert_to_numpy(model(nchw_to_nhwc(images)))
+    return logits, expected
+
+
+def test_atto_logits_match_timm_at_224():
+    logits, expected = compare_with_timm("atto", 224)
+    np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
+    assert (logits.argmax(-1) == expected.argmax(-1)).all()
+
+
+def test_tiny_logits_match_timm_on_small_input():
+    logits, expected = compare_with_timm("tiny", 64)
+    np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
+
+
+def test_layer_scale_init_and_none():
+    model = create_convnext_v1("atto", input_shape=(64, 64, 3), layer_scale_init_value=0.5)
+    gamma = model.get_layer("stage0_block0_layer_scale").gamma
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(gamma), np.full((40,), 0.5))
+    plain = create_convnext_v1("atto", input_shape=(64, 64, 3), layer_scale_init_value=None)
+    assert not any("layer_scale" in layer.name for layer in plain.layers)
+
+
+def test_large_feature_map_shape():
+    model = create_convnext_v1("large", include_top=False, input_shape=(256, 256, 3))
+    assert model.output_shape == (None, 8, 8, 1536)
