@@ -195,3 +195,11 @@ def test_count_macs_matches_torch_flop_counter(arch):
     family = "v2" if arch.startswith("convnextv2") else "v1"
     model = FAMILIES[family](arch.split("_")[1])
     assert 2 * count_macs(model) == counter.get_total_flops()
+
+
+def test_input_tensor_and_name(family):
+    inputs = keras.Input(shape=(40, 40, 3))
+    model = FAMILIES[family]("atto", include_top=False, input_tensor=inputs, name="backbone")
+    assert model.name == "backbone"
+    assert model.inputs[0] is inputs
+    assert model.output_shape == (None, 2, 2, 320)  # 40 < 64: stem stride 2
