@@ -12,17 +12,10 @@ every variant equals timm's.
 
 from __future__ import annotations
 
-from convnext_layers import Variant, build_convnext, resolve_variant
+from convnext_layers import SHARED_VARIANTS, Variant, build_convnext, resolve_variant
 
 VARIANTS = {
-    "atto": Variant(depths=(2, 2, 6, 2), widths=(40, 80, 160, 320)),
-    "femto": Variant(depths=(2, 2, 6, 2), widths=(48, 96, 192, 384)),
-    "pico": Variant(depths=(2, 2, 6, 2), widths=(64, 128, 256, 512)),
-    "nano": Variant(depths=(2, 2, 8, 2), widths=(80, 160, 320, 640)),
-    "tiny": Variant(depths=(3, 3, 9, 3), widths=(96, 192, 384, 768)),
-    "small": Variant(depths=(3, 3, 27, 3), widths=(96, 192, 384, 768)),
-    "base": Variant(depths=(3, 3, 27, 3), widths=(128, 256, 512, 1024)),
-    "large": Variant(depths=(3, 3, 27, 3), widths=(192, 384, 768, 1536)),
+    **SHARED_VARIANTS,
     "xlarge": Variant(depths=(3, 3, 27, 3), widths=(256, 512, 1024, 2048)),
 }
 
