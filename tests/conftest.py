@@ -2,15 +2,17 @@
 KERAS_BACKEND=tensorflow, a process that loads TensorFlow first segfaults when
 torch later loads triton."""
 
-import json  # noqa: E402
-import os  # noqa: E402
-
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
 import timm  # noqa: F401  (import order matters, see above)
 import torch
-from safetensors.torch import save_file  # noqa: E402
+
+# isort: split
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+from safetensors.torch import save_file
 
 BACKEND = keras.backend.backend()
 
