@@ -32,6 +32,20 @@ class Variant:
     widths: tuple[int, int, int, int]
 
 
+# Sizes both families share (timm's convnext_<name> and convnextv2_<name>); each
+# family module adds its own largest size.
+SHARED_VARIANTS = {
+    "atto": Variant(depths=(2, 2, 6, 2), widths=(40, 80, 160, 320)),
+    "femto": Variant(depths=(2, 2, 6, 2), widths=(48, 96, 192, 384)),
+    "pico": Variant(depths=(2, 2, 6, 2), widths=(64, 128, 256, 512)),
+    "nano": Variant(depths=(2, 2, 8, 2), widths=(80, 160, 320, 640)),
+    "tiny": Variant(depths=(3, 3, 9, 3), widths=(96, 192, 384, 768)),
+    "small": Variant(depths=(3, 3, 27, 3), widths=(96, 192, 384, 768)),
+    "base": Variant(depths=(3, 3, 27, 3), widths=(128, 256, 512, 1024)),
+    "large": Variant(depths=(3, 3, 27, 3), widths=(192, 384, 768, 1536)),
+}
+
+
 def resolve_variant(variant: str, table: dict[str, Variant], family: str) -> Variant:
     if not isinstance(variant, str) or variant.lower() not in table:
         raise ValueError(
@@ -230,6 +244,51 @@ def layer_norm(name):
     return keras.layers.LayerNormalization(epsilon=LAYER_NORM_EPSILON, name=name)
 
 
+# Per-backend fast paths of the block's GELU and pointwise layers. Same numbers
+# (the formulas are timm's/torch's), chosen by measurement with
+# benchmarks/formulations.py (median ms per application, predict_on_batch, 2-core
+# x86-64 AVX-512 CPU under load, (32, 56, 56, 160) float32 -- stage 0 of atto):
+#   GELU  jax: keras gelu(approximate=False) 128-168 (XLA expands erfc into two
+#              branches with exp and a divide), 0.5 x (1 + erf(x / sqrt 2)) 44-90.
+#         tf:  tf.nn.gelu 124-126 (erfc), 0.5 x (1 + erf(x / sqrt 2)) 86-97.
+#         torch: F.gelu (what keras' gelu already runs) 83-93, the erf formula
+#              in ops 371-380 (unfused elementwise ops).
+#   Dense torch: matmul then add (keras' Dense) 558-637, F.linear 386-408 (one
+#              addmm, the bias is added inside the GEMM instead of another pass
+#              over the output); (100352, 160) @ (160, 640).
+#              jax/tf: XLA / grappler already fuse the bias add; keras' call.
+_SQRT_HALF = 0.7071067811865476
+
+
+@keras.saving.register_keras_serializable(package="convnext")
+def _exact_gelu(x):
+    """GELU with the exact erf, x * (1 + erf(x / sqrt(2))) / 2, as timm's nn.GELU()."""
+    if keras.backend.backend() == "torch":
+        return keras.activations.gelu(x, approximate=False)  # torch.nn.functional.gelu
+    return 0.5 * x * (1.0 + ops.erf(x * _SQRT_HALF))
+
+
+@keras.saving.register_keras_serializable(package="convnext")
+class _PointwiseDense(keras.layers.Dense):
+    """`keras.layers.Dense` (same weights, config and numbers) whose plain float
+    call runs as one `torch.nn.functional.linear` on the torch backend."""
+
+    def call(self, inputs, training=None):
+        if keras.backend.backend() != "torch" or self.lora_enabled:
+            return super().call(inputs, training=training)
+        import torch.nn.functional as F
+
+        kernel = ops.cast(self.kernel, inputs.dtype)
+        bias = None if self.bias is None else ops.cast(self.bias, inputs.dtype)
+        # kernel (in, out) -> weight (out, in): a transposed view, no copy. (A 1x1
+        # conv2d on the channels_last view measured the same, plus a weight
+        # transpose copy per call.)
+        x = F.linear(inputs, kernel.t(), bias)
+        if self.activation is not None:
+            x = self.activation(x)
+        return x
+
+
 # ----------------------------------------------------------------------------
 # Strides for small inputs
 # ----------------------------------------------------------------------------
@@ -307,11 +366,11 @@ def convnext_block(x, width, prefix, drop_path, layer_scale_init_value, use_grn)
     shortcut = x
     x = DepthwiseConv(7, name=f"{prefix}_dwconv")(x)
     x = layer_norm(f"{prefix}_norm")(x)
-    x = keras.layers.Dense(4 * width, name=f"{prefix}_pwconv1")(x)
-    x = keras.layers.Activation("gelu", name=f"{prefix}_gelu")(x)  # exact erf GELU
+    x = _PointwiseDense(4 * width, name=f"{prefix}_pwconv1")(x)
+    x = keras.layers.Activation(_exact_gelu, name=f"{prefix}_gelu")(x)  # exact erf GELU
     if use_grn:
         x = GlobalResponseNorm(name=f"{prefix}_grn")(x)
-    x = keras.layers.Dense(width, name=f"{prefix}_pwconv2")(x)
+    x = _PointwiseDense(width, name=f"{prefix}_pwconv2")(x)
     if layer_scale_init_value is not None:
         x = LayerScale(layer_scale_init_value, name=f"{prefix}_layer_scale")(x)
     if drop_path > 0.0:

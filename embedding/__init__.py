@@ -1,1 +1,58 @@
-"""Images to L2-normalised ConvNeXt embeddings, cosine verification and its metrics."""
+"""Images to L2-normalised ConvNeXt embeddings, cosine verification and its metrics.
+
+    from embedding import build_model, compute_embedding, Embedder, verification_metrics
+
+Names are imported lazily, so `python -m embedding --help` (and the pure-numpy
+parts: metrics, gallery, preprocessing) do not load Keras or a backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    # model (imports Keras)
+    "build_model": "embedding.model",
+    "compute_embedding": "embedding.model",
+    "embedding_dim": "embedding.model",
+    "GeneralizedMeanPooling": "embedding.model",
+    "ModelCache": "embedding.model",
+    "ModelUnavailableError": "embedding.model",
+    "DEFAULT_MODEL": "embedding.model",
+    "ArcFace": "embedding.arcface",
+    "Embedder": "embedding.embedder",
+    "EmbedResult": "embedding.embedder",
+    "VerifyResult": "embedding.embedder",
+    "DEFAULT_THRESHOLD": "embedding.embedder",
+    # numpy / PIL only
+    "Preprocessor": "embedding.preprocess",
+    "PreprocessConfig": "embedding.preprocess",
+    "ImageLoadError": "embedding.preprocess",
+    "load_image": "embedding.preprocess",
+    "cosine_similarity": "embedding.gallery",
+    "l2_normalize": "embedding.gallery",
+    "Gallery": "embedding.gallery",
+    "verification_metrics": "embedding.metrics",
+    "VerificationMetrics": "embedding.metrics",
+    "roc_curve": "embedding.metrics",
+    "roc_auc": "embedding.metrics",
+    "eer": "embedding.metrics",
+    "tar_at_far": "embedding.metrics",
+    "best_accuracy_threshold": "embedding.metrics",
+    "kfold_accuracy": "embedding.metrics",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'embedding' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -5,6 +5,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import skimage.data
+from conftest import random_timm_model, save_timm_checkpoint
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -12,18 +15,26 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import variant_table  # noqa: E402
 
-# ```python blocks run; ```python no-test blocks (network, long runs) are shown only
+# ```python blocks run, in order, in one namespace (later examples reuse earlier
+# names); ```python no-test blocks (Hub downloads, long runs) are shown only.
 BLOCKS = re.findall(r"^```python\n(.*?)^```", README, flags=re.S | re.M)
 
 
-def test_readme_has_examples():
-    assert len(BLOCKS) >= 3
-
-
-@pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_python_example_runs(index, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_readme_python_examples_run(tmp_path, monkeypatch):
+    """Offline: the examples' `a.jpg`, `b.jpg` and `my_checkpoint/` (a random-weight
+    convnext_atto in the Hub layout) are made here."""
+    assert len(BLOCKS) >= 5
+    save_timm_checkpoint(
+        random_timm_model("convnext_atto", seed=5), tmp_path / "my_checkpoint", "convnext_atto"
+    )
+    Image.fromarray(skimage.data.chelsea()).save(tmp_path / "a.jpg")
+    Image.fromarray(skimage.data.astronaut()).save(tmp_path / "b.jpg")
     monkeypatch.chdir(tmp_path)
-    exec(compile(BLOCKS[index], f"README.md[python block {index}]", "exec"), {})
+    monkeypatch.setenv("KERAS_CONVNEXT_CACHE", str(tmp_path / "cache"))
+    namespace = {}
+    for index, block in enumerate(BLOCKS):
+        exec(compile(block, f"README.md[python block {index}]", "exec"), namespace)
 
 
 def test_variant_table_lists_every_variant():

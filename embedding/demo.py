@@ -1,0 +1,210 @@
+"""`python -m embedding demo`: embeddings of scikit-image's sample photographs.
+
+With the pretrained default model (network, or a cached copy) it prints their
+cosine-similarity matrix. Without either it says so, then shows what works
+offline: a timm convnext_atto with RANDOM weights is built on the spot (needs
+the `convert` extra: timm + torch), ported to Keras and checked against timm
+(preprocessing and embeddings, max abs diff); then the photographs are
+embedded by an untrained (randomly initialised) network, and those
+similarities are labelled as such, never as pretrained results.
+"""
+
+from __future__ import annotations
+
+import sys
+
+RANDOM_ARCH = "convnext_atto"
+# (name, skimage.data function, augmentation); augmented copies show that a
+# near-duplicate scores high even with random weights
+SAMPLES = (
+    ("astronaut", "astronaut", None),
+    ("astronaut-flip", "astronaut", "flip"),
+    ("coffee", "coffee", None),
+    ("chelsea", "chelsea", None),
+    ("chelsea-crop", "chelsea", "crop"),
+    ("rocket", "rocket", None),
+    ("camera (grey)", "camera", None),
+    ("logo (RGBA)", "logo", None),
+)
+
+
+def _import_convert_extra():
+    """timm + torch, imported before Keras (TensorFlow backend: torch must come first)."""
+    try:
+        import timm  # noqa: F401
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def sample_images():
+    """[(name, HWC uint8 array)] from skimage.data (ships with scikit-image)."""
+    try:
+        import skimage.data
+    except ImportError as error:
+        raise SystemExit(
+            "The demo embeds scikit-image's sample photographs: pip install scikit-image"
+        ) from error
+    images = []
+    for name, function, augmentation in SAMPLES:
+        image = getattr(skimage.data, function)()
+        if augmentation == "flip":
+            image = image[:, ::-1]
+        elif augmentation == "crop":
+            h, w = image.shape[:2]
+            image = image[h // 10 : h - h // 20, w // 8 : w - w // 10]
+        images.append((name, image.copy()))
+    return images
+
+
+def similarity_table(names, vectors) -> str:
+    import numpy as np
+
+    from embedding.gallery import cosine_similarity
+
+    sims = np.atleast_2d(cosine_similarity(vectors, vectors))
+    width = max(len(n) for n in names)
+    short = [n.split(" ")[0][:8] for n in names]
+    lines = [" " * (width + 2) + " ".join(f"{s:>8}" for s in short)]
+    for name, row in zip(names, sims, strict=True):
+        lines.append(f"{name:<{width}}  " + " ".join(f"{v:8.3f}" for v in row))
+    return "\n".join(lines)
+
+
+def randomize_(model, seed=0):
+    """Random values for every timm parameter (norms near 1), as the tests do.
+
+    timm's own init makes layer scale 1e-6 and GRN zero (blocks ~ identity),
+    which would make the Keras-vs-timm check nearly vacuous.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if param.ndim == 1 and "norm" in name and name.endswith("weight"):
+                param.copy_(1.0 + 0.2 * noise)
+            elif param.ndim == 1:
+                param.copy_(0.2 * noise)
+            else:
+                param.copy_(noise / param[0].numel() ** 0.5)
+    return model.eval()
+
+
+def _pretrained(source, offline):
+    """An Embedder for `source`, or None (with the reason printed) if unavailable."""
+    from embedding.embedder import Embedder
+    from embedding.errors import ModelUnavailableError
+
+    if offline:
+        print("--offline: not trying the Hub.")
+        return None
+    try:
+        return Embedder(source)
+    except ModelUnavailableError as error:
+        print(f"Pretrained model unavailable: {error}")
+        return None
+
+
+def _jsonable_cfg(pretrained_cfg):
+    import json
+
+    cfg = {}
+    for key, value in pretrained_cfg.items():
+        try:
+            json.dumps(value)
+            cfg[key] = value
+        except TypeError:
+            pass
+    return cfg
+
+
+def _port(timm_model, batch_size):
+    """An Embedder holding the Keras port of `timm_model` (same weights)."""
+    from embedding.embedder import Embedder
+    from embedding.model import embedding_model_from_state
+
+    state = {k: v.detach().numpy() for k, v in timm_model.state_dict().items()}
+    config = {
+        "architecture": RANDOM_ARCH,
+        "pretrained_cfg": _jsonable_cfg(timm_model.pretrained_cfg),
+    }
+    return Embedder(model=embedding_model_from_state(state, config), batch_size=batch_size)
+
+
+def _random_weights_demo(torch, images):
+    import numpy as np
+
+    if torch is None:
+        print(
+            "The offline part needs timm and torch (the `convert` extra): "
+            "pip install 'keras-convnext[convert]'"
+        )
+        return 1
+    import timm
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    # 1. parity: every parameter random (timm's own init leaves blocks ~identity)
+    timm_model = randomize_(timm.create_model(RANDOM_ARCH, pretrained=False), seed=0)
+    embedder = _port(timm_model, len(images))
+    print(
+        f"1. Built timm {RANDOM_ARCH} with every weight RANDOM, ported it to Keras "
+        f"(embedding dim {embedder.dim}, input {embedder.preprocessor.config.input_size})."
+    )
+    transform = create_transform(**resolve_data_config({}, model=timm_model))
+    ours = np.stack([embedder.preprocess(image) for _, image in images])
+    theirs = np.stack(
+        [
+            transform(Image.fromarray(image).convert("RGB")).numpy().transpose(1, 2, 0)
+            for _, image in images
+        ]
+    )
+    vectors = embedder.embed([image for _, image in images])
+    with torch.no_grad():
+        x = torch.from_numpy(theirs.transpose(0, 3, 1, 2).copy())
+        reference = timm_model.forward_head(timm_model.forward_features(x), pre_logits=True)
+        reference = torch.nn.functional.normalize(reference, dim=1).numpy()
+    print("   Keras vs timm on the sample photographs, max abs diff:")
+    print(f"   preprocessing (vs timm's eval transform): {np.abs(ours - theirs).max():.2e}")
+    print(f"   embeddings (vs timm pre-logits, L2):      {np.abs(vectors - reference).max():.2e}")
+    print()
+
+    # 2. similarities from an untrained network (timm's default random init)
+    untrained = timm.create_model(RANDOM_ARCH, pretrained=False).eval()
+    embedder = _port(untrained, len(images))
+    vectors = embedder.embed([image for _, image in images])
+    print("2. Cosine similarity of the photographs under an UNTRAINED convnext_atto")
+    print("   (timm's random initialisation, NOT pretrained weights: this shows the")
+    print("   pipeline running, not what the pretrained model would say):")
+    print(similarity_table([name for name, _ in images], vectors))
+    return 0
+
+
+def run_demo(model=None, offline=False) -> int:
+    torch = _import_convert_extra()  # before Keras, see above
+    from embedding.model import DEFAULT_MODEL
+
+    source = model or DEFAULT_MODEL
+    images = sample_images()
+    import keras
+
+    print(f"Keras {keras.__version__}, backend {keras.backend.backend()}")
+    embedder = _pretrained(source, offline)
+    if embedder is not None:
+        vectors = embedder.embed([image for _, image in images])
+        print(
+            f"Pretrained {source}: {embedder.dim}-dim embeddings, cosine similarity "
+            "of scikit-image's sample photographs:"
+        )
+        print(similarity_table([name for name, _ in images], vectors))
+        return 0
+    print()
+    print("Showing what works offline instead, with RANDOM weights.")
+    return _random_weights_demo(torch, images)
+
+
+if __name__ == "__main__":
+    sys.exit(run_demo())

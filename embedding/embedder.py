@@ -1,0 +1,324 @@
+"""`Embedder`: checkpoint-exact preprocessing + embedding model + verification.
+
+    emb = Embedder("timm/convnext_atto.d2_in1k")
+    vectors = emb.embed(["a.jpg", pil_image, uint8_array])   # (N, D) float32, unit norm
+    result = emb.verify("a.jpg", "b.jpg")                     # similarity, threshold, verified
+
+Images are decoded and resized in a thread pool while the model runs on the
+previous batch. Batches have a fixed size (`batch_size`); a smaller last batch
+is zero-padded to the next power of two (capped at `batch_size`), so a run
+compiles at most log2(batch_size) + 1 input shapes, and a single image does not
+cost a full batch.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import pathlib
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from embedding.gallery import cosine_similarity
+from embedding.metrics import verification_metrics
+from embedding.model import DEFAULT_MODEL, build_model, embedding_dim, predict_padded
+from embedding.preprocess import ImageLoadError, Preprocessor
+
+# Threshold used by `verify` until `calibrate` (or an explicit threshold) sets one.
+# A cosine similarity of 0.5 is a neutral middle ground for L2-normalised
+# pre-logits features; it is not tuned for any task, and `VerifyResult` says so
+# (`threshold_source="default"`). Calibrate on labelled pairs for real use.
+DEFAULT_THRESHOLD = 0.5
+ON_ERROR = ("raise", "skip")
+
+
+@dataclass
+class VerifyResult:
+    similarity: float
+    threshold: float
+    verified: bool
+    threshold_source: str  # "given", "calibrated" or "default"
+
+    def __bool__(self):
+        return self.verified
+
+
+@dataclass
+class EmbedResult:
+    """Outcome of `Embedder.embed_many`.
+
+    `vectors[i]` is the embedding of `inputs[indices[i]]`; `failures` lists the
+    inputs that could not be read (each an `ImageLoadError` with `.index`,
+    `.name`, `.reason`).
+    """
+
+    vectors: np.ndarray
+    indices: np.ndarray
+    failures: list[ImageLoadError] = field(default_factory=list)
+
+    @property
+    def skipped(self) -> list[int]:
+        return [f.index for f in self.failures]
+
+
+def _is_single(inputs) -> bool:
+    if isinstance(inputs, np.ndarray):
+        return inputs.ndim <= 3
+    if hasattr(inputs, "read"):  # a binary file object is one image, not a list of lines
+        return True
+    return isinstance(inputs, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image))
+
+
+class Embedder:
+    """Preprocessing from the checkpoint's own `pretrained_cfg` + the embedding model.
+
+    Args:
+        source: Hub id, `.safetensors` file or checkpoint folder (see
+            `embedding.build_model`). Ignored when `model` is given.
+        model: an embedding `keras.Model` to use instead (e.g. from
+            `build_model`); its `pretrained_cfg` attribute (or `pretrained_cfg`)
+            sets the preprocessing.
+        pooling, head_norm, cache, cache_dir: passed to `build_model`.
+        batch_size: images per model call.
+        num_workers: decoding threads (default min(4, CPU count)).
+        threshold: verification threshold; None uses `DEFAULT_THRESHOLD` until
+            `calibrate` is called.
+        channel_order: "rgb", or "bgr" for OpenCV arrays (numpy inputs only).
+        progress: show a tqdm progress bar in `embed` (default off).
+    """
+
+    def __init__(
+        self,
+        source=DEFAULT_MODEL,
+        *,
+        model=None,
+        pretrained_cfg=None,
+        pooling: str = "avg",
+        head_norm: bool = True,
+        batch_size: int = 32,
+        num_workers: int | None = None,
+        threshold: float | None = None,
+        channel_order: str = "rgb",
+        progress: bool = False,
+        cache: bool = True,
+        cache_dir=None,
+        verbose: bool = False,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        if model is None:
+            model = build_model(
+                source,
+                pooling=pooling,
+                head_norm=head_norm,
+                cache=cache,
+                cache_dir=cache_dir,
+                verbose=verbose,
+            )
+        else:
+            source = None
+        self.model = model
+        self.source = source
+        cfg = pretrained_cfg if pretrained_cfg is not None else getattr(model, "pretrained_cfg", {})
+        self.pretrained_cfg = dict(cfg or {})
+        self.preprocessor = Preprocessor(self.pretrained_cfg)
+        model_hw = tuple(model.input_shape[1:3])
+        if None not in model_hw and model_hw != self.preprocessor.config.input_size:
+            raise ValueError(
+                f"Model input {model_hw} differs from the preprocessing size "
+                f"{self.preprocessor.config.input_size} of its pretrained_cfg."
+            )
+        self.batch_size = int(batch_size)
+        self.num_workers = num_workers or min(4, os.cpu_count() or 1)
+        self.threshold = threshold
+        self.threshold_source = "given" if threshold is not None else "default"
+        self.channel_order = channel_order
+        self.progress = progress
+
+    def __repr__(self):
+        return (
+            f"Embedder({self.source or self.model.name!r}, dim={self.dim}, "
+            f"input={self.preprocessor.config.input_size})"
+        )
+
+    @property
+    def dim(self) -> int:
+        return embedding_dim(self.model)
+
+    # -- embedding ----------------------------------------------------------
+
+    def preprocess(self, item, channel_order: str | None = None) -> np.ndarray:
+        """One input -> the normalised (H, W, 3) float32 array the model sees."""
+        return self.preprocessor(item, channel_order=channel_order or self.channel_order)
+
+    def _prepare(self, item, index, channel_order):
+        try:
+            return self.preprocessor(item, channel_order=channel_order, index=index)
+        except ImageLoadError as error:
+            return error
+
+    def _batches(self, items, channel_order):
+        """Yield (start, [array | ImageLoadError]) per batch, decoding ahead in threads."""
+        n, bs = len(items), self.batch_size
+        ahead = 2 * bs  # prefetch the next two batches
+        with ThreadPoolExecutor(self.num_workers, thread_name_prefix="embed-io") as pool:
+            pending = collections.deque()
+            submitted = 0
+
+            def top_up(limit):
+                nonlocal submitted
+                while submitted < min(n, limit):
+                    pending.append(
+                        pool.submit(self._prepare, items[submitted], submitted, channel_order)
+                    )
+                    submitted += 1
+
+            try:
+                for start in range(0, n, bs):
+                    top_up(start + bs + ahead)
+                    count = min(bs, n - start)
+                    yield start, [pending.popleft().result() for _ in range(count)]
+            finally:
+                for future in pending:
+                    future.cancel()
+
+    def embed_many(
+        self,
+        inputs,
+        *,
+        channel_order: str | None = None,
+        on_error: str = "skip",
+        progress: bool | None = None,
+    ) -> EmbedResult:
+        """Embed inputs, keeping going past unreadable ones (`on_error="skip"`).
+
+        Returns an `EmbedResult` (vectors of the good inputs, their indices, and
+        the failures). `on_error="raise"` raises the first `ImageLoadError`.
+        """
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}.")
+        items = [inputs] if _is_single(inputs) else list(inputs)
+        order = channel_order or self.channel_order
+        show = self.progress if progress is None else progress
+        vectors, indices, failures = [], [], []
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(items), disable=not show, unit="img", desc="embed") as bar:
+            for start, prepared in self._batches(items, order):
+                good = []
+                for offset, value in enumerate(prepared):
+                    if isinstance(value, ImageLoadError):
+                        if on_error == "raise":
+                            raise value
+                        failures.append(value)
+                    else:
+                        good.append((start + offset, value))
+                if good:
+                    batch = np.stack([array for _, array in good])
+                    vectors.append(predict_padded(self.model, batch, self.batch_size))
+                    indices.extend(i for i, _ in good)
+                bar.update(len(prepared))
+        vectors = np.concatenate(vectors) if vectors else np.zeros((0, self.dim), dtype=np.float32)
+        return EmbedResult(vectors, np.asarray(indices, dtype=np.int64), failures)
+
+    def embed(
+        self,
+        inputs,
+        *,
+        channel_order: str | None = None,
+        on_error: str = "raise",
+        progress: bool | None = None,
+    ) -> np.ndarray:
+        """(N, D) float32 embeddings (unit norm by default), one row per input.
+
+        `inputs`: one image or a list of them (paths, `pathlib.Path`, bytes, PIL
+        images, HWC numpy arrays), or an (N, H, W, C) array. An unreadable input
+        raises `ImageLoadError` naming it; with `on_error="skip"` it is left out
+        with a warning (use `embed_many` to get the skipped indices).
+        """
+        result = self.embed_many(
+            inputs, channel_order=channel_order, on_error=on_error, progress=progress
+        )
+        if result.failures:
+            names = "; ".join(str(f) for f in result.failures[:5])
+            warnings.warn(
+                f"Skipped {len(result.failures)} unreadable input(s): {names}", stacklevel=2
+            )
+        return result.vectors
+
+    def embed_one(self, item, channel_order: str | None = None) -> np.ndarray:
+        """(D,) embedding of a single image."""
+        return self.embed([item], channel_order=channel_order)[0]
+
+    # -- verification -------------------------------------------------------
+
+    def similarity(self, a, b) -> float:
+        """Cosine similarity of two images (or precomputed embedding vectors)."""
+        va, vb = (self._as_vector(x) for x in (a, b))
+        return float(cosine_similarity(va, vb))
+
+    def _as_vector(self, x):
+        if isinstance(x, np.ndarray) and x.ndim == 1:
+            return x
+        return self.embed_one(x)
+
+    def verify(self, a, b, threshold: float | None = None) -> VerifyResult:
+        """Same identity? `similarity >= threshold`.
+
+        Threshold: the argument, else the calibrated / constructor one, else
+        `DEFAULT_THRESHOLD` (0.5, uncalibrated; `threshold_source="default"`).
+        """
+        if threshold is not None:
+            used, source = float(threshold), "given"
+        elif self.threshold is not None:
+            used, source = float(self.threshold), self.threshold_source
+        else:
+            used, source = DEFAULT_THRESHOLD, "default"
+        score = self.similarity(a, b)
+        return VerifyResult(score, used, bool(score >= used), source)
+
+    def calibrate(self, scores, labels, criterion: str = "eer"):
+        """Set `threshold` from labelled pair scores; returns the `VerificationMetrics`.
+
+        criterion "eer": the equal-error-rate threshold; "accuracy": the
+        best-accuracy threshold.
+        """
+        metrics = verification_metrics(scores, labels, folds=None)
+        if criterion == "eer":
+            self.threshold = metrics.eer_threshold
+        elif criterion == "accuracy":
+            self.threshold = metrics.best_threshold
+        else:
+            raise ValueError(f"criterion must be 'eer' or 'accuracy', got {criterion!r}.")
+        self.threshold_source = "calibrated"
+        return metrics
+
+    def pair_scores(self, pairs, *, progress: bool | None = None, on_error: str = "raise"):
+        """Cosine similarity of each (a, b) pair; every distinct image embedded once.
+
+        Returns (scores (P,), valid (P,) bool, failures): with `on_error="skip"`,
+        pairs with an unreadable image get NaN and valid False.
+        """
+        keys, index = [], {}
+        for a, b in pairs:
+            for item in (a, b):
+                key = os.fspath(item) if isinstance(item, (str, pathlib.PurePath)) else id(item)
+                if key not in index:
+                    index[key] = len(keys)
+                    keys.append(item)
+        result = self.embed_many(keys, on_error=on_error, progress=progress)
+        table = np.full((len(keys), self.dim), np.nan, dtype=np.float32)
+        table[result.indices] = result.vectors
+        scores = []
+        for a, b in pairs:
+            ka = os.fspath(a) if isinstance(a, (str, pathlib.PurePath)) else id(a)
+            kb = os.fspath(b) if isinstance(b, (str, pathlib.PurePath)) else id(b)
+            va, vb = table[index[ka]], table[index[kb]]
+            bad = np.isnan(va).any() or np.isnan(vb).any()
+            scores.append(np.nan if bad else cosine_similarity(va, vb))
+        scores = np.asarray(scores, dtype=np.float64)
+        return scores, ~np.isnan(scores), result.failures

@@ -1,0 +1,65 @@
+"""Cross-backend agreement (subprocesses) and the offline demo."""
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import BACKEND
+
+ROOT = Path(__file__).resolve().parents[1]
+
+EMBED_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    import skimage.data
+    from embedding import Embedder
+    checkpoint, out = sys.argv[1], sys.argv[2]
+    emb = Embedder(checkpoint, batch_size=4, cache=False)
+    images = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.camera()]
+    np.save(out, emb.embed(images))
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    BACKEND != "jax", reason="runs all three backends itself; once per CI run (jax session)"
+)
+def test_backends_agree_on_embeddings(timm_atto_checkpoint, tmp_path):
+    folder, _ = timm_atto_checkpoint
+    procs = {}
+    for backend in ("jax", "tensorflow", "torch"):
+        env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": str(ROOT)}
+        procs[backend] = subprocess.Popen(
+            [sys.executable, "-c", EMBED_SCRIPT, str(folder), str(tmp_path / f"{backend}.npy")],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    for backend, proc in procs.items():
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"{backend} failed:\n{err[-3000:]}"
+    vectors = {b: np.load(tmp_path / f"{b}.npy") for b in procs}
+    assert vectors["jax"].shape == (3, 320)
+    for backend in ("tensorflow", "torch"):
+        np.testing.assert_allclose(vectors[backend], vectors["jax"], atol=1e-5, err_msg=backend)
+
+
+@pytest.mark.slow
+def test_demo_offline_labels_random_weights(capsys):
+    from embedding.demo import run_demo
+
+    assert run_demo(offline=True) == 0
+    out = capsys.readouterr().out
+    assert "RANDOM" in out and "NOT pretrained" in out
+    embedding_diff = float(re.search(r"embeddings \(vs timm.*?:\s+([0-9.e+-]+)", out).group(1))
+    preprocess_diff = float(re.search(r"preprocessing \(vs timm.*?:\s+([0-9.e+-]+)", out).group(1))
+    assert embedding_diff < 1e-5 and preprocess_diff < 1e-5, out
+    assert "astronaut-flip" in out

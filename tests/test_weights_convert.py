@@ -1,0 +1,628 @@
+"""weights_convert: timm checkpoints -> Keras (and back), strict, offline.
+
+Every checkpoint here is a `timm.create_model(arch)` with every parameter
+randomised (conftest.random_timm_model), saved as safetensors; nothing is
+downloaded. Shape-only checks use timm models on the meta device and Keras
+models built without initialising their variables, so even convnextv2_huge
+costs about a second.
+"""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+import timm
+import torch
+from conftest import nchw_to_nhwc, random_timm_model, save_timm_checkpoint
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save_file as save_numpy
+from safetensors.torch import load_file as load_torch
+from safetensors.torch import save_file as save_torch
+
+import weights_convert as wc
+
+ATOL = 1e-4
+PUBLISHED = sorted({name.split(".")[0] for name in timm.list_models("convnext*", pretrained=True)})
+SUPPORTED_PUBLISHED = [a for a in PUBLISHED if a in wc.ARCHITECTURES]
+REFUSED_PUBLISHED = [a for a in PUBLISHED if a not in wc.ARCHITECTURES]
+FAST = {"atto", "tiny"}  # conv-MLP and linear-MLP layouts, V1 and V2
+# marked slow; xlarge and huge: key / shape / parameter-count coverage only
+NUMERIC_SLOW = {"femto", "pico", "nano", "small", "base", "large"}
+
+
+def images(batch, size, seed=0):
+    return np.random.default_rng(seed).standard_normal((batch, 3, size, size), dtype=np.float32)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def to_numpy(x):
+    return keras.ops.convert_to_numpy(x)
+
+
+def timm_outputs(model, x):
+    with torch.no_grad():
+        t = torch.from_numpy(x)
+        features = model.forward_features(t)
+        return {
+            "logits": model.forward_head(features).numpy(),
+            "pre_logits": model.forward_head(features, pre_logits=True).numpy(),
+            "stages": [s.numpy() for s in model.forward_intermediates(t, intermediates_only=True)],
+        }
+
+
+def shape_only_state(arch, **kwargs):
+    """timm's state dict for `arch` as zero-stride numpy arrays: right shapes, no memory."""
+    with torch.device("meta"):
+        model = timm.create_model(arch, **kwargs)
+    zero = np.zeros(1, np.float32)
+    state = {
+        k: np.lib.stride_tricks.as_strided(zero, tuple(v.shape), (0,) * v.ndim)
+        for k, v in model.state_dict().items()
+    }
+    return state, sum(p.numel() for p in model.parameters())
+
+
+def assert_weights_equal(model, state, keys=None):
+    for variable, key, transform in wc.weight_map(model):
+        if keys is None or key.startswith(keys):
+            expected = wc.TRANSFORMS[transform][0](np.asarray(state[key]))
+            np.testing.assert_array_equal(to_numpy(variable), expected, err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def atto_file(tmp_path_factory):
+    """A bare convnext_atto model.safetensors (no config.json next to it) and its timm model."""
+    model = random_timm_model("convnext_atto", seed=3)
+    folder = tmp_path_factory.mktemp("bare")
+    path = str(folder / "model.safetensors")
+    save_torch({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    return path, model
+
+
+# ----------------------------------------------------------------------------
+# Parity with timm at 224 (atto V1 / V2): logits, pre-logits, every stage
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fixture", ["timm_atto_checkpoint", "timm_v2_atto_checkpoint"])
+def test_atto_matches_timm_at_224(fixture, request):
+    folder, timm_model = request.getfixturevalue(fixture)
+    x = images(4, 224, seed=5)
+    expected = timm_outputs(timm_model, x)
+    model = wc.load_timm(folder, verbose=False)
+    assert model.input_shape == (None, 224, 224, 3)
+    pre_logits = keras.Model(model.input, [model.get_layer("head_norm").output, model.output])
+    features, logits = (to_numpy(t) for t in pre_logits(nchw_to_nhwc(x)))
+    np.testing.assert_allclose(logits, expected["logits"], atol=ATOL, rtol=0)
+    np.testing.assert_allclose(features, expected["pre_logits"], atol=ATOL, rtol=0)
+    assert (logits.argmax(-1) == expected["logits"].argmax(-1)).all()
+
+    stages = wc.load_timm(folder, include_top=False, output_stages=(0, 1, 2, 3), verbose=False)
+    for got, want in zip(stages(nchw_to_nhwc(x)), expected["stages"], strict=True):
+        np.testing.assert_allclose(to_numpy(got), nchw_to_nhwc(want), atol=ATOL, rtol=0)
+
+
+def test_pre_logits_model_with_num_classes_zero(timm_v2_atto_checkpoint):
+    folder, timm_model = timm_v2_atto_checkpoint
+    x = images(2, 64, seed=6)
+    model = wc.load_timm(folder, num_classes=0, input_shape=(64, 64, 3), verbose=False)
+    assert model.output_shape == (None, 320)
+    np.testing.assert_allclose(
+        to_numpy(model(nchw_to_nhwc(x))), timm_outputs(timm_model, x)["pre_logits"], atol=ATOL
+    )
+
+
+# ----------------------------------------------------------------------------
+# Every architecture timm publishes: converts and matches, or is refused
+# ----------------------------------------------------------------------------
+
+
+def test_published_architectures_are_all_supported_or_refused():
+    assert PUBLISHED, "timm lists no pretrained ConvNeXt"
+    for arch in REFUSED_PUBLISHED:
+        assert arch in wc.REFUSED_ARCHITECTURES, f"{arch}: neither supported nor refused"
+    # what the models can represent exactly (timm configs read in timm/models/convnext.py)
+    assert set(REFUSED_PUBLISHED) == {
+        "convnext_atto_ols",
+        "convnext_femto_ols",
+        "convnext_pico_ols",
+        "convnext_nano_ols",
+        "convnext_zepto_rms",
+        "convnext_zepto_rms_ols",
+        "convnext_tiny_hnf",
+        "convnext_large_mlp",
+        "convnext_xxlarge",
+    }
+
+
+@pytest.mark.parametrize("arch", sorted(wc.ARCHITECTURES))
+def test_key_shape_and_parameter_coverage(arch):
+    """Each checkpoint key maps to exactly one Keras weight of the same shape, and back."""
+    state, timm_params = shape_only_state(arch)
+    with keras.StatelessScope(initialize_variables=False):
+        model = wc.keras_model_for(arch, input_shape=(64, 64, 3))
+    try:
+        plan = wc.plan_port(model, state)
+        assert len(plan) == len(state) == len(model.weights)
+        assert sum(int(np.prod(v.shape)) for v in model.weights) == timm_params
+        assert wc.infer_architecture(state) == arch
+    finally:
+        wc._forget_uninitialized(model.weights)
+
+
+def _parity_param(arch):
+    variant = arch.split("_", 1)[1]
+    if variant in FAST:
+        return arch
+    if variant in NUMERIC_SLOW:
+        return pytest.param(arch, marks=pytest.mark.slow)
+    return pytest.param(arch, marks=[pytest.mark.slow, pytest.mark.skip("coverage only (size)")])
+
+
+@pytest.mark.parametrize("arch", [_parity_param(a) for a in sorted(wc.ARCHITECTURES)])
+def test_architecture_matches_timm_on_small_input(arch, tmp_path):
+    timm_model = random_timm_model(arch, seed=7)
+    folder = save_timm_checkpoint(timm_model, tmp_path, arch)
+    x = images(2, 64, seed=8)
+    model = wc.load_timm(folder, input_shape=(64, 64, 3), verbose=False)
+    assert model.timm_architecture == arch
+    expected = timm_outputs(timm_model, x)["logits"]
+    logits = to_numpy(model(nchw_to_nhwc(x)))
+    np.testing.assert_allclose(logits, expected, atol=ATOL, rtol=0)
+    assert (logits.argmax(-1) == expected.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("arch", REFUSED_PUBLISHED)
+def test_refused_architectures_name_what_is_missing(arch):
+    with pytest.raises(wc.UnsupportedArchitectureError, match="not supported: it needs"):
+        wc.check_architecture(arch)
+    state, _ = shape_only_state(arch)
+    with pytest.raises(wc.UnsupportedArchitectureError) as info:
+        wc.infer_architecture(state)
+    wanted = {
+        "ols": "overlapping",
+        "rms": "RMS",
+        "hnf": "norm_pre",
+        "mlp": "head_hidden_size",
+        "xxlarge": "eps 1e-5",
+    }
+    assert any(word in str(info.value) for tag, word in wanted.items() if tag in arch), info.value
+
+
+def test_refused_checkpoint_file_and_folder(tmp_path):
+    timm_model = random_timm_model("convnext_atto_ols", seed=9)
+    folder = save_timm_checkpoint(timm_model, tmp_path / "folder", "convnext_atto_ols")
+    with pytest.raises(wc.UnsupportedArchitectureError, match="overlapping 3x3-conv stem"):
+        wc.load_timm(folder, verbose=False)
+    bare = tmp_path / "bare.safetensors"
+    save_torch(timm_model.state_dict(), str(bare))
+    with pytest.raises(wc.UnsupportedArchitectureError, match="overlapping 3x3-conv stem"):
+        wc.load_timm(bare, verbose=False)
+
+
+def test_unknown_model_args_are_refused(tmp_path, timm_atto_checkpoint):
+    folder, _ = timm_atto_checkpoint
+    config = read_json(os.path.join(folder, "config.json"))
+    config["model_args"] = {"num_classes": 1000, "kernel_sizes": 5}
+    os.makedirs(tmp_path / "ckpt")
+    os.link(os.path.join(folder, "model.safetensors"), tmp_path / "ckpt" / "model.safetensors")
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(wc.UnsupportedArchitectureError, match="kernel_sizes=5"):
+        wc.load_checkpoint(tmp_path / "ckpt")
+
+
+# ----------------------------------------------------------------------------
+# Sources, configs, inference
+# ----------------------------------------------------------------------------
+
+
+def test_bare_file_infers_architecture_and_default_cfg(atto_file):
+    path, timm_model = atto_file
+    state, config = wc.load_checkpoint(path)
+    assert config["architecture"] == "convnext_atto"
+    assert config["num_classes"] == 1000
+    cfg = config["pretrained_cfg"]
+    assert cfg["input_size"] == (3, 224, 224)
+    assert cfg["interpolation"] == "bicubic" and cfg["license"] == "apache-2.0"
+    assert cfg["mean"] == wc.IMAGENET_MEAN and cfg["std"] == wc.IMAGENET_STD
+    assert 0.8 <= cfg["crop_pct"] <= 1.0
+    x = images(1, 64)
+    model = wc.load_timm(path, input_shape=(64, 64, 3), verbose=False)
+    np.testing.assert_allclose(
+        to_numpy(model(nchw_to_nhwc(x))), timm_outputs(timm_model, x)["logits"], atol=ATOL
+    )
+
+
+def test_config_json_is_kept(timm_v2_atto_checkpoint):
+    folder, _ = timm_v2_atto_checkpoint
+    model = wc.load_timm(folder, include_top=False, pooling="avg", verbose=False)
+    assert model.timm_architecture == "convnextv2_atto"
+    cfg = model.pretrained_cfg
+    assert isinstance(cfg, dict) and cfg["license"] == "cc-by-nc-4.0"
+    assert cfg["num_classes"] == 1000 and cfg["input_size"] == (3, 224, 224)
+    assert {"crop_pct", "interpolation", "mean", "std", "test_input_size"} <= set(cfg)
+
+
+def test_inference_rules():
+    v2, _ = shape_only_state("convnextv2_nano")
+    assert wc.infer_architecture(v2) == "convnextv2_nano"
+    state, _ = shape_only_state("convnext_tiny")
+    assert wc.infer_architecture(state) == "convnext_tiny"
+    fake = dict(state)  # linear tiny with conv-MLP tensors is not a published layout
+    fake["stages.0.blocks.0.mlp.fc1.weight"] = np.zeros((384, 96, 1, 1), np.float32)
+    with pytest.raises(wc.UnsupportedArchitectureError, match="1x1-conv MLP"):
+        wc.infer_architecture(fake)
+    with pytest.raises(wc.CheckpointError, match="Not a timm ConvNeXt"):
+        wc.infer_architecture({"weight": np.zeros(3, np.float32)})
+
+
+def test_arch_override_and_sources(atto_file, tmp_path):
+    path, _ = atto_file
+    assert wc.load_checkpoint(path, arch="timm/convnext_atto.d2_in1k")[1]["architecture"] == (
+        "convnext_atto"
+    )
+    with pytest.raises(wc.CheckpointNotFoundError, match="neither an existing"):
+        wc.load_checkpoint(str(tmp_path / "nope.safetensors"))
+    with pytest.raises(wc.CheckpointNotFoundError, match="no model.safetensors"):
+        wc.load_checkpoint(tmp_path)
+    pickle_file = tmp_path / "pytorch_model.bin"
+    pickle_file.write_bytes(b"\x80\x04not really a pickle")
+    with pytest.raises(wc.CheckpointError, match="Only safetensors"):
+        wc.load_checkpoint(pickle_file)
+
+
+def _hub_cache(tmp_path, folder, repo="timm/convnext_atto.d2_in1k"):
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    root = tmp_path / "hf_home" / "hub" / f"models--{repo.replace('/', '--')}"
+    snapshot = root / "snapshots" / rev
+    snapshot.mkdir(parents=True)
+    for name in ("model.safetensors", "config.json"):
+        os.link(os.path.join(folder, name), snapshot / name)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(rev)
+    return tmp_path / "hf_home"
+
+
+@pytest.mark.parametrize("variable", ["HF_HUB_CACHE", "HF_HOME"])
+def test_hub_id_from_local_cache_offline(variable, tmp_path, monkeypatch, timm_atto_checkpoint):
+    folder, timm_model = timm_atto_checkpoint
+    home = _hub_cache(tmp_path, folder)
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(variable, str(home / "hub") if variable == "HF_HUB_CACHE" else str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    x = images(1, 64)
+    expected = timm_outputs(timm_model, x)["logits"]
+    for source in (wc.DEFAULT_MODEL, "hf-hub:timm/convnext_atto.d2_in1k"):
+        model = wc.load_timm(source, input_shape=(64, 64, 3), verbose=False)
+        assert model.pretrained_cfg["tag"] == "d2_in1k"
+        np.testing.assert_allclose(to_numpy(model(nchw_to_nhwc(x))), expected, atol=ATOL)
+    with pytest.raises(wc.CheckpointNotFoundError) as info:
+        wc.load_timm("timm/convnext_femto.d1_in1k", verbose=False)
+    message = str(info.value)
+    assert "HF_HUB_OFFLINE" in message and "model.safetensors" in message
+    assert "local" in message
+
+
+# ----------------------------------------------------------------------------
+# Strictness (point 4): one error, nothing half-loaded
+# ----------------------------------------------------------------------------
+
+
+def _write_state(tmp_path, state, name="model.safetensors", config_from=None):
+    folder = tmp_path / "edited"
+    folder.mkdir(exist_ok=True)
+    save_numpy(state, str(folder / name))
+    if config_from is not None:
+        os.link(os.path.join(config_from, "config.json"), folder / "config.json")
+    return folder
+
+
+def test_missing_unexpected_and_mismatched_in_one_error(tmp_path, timm_atto_checkpoint):
+    folder, _ = timm_atto_checkpoint
+    state = dict(load_numpy(os.path.join(folder, "model.safetensors")))
+    del state["stages.0.blocks.0.gamma"]
+    state["stages.9.extra.weight"] = np.ones(3, np.float32)
+    state["stem.0.bias"] = np.ones(41, np.float32)
+    edited = _write_state(tmp_path, state, config_from=folder)
+    with pytest.raises(wc.CheckpointMismatchError) as info:
+        wc.load_timm(edited, verbose=False)
+    message = str(info.value)
+    assert "missing keys (1): stages.0.blocks.0.gamma" in message
+    assert "unexpected keys (1): stages.9.extra.weight" in message
+    assert "shape mismatch stem.0.bias: expected (40,), found (41,)" in message
+
+
+def test_checkpoint_of_another_variant(timm_atto_checkpoint, timm_v2_atto_checkpoint):
+    folder, _ = timm_atto_checkpoint
+    with pytest.raises(wc.CheckpointMismatchError, match=r"expected \(48, 3, 4, 4\)"):
+        wc.load_timm(folder, arch="convnext_femto", verbose=False)
+    v2_folder, _ = timm_v2_atto_checkpoint
+    with pytest.raises(wc.CheckpointMismatchError) as info:
+        wc.load_timm(v2_folder, arch="convnext_atto", verbose=False)
+    assert "missing keys (12)" in str(info.value) and "mlp.grn.weight" in str(info.value)
+
+
+def test_failed_port_leaves_model_untouched(timm_atto_checkpoint, timm_v2_atto_checkpoint):
+    model = wc.keras_model_for("convnext_atto", input_shape=(64, 64, 3))
+    before = [to_numpy(w).copy() for w in model.weights]
+    with pytest.raises(wc.CheckpointMismatchError):
+        wc.port_timm_weights(model, timm_v2_atto_checkpoint[0])
+    for old, new in zip(before, model.weights, strict=True):
+        np.testing.assert_array_equal(old, to_numpy(new))
+    wc.port_timm_weights(model, timm_atto_checkpoint[0])
+    assert_weights_equal(model, timm_atto_checkpoint[1].state_dict())
+    assert model.timm_architecture == "convnext_atto"
+
+
+def test_truncated_and_corrupt_files(tmp_path, atto_file):
+    path, _ = atto_file
+    with open(path, "rb") as f:
+        data = f.read()
+    for name, content, match in [
+        ("truncated.safetensors", data[: len(data) // 2], "truncated"),
+        ("tiny.safetensors", data[:5], "truncated"),
+        ("header.safetensors", data[:8] + b"{not json" + data[17:], "corrupt"),
+        ("garbage.safetensors", b"\xff" * 64, "truncated or not a safetensors"),
+    ]:
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(wc.CheckpointError, match=match):
+            wc.load_timm(tmp_path / name, verbose=False)
+
+
+def test_non_float_and_non_finite_tensors(tmp_path, atto_file):
+    path, _ = atto_file
+    state = dict(load_numpy(path))
+    with_int = dict(state, **{"stem.0.bias": np.arange(40, dtype=np.int64)})
+    folder = _write_state(tmp_path, with_int)
+    with pytest.raises(wc.CheckpointError, match=r"non-float tensors.*stem\.0\.bias \(I64\)"):
+        wc.load_timm(folder, verbose=False)
+    for bad in (np.nan, np.inf):
+        broken = dict(state)
+        broken["stages.2.blocks.3.norm.weight"] = broken["stages.2.blocks.3.norm.weight"].copy()
+        broken["stages.2.blocks.3.norm.weight"][7] = bad
+        folder = _write_state(tmp_path, broken)
+        with pytest.raises(wc.CheckpointMismatchError, match="norm.weight holds NaN or Inf"):
+            wc.load_timm(folder, verbose=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_checkpoints_load(dtype, tmp_path, timm_v2_atto_checkpoint):
+    _, timm_model = timm_v2_atto_checkpoint
+    half = {k: v.to(dtype).contiguous() for k, v in timm_model.state_dict().items()}
+    save_torch(half, str(tmp_path / "half.safetensors"))
+    model = wc.load_timm(tmp_path / "half.safetensors", input_shape=(64, 64, 3), verbose=False)
+    widened = {k: v.float().numpy() for k, v in half.items()}
+    assert_weights_equal(model, widened)
+    assert all(w.dtype == "float32" for w in model.weights)
+
+
+# ----------------------------------------------------------------------------
+# Heads (point 5): new classifier, no top, checkpoints without classifier
+# ----------------------------------------------------------------------------
+
+
+def test_new_classifier_keeps_backbone_and_says_so_once(timm_atto_checkpoint, caplog):
+    folder, timm_model = timm_atto_checkpoint
+    with caplog.at_level(logging.WARNING, logger="weights_convert"):
+        cifar = wc.load_timm(folder, num_classes=10, input_shape=(32, 32, 3), verbose=False)
+    notes = [r for r in caplog.records if r.name == "weights_convert"]
+    assert len(notes) == 1 and "classifier freshly initialised" in notes[0].getMessage()
+    assert cifar.output_shape == (None, 10)
+    state = timm_model.state_dict()
+    assert_weights_equal(cifar, state, keys=("stem.", "stages.", "head.norm."))
+    assert not np.allclose(to_numpy(cifar.get_layer("head_fc").kernel)[:, :10], 0)
+
+
+def test_include_top_false_ports_everything_but_the_head(timm_atto_checkpoint, caplog):
+    folder, timm_model = timm_atto_checkpoint
+    with caplog.at_level(logging.WARNING, logger="weights_convert"):
+        backbone = wc.load_timm(folder, include_top=False, input_shape=(64, 64, 3), verbose=False)
+    assert not caplog.records
+    assert backbone.output_shape == (None, 2, 2, 320)
+    assert not any(layer.name.startswith("head_") for layer in backbone.layers)
+    assert_weights_equal(backbone, timm_model.state_dict())
+    x = images(2, 64)
+    np.testing.assert_allclose(
+        to_numpy(backbone(nchw_to_nhwc(x))),
+        nchw_to_nhwc(timm_outputs(timm_model, x)["stages"][-1]),
+        atol=ATOL,
+    )
+
+
+def test_port_into_built_backbone(timm_v2_atto_checkpoint):
+    folder, timm_model = timm_v2_atto_checkpoint
+    model = wc.keras_model_for("convnextv2_atto", include_top=False, pooling="avg")
+    wc.port_timm_weights(model, folder)  # head.norm / head.fc skipped: no such layers
+    assert_weights_equal(model, timm_model.state_dict())
+
+
+@pytest.mark.parametrize("kind", ["fcmae", "dinov3"])
+def test_checkpoints_without_classifier(kind, tmp_path, caplog):
+    """fcmae: no head at all; dinov3: head.norm only. Output = timm's num_classes=0 model."""
+    arch = "convnextv2_atto" if kind == "fcmae" else "convnext_atto"
+    timm_model = random_timm_model(arch, seed=11, num_classes=0)
+    if kind == "fcmae":  # timm leaves the missing head norm at its init: weight 1, bias 0
+        with torch.no_grad():
+            timm_model.head.norm.weight.fill_(1.0)
+            timm_model.head.norm.bias.zero_()
+    state = {
+        k: v.contiguous()
+        for k, v in timm_model.state_dict().items()
+        if not (kind == "fcmae" and k.startswith("head."))
+    }
+    save_torch(state, str(tmp_path / "model.safetensors"))
+    with caplog.at_level(logging.WARNING, logger="weights_convert"):
+        model = wc.load_timm(tmp_path, input_shape=(64, 64, 3), verbose=False)
+    assert model.output_shape == (None, 320)
+    assert bool(caplog.records) == (kind == "fcmae")
+    x = images(2, 64)
+    np.testing.assert_allclose(
+        to_numpy(model(nchw_to_nhwc(x))), timm_outputs(timm_model, x)["logits"], atol=ATOL
+    )
+    head = wc.load_timm(tmp_path, num_classes=5, input_shape=(64, 64, 3), verbose=False)
+    assert head.output_shape == (None, 5)
+
+
+def test_large_classifier(tmp_path):
+    timm_model = random_timm_model("convnext_atto", seed=12, num_classes=21841)
+    folder = save_timm_checkpoint(timm_model, tmp_path, "convnext_atto")
+    model = wc.load_timm(folder, input_shape=(64, 64, 3), verbose=False)
+    assert model.output_shape == (None, 21841) and model.pretrained_cfg["num_classes"] == 21841
+    x = images(1, 64)
+    np.testing.assert_allclose(
+        to_numpy(model(nchw_to_nhwc(x))), timm_outputs(timm_model, x)["logits"], atol=ATOL
+    )
+
+
+# ----------------------------------------------------------------------------
+# Export (point 6)
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fixture", ["timm_atto_checkpoint", "timm_v2_atto_checkpoint"]
+)  # conv-MLP layout
+def test_round_trip_is_bit_exact(fixture, request, tmp_path):
+    folder, timm_model = request.getfixturevalue(fixture)
+    arch = read_json(os.path.join(folder, "config.json"))["architecture"]
+    model = wc.load_timm(folder, verbose=False)
+    out = wc.export_timm(model, tmp_path / "out.safetensors")
+    exported = load_torch(out)
+    fresh = timm.create_model(arch)
+    fresh.load_state_dict(exported, strict=True)
+    original = timm_model.state_dict()
+    assert set(exported) == set(original)
+    for key, value in original.items():
+        assert exported[key].shape == value.shape, key
+        assert torch.equal(exported[key], value), key
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_export_linear_mlp_and_headless(tmp_path):
+    timm_model = random_timm_model("convnext_tiny", seed=13)
+    state = {k: v.detach().numpy() for k, v in timm_model.state_dict().items()}
+    model = wc.build_ported(
+        lambda: wc.keras_model_for("convnext_tiny", input_shape=(64, 64, 3)), state
+    )
+    exported = wc.export_state_dict(model)
+    assert exported["stages.0.blocks.0.mlp.fc1.weight"].shape == (384, 96)
+    for key, value in state.items():
+        np.testing.assert_array_equal(exported[key], value, err_msg=key)
+    features = wc.build_ported(
+        lambda: wc.keras_model_for("convnext_tiny", num_classes=0, input_shape=(64, 64, 3)),
+        state,
+        skip_prefixes=("head.fc.",),
+    )
+    wc.export_timm(features, tmp_path / "features.safetensors")
+    timm.create_model("convnext_tiny", num_classes=0).load_state_dict(
+        load_torch(str(tmp_path / "features.safetensors")), strict=True
+    )
+
+
+# ----------------------------------------------------------------------------
+# Speed, memory, command line (point 7)
+# ----------------------------------------------------------------------------
+
+
+def test_atto_converts_in_under_two_seconds(timm_atto_checkpoint):
+    folder, _ = timm_atto_checkpoint
+    wc.load_timm(folder, verbose=False)  # first call: backend warm-up (tracing caches)
+    seconds = []
+    for _ in range(2):
+        start = time.perf_counter()
+        wc.load_timm(folder, verbose=False)
+        seconds.append(time.perf_counter() - start)
+    assert min(seconds) < 2.0, seconds
+
+
+def test_command_line_in_process(tmp_path, timm_atto_checkpoint, capsys):
+    folder, timm_model = timm_atto_checkpoint
+    out = tmp_path / "atto.keras"
+    assert wc.main([os.path.join(folder, "model.safetensors"), "-o", str(out), "-q"]) == 0
+    summary = capsys.readouterr().out.strip().splitlines()
+    assert len(summary) == 1
+    assert summary[0].startswith("convnext_atto: 3,695,520 parameters, ")
+    assert " converted in " in summary[0] and " s -> " in summary[0]
+    sidecar = read_json(tmp_path / "atto.config.json")
+    assert sidecar["architecture"] == "convnext_atto" and sidecar["num_classes"] == 1000
+    loaded = keras.saving.load_model(out)
+    x = images(1, 224)
+    np.testing.assert_allclose(
+        to_numpy(loaded(nchw_to_nhwc(x))), timm_outputs(timm_model, x)["logits"], atol=ATOL
+    )
+    weights = tmp_path / "atto.weights.h5"
+    assert wc.main([folder, "-o", str(weights), "-q", "--num-classes", "7"]) == 0
+    fresh = wc.keras_model_for("convnext_atto", num_classes=7)
+    fresh.load_weights(weights)
+    with pytest.raises(SystemExit):
+        wc.main([folder, "-o", str(tmp_path / "bad.pt")])
+    assert wc.main([str(tmp_path / "missing.safetensors"), "-o", str(out), "-q"]) == 1
+    assert sorted(os.listdir(tmp_path)) == [
+        "atto.config.json",
+        "atto.keras",
+        "atto.weights.h5",
+    ]
+
+
+@pytest.mark.slow
+def test_command_line_subprocess_with_progress_bar(tmp_path, timm_atto_checkpoint):
+    folder, _ = timm_atto_checkpoint
+    out = tmp_path / "atto.keras"
+    env = dict(os.environ, KERAS_BACKEND=keras.backend.backend())
+    result = subprocess.run(
+        [sys.executable, "-m", "weights_convert", folder, "-o", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(wc.__file__))),
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "porting" in result.stderr  # tqdm bar
+    assert result.stdout.startswith("convnext_atto: 3,695,520 parameters")
+    assert out.exists()
+
+
+@pytest.mark.slow
+def test_peak_memory_is_bounded(tmp_path):
+    """Peak RSS growth while converting convnext_tiny < 2 x checkpoint + model."""
+    timm_model = random_timm_model("convnext_tiny", seed=14)
+    folder = save_timm_checkpoint(timm_model, tmp_path, "convnext_tiny")
+    checkpoint = os.path.getsize(os.path.join(folder, "model.safetensors"))
+    script = (
+        "import os, sys, threading, time, weights_convert as wc\n"
+        "wc.keras_model_for('convnext_atto', input_shape=(64, 64, 3))\n"  # backend warm-up
+        "page = os.sysconf('SC_PAGESIZE')\n"
+        "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * page\n"
+        "base, peak, done = rss(), [0], []\n"
+        "def watch():\n"
+        "    while not done:\n"
+        "        peak[0] = max(peak[0], rss()); time.sleep(0.002)\n"
+        "t = threading.Thread(target=watch); t.start()\n"
+        "wc.load_timm(sys.argv[1], verbose=False)\n"
+        "done.append(1); t.join(); print(max(peak[0], rss()) - base)\n"
+    )
+    env = dict(os.environ, KERAS_BACKEND=keras.backend.backend())
+    result = subprocess.run(
+        [sys.executable, "-c", script, folder],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(wc.__file__))),
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    growth = int(result.stdout.split()[-1])
+    model_bytes = checkpoint  # fp32 checkpoint == fp32 weights
+    assert growth < 2 * checkpoint + model_bytes, (growth, checkpoint)
