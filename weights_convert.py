@@ -490,6 +490,8 @@ def atomic_path(path, suffix=""):
     os.close(fd)
     try:
         yield tmp
+        with open(tmp, "rb+") as f:  # on disk before the rename, so a crash leaves old or new
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -1008,7 +1010,8 @@ def keras_model_for(
     )
 
 
-def _annotate(model, arch, pretrained_cfg):
+def annotate_model(model, arch, pretrained_cfg):
+    """Attach `timm_architecture` and timm's `pretrained_cfg` to `model`; returns it."""
     # plain attributes (not tracked by Keras), so they survive every backend
     object.__setattr__(model, "timm_architecture", arch)
     object.__setattr__(model, "pretrained_cfg", dict(pretrained_cfg))
@@ -1096,7 +1099,7 @@ def load_timm(
         )
 
     model = build_ported(build, state_dict, skip_prefixes=skip, progress=verbose)
-    return _annotate(model, arch_name, config["pretrained_cfg"])
+    return annotate_model(model, arch_name, config["pretrained_cfg"])
 
 
 def port_timm_weights(
@@ -1122,7 +1125,7 @@ def port_timm_weights(
         )
     port_state_dict(model, state_dict, skip_prefixes=skip_prefixes, progress=progress)
     if getattr(model, "pretrained_cfg", None) is None:
-        _annotate(model, config["architecture"], config["pretrained_cfg"])
+        annotate_model(model, config["architecture"], config["pretrained_cfg"])
     return model
 
 
@@ -1142,8 +1145,12 @@ def sidecar_path(output) -> str:
     return output + ".config.json"
 
 
-def save_converted(model: keras.Model, output) -> str:
-    """Save to OUT.keras / OUT.weights.h5 plus the sidecar config, both atomically."""
+def save_converted(model: keras.Model, output, extra: dict | None = None) -> str:
+    """Save to OUT.keras / OUT.weights.h5 plus the sidecar config, both atomically.
+
+    The sidecar (`sidecar_path`) holds the architecture, num_classes, timm's
+    pretrained_cfg and any `extra` entries; `load_converted` reads both back.
+    """
     output = os.fspath(output)
     suffix = next((s for s in OUTPUT_SUFFIXES if output.endswith(s)), None)
     if suffix is None:
@@ -1158,10 +1165,32 @@ def save_converted(model: keras.Model, output) -> str:
         "architecture": getattr(model, "timm_architecture", None),
         "num_classes": int(model.output_shape[-1]) if has_classifier else 0,
         "pretrained_cfg": getattr(model, "pretrained_cfg", {}),
+        **(extra or {}),
     }
     with atomic_path(sidecar_path(output)) as tmp, open(tmp, "w") as f:
-        json.dump(meta, f, indent=2)
+        json.dump(meta, f, indent=2, default=_json_default)
     return output
+
+
+def _json_default(value):
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def load_converted(path) -> keras.Model:
+    """A `.keras` file written by `save_converted`, with `pretrained_cfg` and
+    `timm_architecture` restored from its sidecar (empty / None without one)."""
+    path = os.fspath(path)
+    if not path.endswith(".keras"):
+        raise ValueError(f"load_converted reads .keras files, got {path!r}.")
+    model = keras.saving.load_model(path, compile=False)
+    meta = {}
+    if os.path.exists(sidecar_path(path)):
+        with open(sidecar_path(path)) as f:
+            meta = json.load(f)
+    annotate_model(model, meta.get("architecture"), meta.get("pretrained_cfg") or {})
+    return model
 
 
 def main(argv=None) -> int:

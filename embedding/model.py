@@ -211,13 +211,8 @@ def embedding_model_from_state(
     dropped = ("head.fc.",) if head_norm else ("head.fc.", "head.norm.")
     state = {k: v for k, v in state_dict.items() if not k.startswith(dropped)}
     model = weights_convert.build_ported(build, state, skip_prefixes=skipped)
-    _annotate(model, config.get("architecture"), pretrained_cfg)
+    weights_convert.annotate_model(model, config.get("architecture"), pretrained_cfg)
     return model
-
-
-def _annotate(model, architecture, pretrained_cfg):
-    model.timm_architecture = architecture
-    model.pretrained_cfg = dict(pretrained_cfg)
 
 
 def embedding_dim(model: keras.Model) -> int:
@@ -320,7 +315,9 @@ class ModelCache:
         with open(os.path.join(self.dir, key + ".json")) as f:
             meta = json.load(f)
         model = keras.saving.load_model(os.path.join(self.dir, key + ".keras"), compile=False)
-        _annotate(model, meta.get("architecture"), meta.get("pretrained_cfg") or {})
+        weights_convert.annotate_model(
+            model, meta.get("architecture"), meta.get("pretrained_cfg") or {}
+        )
         return model
 
     def store(self, source, options, model) -> str | None:

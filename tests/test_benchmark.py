@@ -1,0 +1,103 @@
+"""Smoke test of benchmarks/benchmark.py in --quick mode, for the current
+KERAS_BACKEND only. It checks the structure of the JSON / Markdown it writes and
+that the numbers are positive and finite; it never asserts a speed."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import BACKEND
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "benchmark.py")
+
+
+def _load_benchmark_module():
+    spec = importlib.util.spec_from_file_location("convnext_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(args, tmp_path):
+    output = str(tmp_path / "result")
+    cmd = [sys.executable, SCRIPT, "--quick", "--backend", BACKEND, "--output", output, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(output + ".json") as f:
+        report = json.load(f)
+    with open(output + ".md") as f:
+        markdown = f.read()
+    return report, markdown
+
+
+def test_macs_match_timm_counts():
+    # torch.utils.flop_counter on the timm models gives exactly these
+    bench = _load_benchmark_module()
+    assert bench.macs("convnext_atto", 224) == 547_332_480
+    assert bench.macs("convnextv2_atto", 224) == 547_332_480
+    assert bench.macs("convnext_tiny", 224) == 4_455_531_264
+    assert bench.parse_variant("convnextv2_nano") == ("v2", "nano")
+    # the script keeps its own size table (its parent process must not import
+    # Keras); it has to agree with the models'
+    import convnext_v1
+    import convnext_v2
+
+    for table in (convnext_v1.VARIANTS, convnext_v2.VARIANTS):
+        for name, variant in table.items():
+            assert bench._SIZES[name] == (variant.depths, variant.widths), name
+    with pytest.raises(ValueError):
+        bench.parse_variant("resnet50")
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_table(tmp_path):
+    report, markdown = _run(["--variant", "convnext_atto"], tmp_path)
+    assert report["config"]["quick"] is True
+    assert report["config"]["backends"] == [BACKEND]
+    assert report["config"]["variants"] == ["convnext_atto"]
+    for key in ("cpu", "logical_cpus", "os", "python", "device"):
+        assert key in report["machine"]
+    rows = report["results"]
+    assert [row["name"] for row in rows] == ["timm", f"keras-{BACKEND}"]
+    for row in rows:
+        assert row["variant"] == "convnext_atto"
+        for key in ("images_per_s", "gflops_per_s", "median_s", "min_s", "peak_rss_mb"):
+            assert math.isfinite(row[key]) and row[key] > 0, (key, row)
+        assert row["min_s"] <= row["median_s"] <= row["max_s"]
+        assert row["runs"] == report["config"]["rounds"] * report["config"]["iterations"]
+        assert row["params"] == 3_695_520  # convnext_atto, both implementations
+        assert all(load is None or load >= 0 for load in row["load_1min"])
+    assert rows[0]["ratio_to_timm"] == 1.0
+    assert rows[1]["ratio_to_timm"] > 0
+    # the Markdown table: header, separator, one line per row
+    table = [line for line in markdown.splitlines() if line.startswith("|")]
+    assert table[0].startswith("| variant | implementation | img/s | vs timm | GFLOP/s")
+    assert len(table) == 2 + len(rows)
+    assert f"keras-{BACKEND}" in table[-1]
+
+
+@pytest.mark.slow
+def test_quick_end_to_end(tmp_path):
+    pytest.importorskip("embedding.embedder")
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (80, 72, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+    report, markdown = _run(
+        ["--variant", "convnext_atto", "--images", str(folder), "--skip-model"], tmp_path
+    )
+    rows = report["end_to_end"]
+    assert [row["name"] for row in rows] == ["timm", f"keras-{BACKEND} Embedder.embed"]
+    for row in rows:
+        assert row["images"] == 3
+        assert math.isfinite(row["images_per_s"]) and row["images_per_s"] > 0
+    assert "End-to-end" in markdown
