@@ -1,0 +1,734 @@
+"""Inference speed of the Keras ConvNeXt models against timm (PyTorch eager).
+
+    python benchmarks/benchmark.py --variant convnext_atto,convnextv2_atto,convnext_tiny \\
+        --backend all --batch-size 32 --resolution 224
+
+For every variant it times our model on each requested Keras backend and timm's
+model, each side in its own worker subprocess (one framework per process: a
+second framework's idle thread pools distort the other's timings). The workers
+build and warm up once (compilation happens there), then the parent asks them in
+turn for a round of timed forward passes, alternating keras/timm round by round,
+so slow drifts of a shared machine's load hit both sides alike. Reported per
+side: the median and spread of all timed passes, images/s, the ratio to timm,
+achieved GFLOP/s and the worker's peak resident memory. The table is printed and
+written as JSON and Markdown to benchmarks/results/ (or --output).
+
+What is timed
+  keras: `model.predict_on_batch(x)` on a NumPy batch (the public inference
+         path; it runs a compiled function on JAX and TensorFlow, and eager ops
+         under no_grad on torch), or `model(x, training=False)` with --call call.
+  timm:  `model(x)` on a torch tensor under `torch.inference_mode()`, eager,
+         NCHW, i.e. timm used as shipped.
+  Both get the same batch (same values; NHWC for Keras, NCHW for timm), the
+  same dtype and randomly initialised weights (speed does not depend on the
+  values). The NumPy -> framework conversion is part of the Keras timing.
+
+FLOPs
+  An analytic count of the architecture's multiply-accumulates (`macs()`):
+  the stem, downsampling, depthwise 7x7 and pointwise (1x1) convolutions and
+  the classifier; normalisations, GELU, GRN and the residual adds are left
+  out (< 1 % of the total). It equals torch.utils.flop_counter's count on the
+  timm model (convnext_tiny at 224: 4.46 GMACs). GFLOP/s = 2 x MACs x images/s.
+
+Peak memory
+  `ru_maxrss` of the worker process (RSS high-water mark: framework, model,
+  compilation and activations together).
+
+End-to-end mode (--images FOLDER): `embedding.Embedder(source).embed(paths)`
+over the JPEGs of a folder against timm's eval transform + model on the same
+files (image decoding and resizing included). Needs the `embedding` package and
+a checkpoint (--source, a folder in Hub layout or a Hub id); skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+PROTOCOL = "@@BENCH "
+BACKENDS = ("jax", "tensorflow", "torch")
+
+# (depths, widths) of every variant, as timm's convnext_<v> / convnextv2_<v>. A copy of
+# convnext_v1/v2.VARIANTS (tests/test_benchmark.py checks they agree): the parent process
+# must not import Keras, whose backend would start thread pools beside the workers.
+_SIZES = {
+    "atto": ((2, 2, 6, 2), (40, 80, 160, 320)),
+    "femto": ((2, 2, 6, 2), (48, 96, 192, 384)),
+    "pico": ((2, 2, 6, 2), (64, 128, 256, 512)),
+    "nano": ((2, 2, 8, 2), (80, 160, 320, 640)),
+    "tiny": ((3, 3, 9, 3), (96, 192, 384, 768)),
+    "small": ((3, 3, 27, 3), (96, 192, 384, 768)),
+    "base": ((3, 3, 27, 3), (128, 256, 512, 1024)),
+    "large": ((3, 3, 27, 3), (192, 384, 768, 1536)),
+    "xlarge": ((3, 3, 27, 3), (256, 512, 1024, 2048)),
+    "huge": ((3, 3, 27, 3), (352, 704, 1408, 2816)),
+}
+
+
+def parse_variant(name: str) -> tuple[str, str]:
+    """'convnext_tiny' -> ('v1', 'tiny'); 'convnextv2_atto' -> ('v2', 'atto')."""
+    family, _, size = name.lower().partition("_")
+    if family not in ("convnext", "convnextv2") or size not in _SIZES:
+        raise ValueError(
+            f"Unknown variant {name!r}: expected convnext_<size> or convnextv2_<size> with "
+            f"size in {', '.join(_SIZES)}."
+        )
+    return ("v2" if family == "convnextv2" else "v1"), size
+
+
+def macs(variant: str, resolution: int, num_classes: int = 1000) -> int:
+    """Multiply-accumulates of one forward pass (see the module docstring)."""
+    _, size = parse_variant(variant)
+    depths, widths = _SIZES[size]
+    side = resolution // 4
+    total = side * side * (4 * 4 * 3) * widths[0]  # stem 4x4 stride 4
+    for stage, (depth, width) in enumerate(zip(depths, widths, strict=True)):
+        if stage > 0:
+            side //= 2
+            total += side * side * (2 * 2 * widths[stage - 1]) * width  # downsample 2x2/2
+        hw = side * side
+        per_block = hw * 49 * width + 2 * hw * width * 4 * width  # dw 7x7 + two 1x1
+        total += depth * per_block
+    return total + widths[-1] * num_classes
+
+
+# ----------------------------------------------------------------------------
+# Workers (one framework per process)
+# ----------------------------------------------------------------------------
+
+
+def _send(obj):
+    sys.stdout.write(PROTOCOL + json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / (1024.0 * 1024.0) if sys.platform == "darwin" else kb / 1024.0
+
+
+def _input_batch(batch: int, resolution: int):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((batch, resolution, resolution, 3)).astype("float32")
+
+
+def _keras_forward(args):
+    """Build our model on KERAS_BACKEND and return a callable running one batch."""
+    sys.path.insert(0, ROOT)
+    import keras
+    import numpy as np
+
+    if args.dtype != "float32":
+        keras.config.set_dtype_policy(args.dtype)
+    from convnext_v1 import create_convnext_v1
+    from convnext_v2 import create_convnext_v2
+
+    family, size = parse_variant(args.variant)
+    create = create_convnext_v2 if family == "v2" else create_convnext_v1
+    model = create(size, input_shape=(args.resolution, args.resolution, 3))
+    x = _input_batch(args.batch_size, args.resolution)
+    if args.dtype == "bfloat16":
+        import ml_dtypes
+
+        x = x.astype(ml_dtypes.bfloat16)
+
+    if args.call == "predict_on_batch":
+
+        def forward():
+            return model.predict_on_batch(x)
+
+    else:
+        if args.backend == "torch":
+            import torch
+
+            tx = keras.ops.convert_to_tensor(x)
+
+            def forward():
+                with torch.no_grad():
+                    out = model(tx, training=False)
+                if out.is_cuda:
+                    torch.cuda.synchronize()
+                return out
+
+        else:
+            tx = keras.ops.convert_to_tensor(x)
+
+            def forward():
+                return np.asarray(keras.ops.convert_to_numpy(model(tx, training=False)))
+
+    info = {
+        "framework": f"keras {keras.__version__} / {keras.backend.backend()}",
+        "backend_version": _backend_version(keras.backend.backend()),
+        "params": int(model.count_params()),
+    }
+    return forward, info
+
+
+def _backend_version(backend):
+    if backend == "jax":
+        import jax
+
+        return f"jax {jax.__version__} ({jax.default_backend()})"
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return f"tensorflow {tf.__version__}"
+    import torch
+
+    return f"torch {torch.__version__}"
+
+
+def _timm_forward(args):
+    import timm
+    import torch
+
+    device = "cuda" if args.device == "gpu" else "cpu"
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    model = timm.create_model(args.variant, pretrained=False).eval().to(device, dtype)
+    x = torch.from_numpy(_input_batch(args.batch_size, args.resolution).transpose(0, 3, 1, 2))
+    x = x.contiguous().to(device, dtype)
+
+    def forward():
+        with torch.inference_mode():
+            out = model(x)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    info = {
+        "framework": f"timm {timm.__version__} (eager)",
+        "backend_version": f"torch {torch.__version__}",
+        "params": int(sum(p.numel() for p in model.parameters())),
+    }
+    return forward, info
+
+
+def _image_paths(folder):
+    exts = (".jpg", ".jpeg", ".png")
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(exts))
+
+
+def _keras_e2e(args):
+    """`Embedder(source).embed(paths)` over the whole folder per pass."""
+    sys.path.insert(0, ROOT)
+    import keras
+
+    from embedding import Embedder
+
+    paths = _image_paths(args.images)
+    embedder = Embedder(args.source, batch_size=args.batch_size)
+
+    def forward():
+        return embedder.embed(paths)
+
+    info = {
+        "framework": f"keras {keras.__version__} / {keras.backend.backend()} Embedder",
+        "backend_version": _backend_version(keras.backend.backend()),
+        "params": 0,
+        "images": len(paths),
+    }
+    return forward, info
+
+
+def _timm_e2e(args):
+    """timm's eval transform (from the checkpoint's pretrained_cfg) + pooled features."""
+    import timm
+    import torch
+    from PIL import Image
+    from safetensors.torch import load_file
+    from timm.data import create_transform, resolve_data_config
+
+    with open(os.path.join(args.source, "config.json")) as f:
+        config = json.load(f)
+    model = timm.create_model(
+        config["architecture"],
+        pretrained=False,
+        num_classes=config.get("num_classes", 1000),
+        pretrained_cfg_overlay=config.get("pretrained_cfg", {}),
+    ).eval()
+    model.load_state_dict(load_file(os.path.join(args.source, "model.safetensors")))
+    transform = create_transform(**resolve_data_config(model=model))
+    paths = _image_paths(args.images)
+
+    def forward():
+        out = []
+        for i in range(0, len(paths), args.batch_size):
+            batch = [
+                transform(Image.open(p).convert("RGB")) for p in paths[i : i + args.batch_size]
+            ]
+            with torch.inference_mode():
+                feats = model.forward_head(
+                    model.forward_features(torch.stack(batch)), pre_logits=True
+                )
+            out.append(torch.nn.functional.normalize(feats, dim=-1))
+        return torch.cat(out)
+
+    info = {
+        "framework": f"timm {timm.__version__} transform + eager model",
+        "backend_version": f"torch {torch.__version__}",
+        "params": 0,
+        "images": len(paths),
+    }
+    return forward, info
+
+
+def _write_random_checkpoint(variant, folder):
+    """A randomly initialised timm checkpoint in the Hub layout (config.json +
+    model.safetensors), for the end-to-end mode when no --source is given."""
+    import timm
+    from safetensors.torch import save_file
+
+    model = timm.create_model(variant, pretrained=False).eval()
+    os.makedirs(folder, exist_ok=True)
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        os.path.join(folder, "model.safetensors"),
+    )
+    cfg = {
+        k: v
+        for k, v in dict(model.pretrained_cfg or {}).items()
+        if isinstance(v, (str, int, float, bool, list, tuple, type(None)))
+    }
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(
+            {
+                "architecture": variant,
+                "num_classes": model.num_classes,
+                "num_features": model.num_features,
+                "pretrained_cfg": cfg,
+            },
+            f,
+        )
+
+
+WORKERS = {
+    "keras": _keras_forward,
+    "timm": _timm_forward,
+    "keras-e2e": _keras_e2e,
+    "timm-e2e": _timm_e2e,
+}
+
+
+def worker_main(args):
+    if args.side == "checkpoint":
+        _write_random_checkpoint(args.variant, args.source)
+        return None
+    start = time.perf_counter()
+    forward, info = WORKERS[args.side](args)
+    build_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(args.warmup):
+        forward()
+    warmup_s = time.perf_counter() - start
+    _send({"ready": True, "build_s": build_s, "warmup_s": warmup_s, **info})
+    for line in sys.stdin:
+        command = line.split()
+        if not command:
+            continue
+        if command[0] == "run":
+            times = []
+            for _ in range(int(command[1])):
+                t0 = time.perf_counter()
+                forward()
+                times.append(time.perf_counter() - t0)
+            _send({"times": times})
+        elif command[0] == "quit":
+            _send({"peak_rss_mb": _peak_rss_mb()})
+            return
+
+
+# ----------------------------------------------------------------------------
+# Parent: spawn workers, alternate rounds, report
+# ----------------------------------------------------------------------------
+
+
+class Worker:
+    def __init__(self, side, backend, args):
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        if side.startswith("keras"):
+            env["KERAS_BACKEND"] = backend
+        if args.device == "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = ""
+            env["JAX_PLATFORMS"] = "cpu"
+        self.side, self.backend = side, backend
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--worker",
+            side,
+            "--variant",
+            args.variant,
+            "--batch-size",
+            str(args.batch_size),
+            "--resolution",
+            str(args.resolution),
+            "--dtype",
+            args.dtype,
+            "--device",
+            args.device,
+            "--warmup",
+            str(args.warmup),
+            "--call",
+            args.call,
+            "--backend",
+            backend,
+        ]
+        if args.images:
+            cmd += ["--images", args.images, "--source", args.source]
+        self.proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=None if args.verbose else subprocess.DEVNULL,
+            text=True,
+            bufsize=1,
+        )
+        self.info = self._receive()
+
+    def _receive(self):
+        for line in self.proc.stdout:
+            if line.startswith(PROTOCOL):
+                return json.loads(line[len(PROTOCOL) :])
+        code = self.proc.wait()
+        raise RuntimeError(
+            f"{self.side} worker ({self.backend}) exited with code {code} before answering; "
+            "rerun with --verbose to see its output."
+        )
+
+    def run(self, iterations):
+        self.proc.stdin.write(f"run {iterations}\n")
+        self.proc.stdin.flush()
+        return self._receive()["times"]
+
+    def close(self):
+        self.proc.stdin.write("quit\n")
+        self.proc.stdin.flush()
+        peak = self._receive()["peak_rss_mb"]
+        self.proc.stdin.close()
+        self.proc.wait()
+        return peak
+
+
+def _load():
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def _runnable():
+    """Runnable threads on the machine right now (4th field of /proc/loadavg),
+    the benchmark's own parent included; None where unavailable."""
+    try:
+        with open("/proc/loadavg") as f:
+            return int(f.read().split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _summarise(name, info, times, loads, peak_rss_mb, batch, flops):
+    median = statistics.median(times)
+    ips = batch / median
+    return {
+        "name": name,
+        "framework": info["framework"],
+        "backend_version": info["backend_version"],
+        "params": info["params"],
+        "build_s": round(info["build_s"], 2),
+        "warmup_s": round(info["warmup_s"], 2),
+        "runs": len(times),
+        "median_s": median,
+        "min_s": min(times),
+        "max_s": max(times),
+        "images_per_s": ips,
+        "gflops_per_s": flops * ips / 1e9,
+        "peak_rss_mb": round(peak_rss_mb, 1),
+        "load_1min": loads,
+        "times_s": [round(t, 4) for t in times],
+    }
+
+
+def bench_variant(variant, backends, args):
+    """Alternate keras backends and timm round by round; returns the table rows."""
+    sub = argparse.Namespace(**{**vars(args), "variant": variant})
+    flops = 2 * macs(variant, args.resolution)
+    sides = [("timm", "torch")] + [("keras", b) for b in backends]
+    rows = []
+    workers = {}
+    try:
+        # Build one at a time (each builds and warms up alone on the machine).
+        for side, backend in sides:
+            workers[(side, backend)] = Worker(side, backend, sub)
+        times = {key: [] for key in workers}
+        loads = {key: [] for key in workers}
+        runnable = {key: [] for key in workers}
+        for _ in range(args.rounds):
+            for key, worker in workers.items():
+                loads[key].append(_load())
+                runnable[key].append(_runnable())
+                times[key].extend(worker.run(args.iterations))
+                time.sleep(args.pause)
+        peaks = {key: worker.close() for key, worker in workers.items()}
+    finally:
+        for worker in workers.values():
+            if worker.proc.poll() is None:
+                worker.proc.kill()
+    timm_key = ("timm", "torch")
+    for key in workers:
+        name = "timm" if key == timm_key else f"keras-{key[1]}"
+        row = _summarise(
+            name, workers[key].info, times[key], loads[key], peaks[key], args.batch_size, flops
+        )
+        row["variant"] = variant
+        row["runnable_threads"] = runnable[key]
+        rows.append(row)
+    timm_ips = rows[0]["images_per_s"]
+    for row in rows:
+        row["ratio_to_timm"] = row["images_per_s"] / timm_ips
+    return rows
+
+
+def bench_end_to_end(variant, backends, args):
+    """Embedder.embed over the folder vs timm transform + model, alternating."""
+    if not _embedding_available():
+        print("end-to-end mode skipped: the `embedding` package is not importable")
+        return []
+    if not os.path.isdir(args.images) or not _image_paths(args.images):
+        raise SystemExit(f"--images {args.images!r}: no .jpg/.jpeg/.png files there")
+    sub = argparse.Namespace(**{**vars(args), "variant": variant})
+    if not sub.source:
+        import tempfile
+
+        sub.source = os.path.join(tempfile.mkdtemp(prefix="convnext-bench-"), variant)
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "checkpoint"]
+        subprocess.run(
+            cmd + ["--variant", variant, "--source", sub.source, "--images", args.images],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=None if args.verbose else subprocess.DEVNULL,
+        )
+    sides = [("timm-e2e", "torch")] + [("keras-e2e", b) for b in backends]
+    workers, times = {}, {}
+    try:
+        for side, backend in sides:
+            workers[(side, backend)] = Worker(side, backend, sub)
+            times[(side, backend)] = []
+        for _ in range(args.rounds):
+            for key, worker in workers.items():
+                times[key].extend(worker.run(1))
+                time.sleep(args.pause)
+        for worker in workers.values():
+            worker.close()
+    finally:
+        for worker in workers.values():
+            if worker.proc.poll() is None:
+                worker.proc.kill()
+    rows = []
+    for (side, backend), worker in workers.items():
+        n = worker.info["images"]
+        rows.append(
+            {
+                "name": "timm" if side == "timm-e2e" else f"keras-{backend} Embedder.embed",
+                "variant": variant,
+                "images": n,
+                "median_s": statistics.median(times[(side, backend)]),
+                "images_per_s": n / statistics.median(times[(side, backend)]),
+            }
+        )
+    for row in rows:
+        row["ratio_to_timm"] = row["images_per_s"] / rows[0]["images_per_s"]
+    return rows
+
+
+def _embedding_available():
+    import importlib.util
+
+    sys.path.insert(0, ROOT)
+    try:
+        return importlib.util.find_spec("embedding.embedder") is not None
+    except ImportError:
+        return False
+
+
+def machine_description(device):
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    desc = {
+        "cpu": cpu,
+        "machine": platform.machine(),
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "device": device,
+    }
+    try:
+        with open("/proc/meminfo") as f:
+            desc["memory_gb"] = round(int(f.readline().split()[1]) / 1024**2, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return desc
+
+
+def render_markdown(report):
+    cfg = report["config"]
+    m = report["machine"]
+    lines = [
+        f"ConvNeXt inference, batch {cfg['batch_size']}, {cfg['resolution']}x"
+        f"{cfg['resolution']}, {cfg['dtype']}, {cfg['device']}; {m['cpu']}, "
+        f"{m['usable_cpus'] or m['logical_cpus']} usable CPUs, {m['os']}, Python {m['python']}. "
+        f"{cfg['warmup']} warm-up passes, then {cfg['rounds']} alternating rounds of "
+        f"{cfg['iterations']} timed passes per side; median pass. Keras: "
+        f"`{cfg['call']}`; timm: eager `model(x)` under `torch.inference_mode()`.",
+        "",
+        "| variant | implementation | img/s | vs timm | GFLOP/s | median ms | min-max ms "
+        "| peak RSS MB | load (1 min) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in report["results"]:
+        loads = [v for v in row["load_1min"] if v is not None]
+        load = f"{min(loads):.1f}-{max(loads):.1f}" if loads else "n/a"
+        lines.append(
+            f"| {row['variant']} | {row['name']} ({row['backend_version']}) "
+            f"| {row['images_per_s']:.1f} | {row['ratio_to_timm']:.2f}x "
+            f"| {row['gflops_per_s']:.1f} | {row['median_s'] * 1e3:.0f} "
+            f"| {row['min_s'] * 1e3:.0f}-{row['max_s'] * 1e3:.0f} | {row['peak_rss_mb']:.0f} "
+            f"| {load} |"
+        )
+    if report.get("end_to_end"):
+        lines += ["", "End-to-end (decode + preprocess + model), JPEG folder:", ""]
+        lines += ["| implementation | images | img/s | vs timm |", "|---|---:|---:|---:|"]
+        for row in report["end_to_end"]:
+            lines.append(
+                f"| {row['name']} | {row['images']} | {row['images_per_s']:.1f} "
+                f"| {row['ratio_to_timm']:.2f}x |"
+            )
+    lines.append("")
+    lines.append(
+        "FLOPs: analytic count of the convolutions and matmuls (2 x MACs; "
+        + ", ".join(f"{v}: {macs(v, cfg['resolution']) / 1e9:.2f} GMACs" for v in cfg["variants"])
+        + "). Load: 1-minute load average before each round."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--variant", default="convnext_atto", help="comma-separated timm names")
+    p.add_argument("--backend", default="all", help="jax, tensorflow, torch, all or a list")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--resolution", type=int, default=224)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--warmup", type=int, default=2, help="untimed passes per worker")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds")
+    p.add_argument("--iterations", type=int, default=3, help="timed passes per round and side")
+    p.add_argument("--pause", type=float, default=0.5, help="seconds between rounds")
+    p.add_argument(
+        "--call",
+        choices=("predict_on_batch", "call"),
+        default="predict_on_batch",
+        help="Keras inference path: model.predict_on_batch(x) or model(x, training=False)",
+    )
+    p.add_argument("--quick", action="store_true", help="tiny batch and few passes (CI smoke)")
+    p.add_argument("--output", default=None, help="output path without extension")
+    p.add_argument("--images", default=None, help="end-to-end mode: a folder of JPEGs")
+    p.add_argument("--source", default=None, help="end-to-end mode: checkpoint for Embedder")
+    p.add_argument("--verbose", action="store_true", help="show the workers' stderr")
+    p.add_argument("--skip-model", action="store_true", help="only the end-to-end mode")
+    p.add_argument("--worker", choices=(*WORKERS, "checkpoint"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        args.side = args.worker
+        return worker_main(args)
+
+    if args.quick:
+        args.batch_size, args.resolution = min(args.batch_size, 2), min(args.resolution, 64)
+        args.warmup, args.rounds, args.iterations, args.pause = 1, 1, 2, 0.0
+    variants = [v.strip() for v in args.variant.split(",") if v.strip()]
+    for v in variants:
+        parse_variant(v)
+    if args.backend == "all":
+        backends = list(BACKENDS)
+    else:
+        backends = [b.strip() for b in args.backend.split(",")]
+        bad = [b for b in backends if b not in BACKENDS]
+        if bad:
+            p.error(f"unknown backend(s) {bad}; choose from {BACKENDS} or all")
+
+    report = {
+        "created": _dt.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine_description(args.device),
+        "config": {
+            "variants": variants,
+            "backends": backends,
+            "batch_size": args.batch_size,
+            "resolution": args.resolution,
+            "dtype": args.dtype,
+            "device": args.device,
+            "warmup": args.warmup,
+            "rounds": args.rounds,
+            "iterations": args.iterations,
+            "call": args.call,
+            "quick": args.quick,
+            "flops": "analytic: 2 x MACs of convolutions and matmuls (benchmark.macs)",
+        },
+        "results": [],
+    }
+    for variant in [] if args.skip_model else variants:
+        rows = bench_variant(variant, backends, args)
+        for row in rows:
+            print(
+                f"{variant:16s} {row['name']:17s} {row['images_per_s']:8.2f} img/s "
+                f"{row['ratio_to_timm']:5.2f}x timm  {row['gflops_per_s']:7.1f} GFLOP/s  "
+                f"rss {row['peak_rss_mb']:6.0f} MB  load {row['load_1min']}",
+                flush=True,
+            )
+        report["results"].extend(rows)
+    if args.images:
+        report["end_to_end"] = bench_end_to_end(variants[0], backends, args)
+        for row in report["end_to_end"]:
+            print(
+                f"end-to-end {row['name']:28s} {row['images_per_s']:8.2f} img/s "
+                f"{row['ratio_to_timm']:5.2f}x timm ({row['images']} images)"
+            )
+
+    output = args.output
+    if output is None:
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        name = f"{'+'.join(variants)}_b{args.batch_size}_r{args.resolution}_{args.dtype}"
+        output = os.path.join(HERE, "results", f"{name}_{args.device}_{stamp}")
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output + ".json", "w") as f:
+        json.dump(report, f, indent=2)
+    with open(output + ".md", "w") as f:
+        f.write(render_markdown(report))
+    print(f"wrote {output}.json and {output}.md")
+    return report
+
+
+if __name__ == "__main__":
+    main()
