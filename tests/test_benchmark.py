@@ -83,6 +83,9 @@ def test_quick_benchmark_writes_table(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    BACKEND != "tensorflow", reason="end-to-end smoke run once per CI run (tensorflow session)"
+)
 def test_quick_end_to_end(tmp_path):
     pytest.importorskip("embedding.embedder")
     from PIL import Image
