@@ -527,6 +527,28 @@ def export_timm(model: keras.Model, path, *, conv_mlp: bool | None = None) -> st
     return os.fspath(path)
 
 
+def randomize_timm_parameters(model, seed: int = 0):
+    """Set every parameter of a timm (torch) model to random values, in place; returns it
+    in eval mode. For checking a conversion: timm initialises layer scale to 1e-6 and
+    GRN to zero, which makes almost every block an identity and hides it from any
+    comparison. Norm weights go to 1 +- 0.2, other 1-D parameters (biases, layer
+    scale, GRN) to +-0.2, weights to N(0, 1/fan_in) so activations keep a sane scale.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if param.ndim == 1 and "norm" in name and name.endswith("weight"):
+                param.copy_(1.0 + 0.2 * noise)
+            elif param.ndim == 1:
+                param.copy_(0.2 * noise)
+            else:
+                param.copy_(noise / param[0].numel() ** 0.5)
+    return model.eval()
+
+
 # ----------------------------------------------------------------------------
 # Reading safetensors (validating, memory-mapped)
 # ----------------------------------------------------------------------------

@@ -72,27 +72,6 @@ def similarity_table(names, vectors) -> str:
     return "\n".join(lines)
 
 
-def randomize_(model, seed=0):
-    """Random values for every timm parameter (norms near 1), as the tests do.
-
-    timm's own init makes layer scale 1e-6 and GRN zero (blocks ~ identity),
-    which would make the Keras-vs-timm check nearly vacuous.
-    """
-    import torch
-
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if param.ndim == 1 and "norm" in name and name.endswith("weight"):
-                param.copy_(1.0 + 0.2 * noise)
-            elif param.ndim == 1:
-                param.copy_(0.2 * noise)
-            else:
-                param.copy_(noise / param[0].numel() ** 0.5)
-    return model.eval()
-
-
 def _pretrained(source, offline):
     """An Embedder for `source`, or None (with the reason printed) if unavailable."""
     from embedding.embedder import Embedder
@@ -147,8 +126,12 @@ def _random_weights_demo(torch, images):
     from PIL import Image
     from timm.data import create_transform, resolve_data_config
 
+    import weights_convert
+
     # 1. parity: every parameter random (timm's own init leaves blocks ~identity)
-    timm_model = randomize_(timm.create_model(RANDOM_ARCH, pretrained=False), seed=0)
+    timm_model = weights_convert.randomize_timm_parameters(
+        timm.create_model(RANDOM_ARCH, pretrained=False), seed=0
+    )
     embedder = _port(timm_model, len(images))
     print(
         f"1. Built timm {RANDOM_ARCH} with every weight RANDOM, ported it to Keras "

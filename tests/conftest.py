@@ -14,33 +14,14 @@ import numpy as np
 import pytest
 from safetensors.torch import save_file
 
+from weights_convert import randomize_timm_parameters
+
 BACKEND = keras.backend.backend()
-
-
-def randomize_timm_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Set every parameter of a timm model to random values, in place.
-
-    timm initialises layer scale to 1e-6 and GRN to zero, which would make
-    almost every block an identity and hide it from a comparison. Norm weights
-    go to 1 +- 0.2, other 1-D parameters (biases, layer scale, GRN) to +-0.2,
-    weights to N(0, 1/fan_in) so activations keep a sane scale.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if param.ndim == 1 and "norm" in name and name.endswith("weight"):
-                param.copy_(1.0 + 0.2 * noise)
-            elif param.ndim == 1:
-                param.copy_(0.2 * noise)
-            else:
-                param.copy_(noise / param[0].numel() ** 0.5)
-    return model.eval()
 
 
 def random_timm_model(arch: str, seed: int = 0, **kwargs) -> torch.nn.Module:
     """`timm.create_model(arch)` (no download) with every parameter randomised."""
-    return randomize_timm_(timm.create_model(arch, pretrained=False, **kwargs), seed)
+    return randomize_timm_parameters(timm.create_model(arch, pretrained=False, **kwargs), seed)
 
 
 def timm_state_numpy(model: torch.nn.Module) -> dict:
