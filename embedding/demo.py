@@ -156,6 +156,7 @@ def _random_weights_demo(torch, images):
     print()
 
     # 2. similarities from an untrained network (timm's default random init)
+    torch.manual_seed(0)  # timm's default init, but the same matrix on every run
     untrained = timm.create_model(RANDOM_ARCH, pretrained=False).eval()
     embedder = _port(untrained, len(images))
     vectors = embedder.embed([image for _, image in images])
