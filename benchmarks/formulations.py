@@ -27,21 +27,14 @@ import keras
 import numpy as np
 from keras import ops
 
+from convnext_layers import _depthwise_shifted_sum
+
 BACKEND = keras.backend.backend()
 
 
 def shifted_sum(x, kernel, bias):
-    """49 shifted multiply-adds in keras.ops: out = sum_ij pad(x)[i:i+H, j:j+W] * k[i, j]."""
-    k = kernel.shape[0]
-    p = k // 2
-    h, w = x.shape[1], x.shape[2]
-    xp = ops.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-    out = None
-    for i in range(k):
-        for j in range(k):
-            term = xp[:, i : i + h, j : j + w, :] * kernel[i, j, :, 0]
-            out = term if out is None else out + term
-    return out + bias
+    """49 shifted multiply-adds in keras.ops (the models' JAX path)."""
+    return _depthwise_shifted_sum(x, kernel, bias)
 
 
 def keras_depthwise(x, kernel, bias):
