@@ -651,11 +651,29 @@ def _local_hint(source):
     )
 
 
-def _hub_download(repo_id, revision, filename, required):
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers a TCP connect (False under HF_HUB_OFFLINE).
+
+    Asked once before a download, so that with no network the Hub cache is
+    used at once instead of after huggingface_hub's ~20 s of retries.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE:
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hub_download(repo_id, revision, filename, required, offline):
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
     try:
         return hf_hub_download(
             repo_id,
@@ -669,8 +687,11 @@ def _hub_download(repo_id, revision, filename, required):
         if not required and offline:
             return None
         cache = _hub_cache_dir() or "the default Hugging Face cache"
+        env_offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
         why = (
             "HF_HUB_OFFLINE is set and it is not in the cache"
+            if env_offline
+            else "the Hub is unreachable (no network) and it is not in the cache"
             if offline
             else f"it could not be downloaded ({type(error).__name__}) and is not in the cache"
         )
@@ -729,8 +750,9 @@ def resolve_source(source) -> tuple[str, str | None, str | None]:
     repo_id = hub_repo_id(text)
     if repo_id is not None:
         revision = _HUB_ID.match(text)[2]
-        weights = _hub_download(repo_id, revision, "model.safetensors", required=True)
-        config = _hub_download(repo_id, revision, "config.json", required=False)
+        offline = not hub_reachable()
+        weights = _hub_download(repo_id, revision, "model.safetensors", True, offline)
+        config = _hub_download(repo_id, revision, "config.json", False, offline)
         return weights, config, repo_id
     raise CheckpointNotFoundError(
         f"{text!r} is neither an existing file / folder nor a Hub id like {DEFAULT_MODEL!r}."

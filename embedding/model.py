@@ -15,7 +15,6 @@ Converted models are cached on disk as `.keras` files (see `ModelCache`).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -88,60 +87,16 @@ class GeneralizedMeanPooling(keras.layers.Layer):
 # ----------------------------------------------------------------------------
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face Hub answers a TCP connect (False in offline mode)."""
-    import socket
-    from urllib.parse import urlparse
-
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        return False
-    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-@contextlib.contextmanager
-def _hub_offline(enabled: bool):
-    """Put huggingface_hub in offline mode (cache only, no retries) for the block."""
-    if not enabled:
-        yield
-        return
-    from huggingface_hub import constants
-
-    saved = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = saved
-
-
 def load_checkpoint(source):
-    """`weights_convert.load_checkpoint`, with a quick, clear failure for unreachable Hub ids.
-
-    Without network the Hub cache is used as is (no 20 s of retries); with
-    neither network nor a cached copy a `ModelUnavailableError` says how to pass
-    a local checkpoint instead.
-    """
-    loader = weights_convert.load_checkpoint
-    source_str = os.fspath(source)
-    if weights_convert.hub_repo_id(source_str) is None:
-        if not os.path.exists(source_str):
-            raise FileNotFoundError(f"Checkpoint {source_str!r} does not exist.")
-        return loader(source)
-    online = hub_reachable()
+    """`weights_convert.load_checkpoint`, with the command line's advice when a Hub id
+    cannot be had (no network and no cached copy: a `ModelUnavailableError`)."""
     try:
-        with _hub_offline(not online):
-            return loader(source)
-    except Exception as error:  # network / cache errors come in many types
-        text = f"{type(error).__name__}: {error}".splitlines()[0]
-        reason = "no network and no cached copy" if not online else text
+        return weights_convert.load_checkpoint(source)
+    except weights_convert.CheckpointNotFoundError as error:
+        if weights_convert.hub_repo_id(source) is None:
+            raise  # a local path: FileNotFoundError naming it
         raise ModelUnavailableError(
-            f"Could not load {source_str!r} from the Hugging Face Hub ({reason}). "
-            "Pass a local checkpoint instead: --model path/to/folder (holding "
+            f"{error} On the command line: --model path/to/folder (holding "
             "model.safetensors + config.json, as on the Hub) or --model "
             "path/to/model.safetensors (Python: build_model(path) / Embedder(path))."
         ) from error

@@ -14,6 +14,7 @@ from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
 import embedding
+import weights_convert
 from embedding import (
     Embedder,
     GeneralizedMeanPooling,
@@ -252,7 +253,7 @@ def test_model_cache_skips_conversion(small_checkpoint, tmp_path, monkeypatch):
 
 
 def test_hub_source_without_network_fails_clearly(monkeypatch, tmp_path):
-    monkeypatch.setattr(model_module, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(weights_convert, "hub_reachable", lambda timeout=3.0: False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # empty Hub cache
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     import huggingface_hub.constants as hub_constants
