@@ -575,19 +575,23 @@ def test_command_line_in_process(tmp_path, timm_atto_checkpoint, capsys):
     ]
 
 
+def run_python(args):
+    """`python ARGS` in a fresh process on this backend, from the repository root."""
+    return subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, KERAS_BACKEND=keras.backend.backend()),
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(wc.__file__))),
+        timeout=300,
+    )
+
+
 @pytest.mark.slow
 def test_command_line_subprocess_with_progress_bar(tmp_path, timm_atto_checkpoint):
     folder, _ = timm_atto_checkpoint
     out = tmp_path / "atto.keras"
-    env = dict(os.environ, KERAS_BACKEND=keras.backend.backend())
-    result = subprocess.run(
-        [sys.executable, "-m", "weights_convert", folder, "-o", str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(wc.__file__))),
-        timeout=300,
-    )
+    result = run_python(["-m", "weights_convert", folder, "-o", str(out)])
     assert result.returncode == 0, result.stderr
     assert "porting" in result.stderr  # tqdm bar
     assert result.stdout.startswith("convnext_atto: 3,695,520 parameters")
@@ -613,15 +617,7 @@ def test_peak_memory_is_bounded(tmp_path):
         "wc.load_timm(sys.argv[1], verbose=False)\n"
         "done.append(1); t.join(); print(max(peak[0], rss()) - base)\n"
     )
-    env = dict(os.environ, KERAS_BACKEND=keras.backend.backend())
-    result = subprocess.run(
-        [sys.executable, "-c", script, folder],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(wc.__file__))),
-        timeout=300,
-    )
+    result = run_python(["-c", script, folder])
     assert result.returncode == 0, result.stderr
     growth = int(result.stdout.split()[-1])
     model_bytes = checkpoint  # fp32 checkpoint == fp32 weights
