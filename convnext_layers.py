@@ -152,6 +152,38 @@ def _depthwise_torch(x, kernel, bias):
 
 
 @keras.saving.register_keras_serializable(package="convnext")
+class DownsampleConv(keras.layers.Conv2D):
+    """The stem's and the downsampling layers' convolution: `keras.layers.Conv2D`
+    (same weights, config and numbers), (B, H, W, Cin) -> (B, H', W', Cout).
+
+    On torch, keras' Conv2D copies a channels_last input into a contiguous NCHW
+    tensor and the result back (measured on convnext_atto, batch 32: 5 such
+    copies, 7% of the forward pass). With "valid" padding -- always, at the
+    standard strides -- this calls F.conv2d on the permuted views instead, as
+    `DepthwiseConv` does, and oneDNN works on channels_last memory directly.
+    """
+
+    def call(self, inputs):
+        if not (
+            keras.backend.backend() == "torch"
+            and self.data_format == "channels_last"
+            and self.padding == "valid"
+            and self.groups == 1
+            and tuple(self.dilation_rate) == (1, 1)
+        ):
+            return super().call(inputs)
+        import torch.nn.functional as F
+
+        kernel = ops.cast(self.kernel, inputs.dtype).permute(3, 2, 0, 1)  # (k,k,I,O) -> (O,I,k,k)
+        bias = ops.cast(self.bias, inputs.dtype) if self.use_bias else None
+        outputs = F.conv2d(inputs.permute(0, 3, 1, 2), kernel, bias, stride=self.strides)
+        outputs = outputs.permute(0, 2, 3, 1)
+        if self.activation is not None:
+            outputs = self.activation(outputs)
+        return outputs
+
+
+@keras.saving.register_keras_serializable(package="convnext")
 class LayerScale(keras.layers.Layer):
     """Per-channel learnable scale `x * gamma` that ends a ConvNeXt V1 block.
 
@@ -230,14 +262,28 @@ class GlobalResponseNorm(keras.layers.Layer):
 
     def call(self, x):
         x32 = ops.cast(x, "float32")
+        # (torch.linalg.vector_norm measured slower in the model than this:
+        # 95 vs 67 ms per convnextv2_atto pass, batch 32)
         gx = ops.sqrt(ops.sum(ops.square(x32), axis=(1, 2), keepdims=True))
         nx = gx / (ops.mean(gx, axis=-1, keepdims=True) + self.epsilon)
-        weight = ops.cast(self.weight, "float32")
-        bias = ops.cast(self.bias, "float32")
-        return ops.cast(x32 + bias + weight * (x32 * nx), x.dtype)
+        # x + bias + weight * (x * Nx) == x * (1 + weight * Nx) + bias: the
+        # per-(sample, channel) factor is tiny, so the big tensor is read once
+        # and written once (on torch eager, GRN's mul/add/pow passes were 45%
+        # of convnextv2_atto's time; this form is one addcmul there).
+        scale = 1.0 + ops.cast(self.weight, "float32") * nx
+        return ops.cast(_multiply_add(x32, scale, ops.cast(self.bias, "float32")), x.dtype)
 
     def get_config(self):
         return {**super().get_config(), "epsilon": self.epsilon}
+
+
+def _multiply_add(x, scale, bias):
+    """x * scale + bias with broadcasting, in one pass on torch (addcmul)."""
+    if keras.backend.backend() == "torch":
+        import torch
+
+        return torch.addcmul(bias, x, scale)
+    return x * scale + bias
 
 
 def layer_norm(name):
@@ -256,7 +302,18 @@ def layer_norm(name):
 #   Dense torch: matmul then add (keras' Dense) 558-637, F.linear 386-408 (one
 #              addmm, the bias is added inside the GEMM instead of another pass
 #              over the output); (100352, 160) @ (160, 640).
-#              jax/tf: XLA / grappler already fuse the bias add; keras' call.
+#              jax: XLA already fuses the bias add; keras' call.
+#   Dense + GELU, torch on CPU, inference: F.linear then F.gelu 46.2,
+#              oneDNN's fused linear + bias + GELU (mkldnn._linear_pointwise)
+#              24.9; (100352, 40) @ (40, 160). addmm first copies the broadcast
+#              bias into its output -- a whole extra pass; oneDNN adds bias and
+#              GELU while the GEMM result is still in cache. Whole convnext_atto:
+#              aten::gelu and addmm's bias copies were 42% of keras-torch's time.
+#   Dense + GELU, tensorflow, inside tf.function: keras' Dense (tensordot on
+#              the 4-D input, then add, then the erf formula) 46.9, a 2-D
+#              matmul -> bias_add -> the same formula 26.7 (grappler fuses it
+#              into one oneDNN _FusedMatMul); same (100352, 40) @ (40, 160).
+#              Whole convnext_atto: 0.90x -> 1.20x timm.
 _SQRT_HALF = 0.7071067811865476
 
 
@@ -268,25 +325,73 @@ def _exact_gelu(x):
     return 0.5 * x * (1.0 + ops.erf(x * _SQRT_HALF))
 
 
+def _onednn_linear_usable(x, weight):
+    """Whether torch's oneDNN fused linear can replace F.linear for `x`: CPU,
+    float32/bfloat16, and no gradient wanted (the op has no autograd formula)."""
+    import torch
+
+    if not (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return False
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
 @keras.saving.register_keras_serializable(package="convnext")
 class _PointwiseDense(keras.layers.Dense):
-    """`keras.layers.Dense` (same weights, config and numbers) whose plain float
-    call runs as one `torch.nn.functional.linear` on the torch backend."""
+    """`keras.layers.Dense` (same weights, config and numbers), (..., in) -> (..., out),
+    whose plain float call is laid out so each backend runs it as one fused op:
+
+    - torch: oneDNN's linear with bias (and the exact GELU when that is the
+      activation) for CPU inference, else `torch.nn.functional.linear`;
+    - tensorflow: a 2-D MatMul -> BiasAdd -> activation chain, which TensorFlow's
+      graph optimizer rewrites into one oneDNN matmul with bias and GELU fused
+      (keras' tensordot on the 4-D input leaves reshapes in between, so the bias
+      add and the GELU stay separate passes);
+    - jax: keras' call (XLA fuses the bias add itself).
+    """
 
     def call(self, inputs, training=None):
-        if keras.backend.backend() != "torch" or self.lora_enabled:
+        backend = keras.backend.backend()
+        if self.lora_enabled or backend not in ("torch", "tensorflow"):
             return super().call(inputs, training=training)
-        import torch.nn.functional as F
-
         kernel = ops.cast(self.kernel, inputs.dtype)
         bias = None if self.bias is None else ops.cast(self.bias, inputs.dtype)
+        if backend == "torch":
+            return self._torch_call(inputs, kernel, bias)
+        return self._tensorflow_call(inputs, kernel, bias)
+
+    def _torch_call(self, inputs, kernel, bias):
+        import torch
+        import torch.nn.functional as F
+
         # kernel (in, out) -> weight (out, in): a transposed view, no copy. (A 1x1
         # conv2d on the channels_last view measured the same, plus a weight
         # transpose copy per call.)
-        x = F.linear(inputs, kernel.t(), bias)
+        weight = kernel.t()
+        activation = self.activation
+        if _onednn_linear_usable(inputs, weight):
+            fused = "gelu" if activation is _exact_gelu else "none"
+            algorithm = "none" if fused == "gelu" else ""  # "none": erf, not tanh
+            x = torch.ops.mkldnn._linear_pointwise(inputs, weight, bias, fused, [], algorithm)
+            if fused == "gelu":
+                activation = None
+        else:
+            x = F.linear(inputs, weight, bias)
+        return x if activation is None else activation(x)
+
+    def _tensorflow_call(self, inputs, kernel, bias):
+        import tensorflow as tf
+
+        units = kernel.shape[1]
+        x = tf.matmul(tf.reshape(inputs, (-1, kernel.shape[0])), kernel)
+        if bias is not None:
+            x = tf.nn.bias_add(x, bias)
         if self.activation is not None:
             x = self.activation(x)
-        return x
+        outputs = tf.reshape(x, tf.concat([tf.shape(inputs)[:-1], [units]], axis=0))
+        outputs.set_shape(inputs.shape[:-1] + [units])
+        return outputs
 
 
 # ----------------------------------------------------------------------------
@@ -354,7 +459,7 @@ def plan_strides(height, width):
 
 def downsample_conv(filters, kernel, stride, name):
     padding = "valid" if stride == kernel else "same"
-    return keras.layers.Conv2D(filters, kernel, strides=stride, padding=padding, name=name)
+    return DownsampleConv(filters, kernel, strides=stride, padding=padding, name=name)
 
 
 def convnext_block(x, width, prefix, drop_path, layer_scale_init_value, use_grn):
@@ -366,8 +471,8 @@ def convnext_block(x, width, prefix, drop_path, layer_scale_init_value, use_grn)
     shortcut = x
     x = DepthwiseConv(7, name=f"{prefix}_dwconv")(x)
     x = layer_norm(f"{prefix}_norm")(x)
-    x = _PointwiseDense(4 * width, name=f"{prefix}_pwconv1")(x)
-    x = keras.layers.Activation(_exact_gelu, name=f"{prefix}_gelu")(x)  # exact erf GELU
+    # exact erf GELU, as the Dense's activation so torch can fuse the two
+    x = _PointwiseDense(4 * width, activation=_exact_gelu, name=f"{prefix}_pwconv1")(x)
     if use_grn:
         x = GlobalResponseNorm(name=f"{prefix}_grn")(x)
     x = _PointwiseDense(width, name=f"{prefix}_pwconv2")(x)

@@ -54,6 +54,16 @@ def _jsonable(value):
         return False
 
 
+def keras_inference(model, images) -> dict:
+    """`model`'s outputs for NHWC `images` along both inference paths, which can
+    run different kernels: the eager call (gradients enabled) and
+    `predict_on_batch` (compiled/graph, no gradients: the fused fast paths)."""
+    return {
+        "call": keras.ops.convert_to_numpy(model(images)),
+        "predict_on_batch": np.asarray(model.predict_on_batch(images)),
+    }
+
+
 def nchw_to_nhwc(x):
     return np.transpose(x, (0, 2, 3, 1))
 

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 import torch
-from conftest import nchw_to_nhwc, random_timm_model, timm_state_numpy
+from conftest import keras_inference, nchw_to_nhwc, random_timm_model, timm_state_numpy
 
 from convnext_v1 import VARIANTS, create_convnext_v1
 from weights_convert import port_state_dict
@@ -36,19 +36,20 @@ def compare_with_timm(variant, size, batch=2, seed=0):
     images = np.random.default_rng(seed).standard_normal((batch, 3, size, size), dtype=np.float32)
     with torch.no_grad():
         expected = timm_model(torch.from_numpy(images)).numpy()
-    logits = keras.ops.convert_to_numpy(model(nchw_to_nhwc(images)))
-    return logits, expected
+    return keras_inference(model, nchw_to_nhwc(images)), expected
 
 
 def test_atto_logits_match_timm_at_224():
-    logits, expected = compare_with_timm("atto", 224)
-    np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
-    assert (logits.argmax(-1) == expected.argmax(-1)).all()
+    outputs, expected = compare_with_timm("atto", 224)
+    for path, logits in outputs.items():
+        np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0, err_msg=path)
+        assert (logits.argmax(-1) == expected.argmax(-1)).all(), path
 
 
 def test_tiny_logits_match_timm_on_small_input():
-    logits, expected = compare_with_timm("tiny", 64)
-    np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
+    outputs, expected = compare_with_timm("tiny", 64)
+    for path, logits in outputs.items():
+        np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0, err_msg=path)
 
 
 def test_layer_scale_init_and_none():

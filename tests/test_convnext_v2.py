@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 import torch
-from conftest import nchw_to_nhwc, random_timm_model, timm_state_numpy
+from conftest import keras_inference, nchw_to_nhwc, random_timm_model, timm_state_numpy
 from test_convnext_v1 import timm_parameter_count
 
 from convnext_layers import GlobalResponseNorm
@@ -56,6 +56,6 @@ def test_logits_match_timm(variant, size):
     images = np.random.default_rng(3).standard_normal((2, 3, size, size), dtype=np.float32)
     with torch.no_grad():
         expected = timm_model(torch.from_numpy(images)).numpy()
-    logits = keras.ops.convert_to_numpy(model(nchw_to_nhwc(images)))
-    np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
-    assert (logits.argmax(-1) == expected.argmax(-1)).all()
+    for path, logits in keras_inference(model, nchw_to_nhwc(images)).items():
+        np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0, err_msg=path)
+        assert (logits.argmax(-1) == expected.argmax(-1)).all(), path
