@@ -5,9 +5,17 @@ import keras
 import numpy as np
 import pytest
 import torch
-from conftest import nchw_to_nhwc, random_timm_model, timm_state_numpy
+from conftest import keras_inference, nchw_to_nhwc, random_timm_model, timm_state_numpy
 
-from convnext_layers import StochasticDepth, count_macs, final_feature_size, plan_strides
+from convnext_layers import (
+    DownsampleConv,
+    StochasticDepth,
+    _exact_gelu,
+    _PointwiseDense,
+    count_macs,
+    final_feature_size,
+    plan_strides,
+)
 from convnext_v1 import create_convnext_v1
 from convnext_v2 import create_convnext_v2
 from weights_convert import port_state_dict
@@ -205,3 +213,44 @@ def test_input_tensor_and_name(family):
     assert model.name == "backbone"
     assert model.inputs[0] is inputs
     assert model.output_shape == (None, 2, 2, 320)  # 40 < 64: stem stride 2
+
+
+def _single_layer_model(layer, shape):
+    inputs = keras.Input(shape=shape)
+    return keras.Model(inputs, layer(inputs))
+
+
+@pytest.mark.parametrize("activation", [_exact_gelu, None])
+def test_pointwise_dense_fast_paths_equal_keras_dense(rng, activation):
+    # the per-backend fused calls (oneDNN linear+GELU on torch, MatMul+BiasAdd+GELU
+    # on tensorflow) against keras' own Dense + exact GELU, on both inference paths
+    shape = (5, 6, 24)
+    ours = _single_layer_model(_PointwiseDense(40, activation=activation), shape)
+    exact_gelu = lambda x: keras.activations.gelu(x, approximate=False)  # noqa: E731
+    reference = keras.layers.Dense(40, activation=None if activation is None else exact_gelu)
+    reference = _single_layer_model(reference, shape)
+    weights = [rng.standard_normal(w.shape).astype("float32") for w in ours.get_weights()]
+    ours.set_weights(weights)
+    reference.set_weights(weights)
+    x = rng.standard_normal((3, *shape)).astype("float32")
+    expected = keras_inference(reference, x)["call"]
+    for path, out in keras_inference(ours, x).items():
+        np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5, err_msg=path)
+
+
+@pytest.mark.parametrize(
+    "kernel,stride,padding", [(4, 4, "valid"), (2, 2, "valid"), (4, 2, "same")]
+)
+def test_downsample_conv_equals_keras_conv2d(rng, kernel, stride, padding):
+    # the channels_last-view torch call (valid) and the fallback (same) alike
+    shape = (18, 14, 6)
+    arguments = dict(filters=10, kernel_size=kernel, strides=stride, padding=padding)
+    ours = _single_layer_model(DownsampleConv(**arguments), shape)
+    reference = _single_layer_model(keras.layers.Conv2D(**arguments), shape)
+    weights = [rng.standard_normal(w.shape).astype("float32") for w in ours.get_weights()]
+    ours.set_weights(weights)
+    reference.set_weights(weights)
+    x = rng.standard_normal((2, *shape)).astype("float32")
+    expected = keras_inference(reference, x)["call"]
+    for path, out in keras_inference(ours, x).items():
+        np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5, err_msg=path)
