@@ -471,7 +471,7 @@ def convnext_block(x, width, prefix, drop_path, layer_scale_init_value, use_grn)
     shortcut = x
     x = DepthwiseConv(7, name=f"{prefix}_dwconv")(x)
     x = layer_norm(f"{prefix}_norm")(x)
-    # exact erf GELU, as the Dense's activation so torch can fuse the two
+    # exact erf GELU as the Dense's activation, so torch and TensorFlow can fuse the two
     x = _PointwiseDense(4 * width, activation=_exact_gelu, name=f"{prefix}_pwconv1")(x)
     if use_grn:
         x = GlobalResponseNorm(name=f"{prefix}_grn")(x)
