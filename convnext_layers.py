@@ -140,14 +140,20 @@ def _depthwise_shifted_sum(x, kernel, bias):
 
 def _depthwise_torch(x, kernel, bias):
     """'same' stride-1 depthwise conv with torch's native kernel, NHWC in and out."""
-    import torch.nn.functional as F
-
     k, channels = kernel.shape[0], kernel.shape[2]
     weight = kernel.permute(2, 3, 0, 1)  # (k, k, C, 1) -> (C, 1, k, k)
+    return _torch_conv2d_nhwc(x, weight, bias, padding=k // 2, groups=channels)
+
+
+def _torch_conv2d_nhwc(x, weight, bias, **conv_arguments):
+    """torch's conv2d on an NHWC tensor without layout copies: (B, H, W, C) in,
+    (B, H', W', O) out; `weight` in torch's (O, C / groups, kh, kw) layout."""
+    import torch.nn.functional as F
+
     # x.permute(0, 3, 1, 2) of a contiguous NHWC tensor is a channels_last NCHW
     # view (no copy); conv2d keeps that memory format, so permuting back is
     # again a view of a contiguous NHWC result.
-    y = F.conv2d(x.permute(0, 3, 1, 2), weight, bias, padding=k // 2, groups=channels)
+    y = F.conv2d(x.permute(0, 3, 1, 2), weight, bias, **conv_arguments)
     return y.permute(0, 2, 3, 1)
 
 
@@ -172,12 +178,9 @@ class DownsampleConv(keras.layers.Conv2D):
             and tuple(self.dilation_rate) == (1, 1)
         ):
             return super().call(inputs)
-        import torch.nn.functional as F
-
         kernel = ops.cast(self.kernel, inputs.dtype).permute(3, 2, 0, 1)  # (k,k,I,O) -> (O,I,k,k)
         bias = ops.cast(self.bias, inputs.dtype) if self.use_bias else None
-        outputs = F.conv2d(inputs.permute(0, 3, 1, 2), kernel, bias, stride=self.strides)
-        outputs = outputs.permute(0, 2, 3, 1)
+        outputs = _torch_conv2d_nhwc(inputs, kernel, bias, stride=self.strides)
         if self.activation is not None:
             outputs = self.activation(outputs)
         return outputs

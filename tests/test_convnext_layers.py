@@ -215,27 +215,34 @@ def test_input_tensor_and_name(family):
     assert model.output_shape == (None, 2, 2, 320)  # 40 < 64: stem stride 2
 
 
-def _single_layer_model(layer, shape):
+def assert_layer_matches_reference(ours, reference, rng, shape, batch=2):
+    """`ours` and `reference` (layers with the same weight shapes), given the
+    same random weights, agree on random inputs on both inference paths."""
     inputs = keras.Input(shape=shape)
-    return keras.Model(inputs, layer(inputs))
+    ours = keras.Model(inputs, ours(inputs))
+    inputs = keras.Input(shape=shape)
+    reference = keras.Model(inputs, reference(inputs))
+    weights = [rng.standard_normal(w.shape).astype("float32") for w in ours.get_weights()]
+    ours.set_weights(weights)
+    reference.set_weights(weights)
+    x = rng.standard_normal((batch, *shape)).astype("float32")
+    expected = keras_inference(reference, x)["call"]
+    for path, out in keras_inference(ours, x).items():
+        np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5, err_msg=path)
 
 
 @pytest.mark.parametrize("activation", [_exact_gelu, None])
 def test_pointwise_dense_fast_paths_equal_keras_dense(rng, activation):
     # the per-backend fused calls (oneDNN linear+GELU on torch, MatMul+BiasAdd+GELU
     # on tensorflow) against keras' own Dense + exact GELU, on both inference paths
-    shape = (5, 6, 24)
-    ours = _single_layer_model(_PointwiseDense(40, activation=activation), shape)
     exact_gelu = lambda x: keras.activations.gelu(x, approximate=False)  # noqa: E731
-    reference = keras.layers.Dense(40, activation=None if activation is None else exact_gelu)
-    reference = _single_layer_model(reference, shape)
-    weights = [rng.standard_normal(w.shape).astype("float32") for w in ours.get_weights()]
-    ours.set_weights(weights)
-    reference.set_weights(weights)
-    x = rng.standard_normal((3, *shape)).astype("float32")
-    expected = keras_inference(reference, x)["call"]
-    for path, out in keras_inference(ours, x).items():
-        np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5, err_msg=path)
+    assert_layer_matches_reference(
+        _PointwiseDense(40, activation=activation),
+        keras.layers.Dense(40, activation=None if activation is None else exact_gelu),
+        rng,
+        shape=(5, 6, 24),
+        batch=3,
+    )
 
 
 @pytest.mark.parametrize(
@@ -243,14 +250,7 @@ def test_pointwise_dense_fast_paths_equal_keras_dense(rng, activation):
 )
 def test_downsample_conv_equals_keras_conv2d(rng, kernel, stride, padding):
     # the channels_last-view torch call (valid) and the fallback (same) alike
-    shape = (18, 14, 6)
     arguments = dict(filters=10, kernel_size=kernel, strides=stride, padding=padding)
-    ours = _single_layer_model(DownsampleConv(**arguments), shape)
-    reference = _single_layer_model(keras.layers.Conv2D(**arguments), shape)
-    weights = [rng.standard_normal(w.shape).astype("float32") for w in ours.get_weights()]
-    ours.set_weights(weights)
-    reference.set_weights(weights)
-    x = rng.standard_normal((2, *shape)).astype("float32")
-    expected = keras_inference(reference, x)["call"]
-    for path, out in keras_inference(ours, x).items():
-        np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5, err_msg=path)
+    assert_layer_matches_reference(
+        DownsampleConv(**arguments), keras.layers.Conv2D(**arguments), rng, shape=(18, 14, 6)
+    )
