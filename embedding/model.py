@@ -1,14 +1,15 @@
-"""Embedding models: a ConvNeXt backbone + pooling (+ head LayerNorm) (+ L2), no classifier.
+"""Embedding models: a `ConvNeXt` whose head ends at timm's pre-logits features,
+L2-normalised; no classifier.
 
-    model = build_model("timm/convnext_atto.d2_in1k")   # (None, 224, 224, 3) -> (None, 320)
+    model = build_model("timm/convnext_atto.d2_in1k")   # (None, None, None, 3) -> (None, 320)
     e = compute_embedding(model, x)   # (H, W, 3) -> (1, D); (N, H, W, 3) -> (N, D)
 
 With the defaults (`pooling="avg"`, `head_norm=True`, `normalize=True`) the
 output is timm's pre-logits feature, `forward_head(forward_features(x),
-pre_logits=True)` (global average pool, then the head LayerNorm), L2-normalised.
-The head LayerNorm is named `head_norm`, so the converter gives it timm's
-`head.norm` weights; the classifier (`head.fc`) is not built and its weights
-are dropped.
+pre_logits=True)` (global average pool, then the head norm, then for
+convnext_large_mlp the head's Dense + GELU), L2-normalised: an ordinary
+`ConvNeXt(..., num_classes=0, normalize=True)`, so it saves and loads like any
+other and knows its preprocessing (`model.pretrained_cfg`).
 
 Converted models are cached on disk as `.keras` files (see `ModelCache`).
 """
@@ -23,63 +24,25 @@ import warnings
 
 import keras
 import numpy as np
-from keras import ops
 
 import weights_convert
-from convnext_layers import LAYER_NORM_EPSILON
+from convnext_layers import POOLINGS, ConvNeXt, GeneralizedMeanPooling
 from embedding.errors import ModelUnavailableError
 
+__all__ = [
+    "DEFAULT_MODEL",
+    "GeneralizedMeanPooling",
+    "ModelCache",
+    "ModelUnavailableError",
+    "build_model",
+    "compute_embedding",
+    "embedding_dim",
+    "embedding_model_from_state",
+]
+
 DEFAULT_MODEL = weights_convert.DEFAULT_MODEL
-POOLINGS = ("avg", "max", "gem")
 CACHE_ENV = "KERAS_CONVNEXT_CACHE"
-CACHE_FORMAT = 1  # bump when the cached model layout changes
-
-
-# ----------------------------------------------------------------------------
-# GeM pooling
-# ----------------------------------------------------------------------------
-
-
-@keras.saving.register_keras_serializable(package="embedding")
-class GeneralizedMeanPooling(keras.layers.Layer):
-    """Generalised-mean (GeM) global pooling with a learnable exponent `p`.
-
-    (B, H, W, C) -> (B, C): `mean_{H,W}(max(x, eps) ** p) ** (1 / p)`. p = 1 is
-    average pooling of the positive part, p -> inf tends to max pooling. `p`
-    is a scalar weight (trainable unless `trainable_p=False`), clamped to at
-    least 1 in the forward pass. Computed in float32.
-    """
-
-    def __init__(self, p=3.0, eps=1e-6, trainable_p=True, **kwargs):
-        super().__init__(**kwargs)
-        self.init_p = float(p)
-        self.eps = float(eps)
-        self.trainable_p = bool(trainable_p)
-
-    def build(self, input_shape):
-        self.p = self.add_weight(
-            name="p",
-            shape=(),
-            initializer=keras.initializers.Constant(self.init_p),
-            trainable=self.trainable_p,
-        )
-
-    def call(self, x):
-        x32 = ops.maximum(ops.cast(x, "float32"), self.eps)
-        p = ops.maximum(ops.cast(self.p, "float32"), 1.0)
-        pooled = ops.mean(ops.power(x32, p), axis=(1, 2))
-        return ops.cast(ops.power(pooled, 1.0 / p), self.compute_dtype)
-
-    def compute_output_shape(self, input_shape):
-        return (input_shape[0], input_shape[-1])
-
-    def get_config(self):
-        return {
-            **super().get_config(),
-            "p": self.init_p,
-            "eps": self.eps,
-            "trainable_p": self.trainable_p,
-        }
+CACHE_FORMAT = 2  # bump when the cached model layout changes (2: ConvNeXt models)
 
 
 # ----------------------------------------------------------------------------
@@ -114,60 +77,60 @@ def _check_options(pooling, head_norm, normalize):
         raise TypeError("head_norm and normalize must be True or False.")
 
 
-def input_shape_from_cfg(pretrained_cfg) -> tuple[int, int, int]:
-    size = (pretrained_cfg or {}).get("input_size") or (3, 224, 224)
-    return (int(size[-2]), int(size[-1]), 3)
-
-
-def embedding_head(features, *, pooling="avg", head_norm=True, normalize=True, gem_p=3.0):
-    """Pool a (B, H, W, C) feature map to (B, C) [+ head LayerNorm] [+ L2 normalisation]."""
-    _check_options(pooling, head_norm, normalize)
-    if pooling == "avg":
-        x = keras.layers.GlobalAveragePooling2D(name="head_pool")(features)
-    elif pooling == "max":
-        x = keras.layers.GlobalMaxPooling2D(name="head_pool")(features)
-    else:
-        x = GeneralizedMeanPooling(p=gem_p, name="head_pool")(features)
-    if head_norm:
-        x = keras.layers.LayerNormalization(epsilon=LAYER_NORM_EPSILON, name="head_norm")(x)
-    if normalize:
-        x = keras.layers.UnitNormalization(axis=-1, name="embedding_l2")(x)
-    return x
-
-
 def embedding_model_from_state(
     state_dict,
-    config,
+    info,
     *,
     pooling="avg",
     head_norm=True,
     normalize=True,
     input_shape=None,
     gem_p=3.0,
-) -> keras.Model:
-    """Build the embedding model for `config` and port a timm `state_dict` into it."""
-    pretrained_cfg = dict(config.get("pretrained_cfg") or {})
-    if input_shape is None:
-        input_shape = input_shape_from_cfg(pretrained_cfg)
-    arch = config.get("architecture", "convnext")
+) -> ConvNeXt:
+    """The embedding `ConvNeXt` for a `weights_convert.load_checkpoint` (state_dict, info),
+    ported strictly (the classifier's tensors are left out)."""
+    _check_options(pooling, head_norm, normalize)
 
     def build():
-        backbone = weights_convert.keras_model_for(
-            config, include_top=False, pooling=None, input_shape=tuple(input_shape)
+        return weights_convert.keras_model_for(
+            info,
+            num_classes=0,
+            pooling=pooling,
+            head_norm=head_norm,
+            normalize=normalize,
+            input_shape=input_shape,
+            name=f"{info.get('architecture', 'convnext')}_embedding",
         )
-        outputs = embedding_head(
-            backbone.output, pooling=pooling, head_norm=head_norm, normalize=normalize, gem_p=gem_p
-        )
-        return keras.Model(backbone.input, outputs, name=f"{arch}_embedding")
 
-    # fcmae checkpoints have no head norm: like timm, it then stays at weight 1, bias 0
-    has_head_norm = any(k.startswith("head.norm.") for k in state_dict)
-    skipped = ("head.norm.",) if head_norm and not has_head_norm else ()
-    dropped = ("head.fc.",) if head_norm else ("head.fc.", "head.norm.")
-    state = {k: v for k, v in state_dict.items() if not k.startswith(dropped)}
-    model = weights_convert.build_ported(build, state, skip_prefixes=skipped)
-    weights_convert.annotate_model(model, config.get("architecture"), pretrained_cfg)
-    return model
+    return weights_convert.build_ported(build, state_dict)
+
+
+def as_embedding_model(model, *, pooling="avg", head_norm=True, gem_p=3.0):
+    """An embedding model from a saved or built one: a `ConvNeXt` that already ends in
+    L2-normalised vectors is used as it is (its head was trained that way); any other
+    `ConvNeXt` gets the embedding head (pre-logits, L2), keeping its weights; a model
+    from an older file must already end in a `UnitNormalization`."""
+    if isinstance(model, ConvNeXt):
+        if model.normalize and model.include_top:
+            return model
+        return model.with_head(
+            include_top=True,
+            num_classes=0,
+            pooling=pooling,
+            head_norm=head_norm,
+            normalize=True,
+            gem_p=gem_p,
+            output_stages=None,
+            name=f"{model.timm_architecture or model.name}_embedding",
+        )
+    last = model.layers[-1] if model.layers else None
+    if len(model.output_shape) == 2 and isinstance(last, keras.layers.UnitNormalization):
+        return model
+    raise ValueError(
+        f"{model.name!r} is not an embedding model (it does not end in L2-normalised vectors) "
+        "and is not a ConvNeXt model that could be given one; convert the checkpoint again "
+        "with this version."
+    )
 
 
 def embedding_dim(model: keras.Model) -> int:
@@ -207,8 +170,6 @@ def source_fingerprint(source) -> str | None:
                 for n in ("model.safetensors", "config.json")
                 if os.path.exists(os.path.join(path, n))
             ]
-        elif os.path.exists(os.path.join(os.path.dirname(path), "config.json")):
-            files.append(os.path.join(os.path.dirname(path), "config.json"))
         return json.dumps([path, [_file_stamp(f) for f in files]])
     try:
         from huggingface_hub import try_to_load_from_cache
@@ -226,8 +187,9 @@ class ModelCache:
     """Converted embedding models as `.keras` files, keyed by source, content and options.
 
     Directory: `cache_dir`, else `$KERAS_CONVNEXT_CACHE`, else
-    `~/.cache/keras-convnext`. Each entry is `<key>.keras` + `<key>.json`
-    (architecture, pretrained_cfg), both written atomically. A Hub id whose
+    `~/.cache/keras-convnext`. Each entry is `<key>.keras` (a `ConvNeXt`, which
+    knows its architecture and preprocessing) + `<key>.json` (the source and
+    options it was made from), both written atomically. A Hub id whose
     file is gone from the Hub cache still finds its entry through a per-source
     alias, so a converted model keeps working offline.
     """
@@ -267,13 +229,8 @@ class ModelCache:
         return key if ok else None
 
     def load(self, key) -> keras.Model:
-        with open(os.path.join(self.dir, key + ".json")) as f:
-            meta = json.load(f)
-        model = keras.saving.load_model(os.path.join(self.dir, key + ".keras"), compile=False)
-        weights_convert.annotate_model(
-            model, meta.get("architecture"), meta.get("pretrained_cfg") or {}
-        )
-        return model
+        # load_converted skips the random initialisation the saved weights replace
+        return weights_convert.load_converted(os.path.join(self.dir, key + ".keras"))
 
     def store(self, source, options, model) -> str | None:
         fingerprint = source_fingerprint(source)
@@ -284,23 +241,14 @@ class ModelCache:
             "source": os.fspath(source),
             "options": options,
             "architecture": model.timm_architecture,
-            "pretrained_cfg": model.pretrained_cfg,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        weights_convert.atomic_write(os.path.join(self.dir, key + ".keras"), model.save)
-
-        def write_meta(tmp):
-            with open(tmp, "w") as f:
-                json.dump(meta, f, indent=1, default=list)
-
-        weights_convert.atomic_write(os.path.join(self.dir, key + ".json"), write_meta)
+        weights_convert.save_converted(model, os.path.join(self.dir, key + ".keras"))
+        weights_convert.atomic_write_text(
+            os.path.join(self.dir, key + ".json"), json.dumps(meta, indent=1)
+        )
         if weights_convert.hub_repo_id(os.fspath(source)) is not None:
-
-            def write_alias(tmp):
-                with open(tmp, "w") as f:
-                    f.write(key)
-
-            weights_convert.atomic_write(self._alias_path(source, options), write_alias)
+            weights_convert.atomic_write_text(self._alias_path(source, options), key)
         return key
 
 
@@ -324,21 +272,26 @@ def build_model(
     """A ConvNeXt embedding model (backbone + pooling + head norm + L2), no classifier.
 
     Args:
-        source: anything `weights_convert.load_timm` takes: a Hub id
-            ("timm/convnext_atto.d2_in1k"), a `.safetensors` file, or a folder
-            with model.safetensors + config.json.
+        source: anything `weights_convert.load_timm` takes (a Hub id such as
+            "timm/convnext_atto.d2_in1k", a `.safetensors` file, a folder with
+            model.safetensors + config.json), or a `.keras` file this project
+            wrote (converted or fine-tuned; see `as_embedding_model`).
         pooling: "avg" (timm's), "max", or "gem" (`GeneralizedMeanPooling`,
             learnable p starting at `gem_p`).
-        head_norm: apply timm's head LayerNorm after pooling (timm's pre-logits).
+        head_norm: apply timm's head norm after pooling (timm's pre-logits).
         normalize: L2-normalise the output (`keras.layers.UnitNormalization`).
-        input_shape: (H, W, 3); default the checkpoint's `pretrained_cfg` input size.
+        input_shape: (H, W, 3); default (None, None, 3): any size (the
+            `Embedder` resizes to the checkpoint's `pretrained_cfg` input size).
         cache: reuse / store the converted model in the disk cache (`ModelCache`).
 
-    Returns a `keras.Model` (B, H, W, 3) -> (B, D) with `pretrained_cfg` and
-    `timm_architecture` attributes; `embedding_dim(model)` gives D (320 for
+    Returns a `ConvNeXt` (B, H, W, 3) -> (B, D) that knows its `pretrained_cfg`
+    and `timm_architecture`; `embedding_dim(model)` gives D (320 for
     convnext_atto).
     """
     _check_options(pooling, head_norm, normalize)
+    if isinstance(source, (str, os.PathLike)) and os.fspath(source).endswith(".keras"):
+        model = weights_convert.load_converted(source)
+        return as_embedding_model(model, pooling=pooling, head_norm=head_norm, gem_p=gem_p)
     options = {
         "pooling": pooling,
         "head_norm": head_norm,

@@ -9,10 +9,10 @@ from conftest import keras_inference, nchw_to_nhwc, random_timm_model, timm_stat
 
 from convnext_layers import (
     DownsampleConv,
+    PointwiseDense,
     StochasticDepth,
-    _exact_gelu,
-    _PointwiseDense,
     count_macs,
+    exact_gelu,
     final_feature_size,
     plan_strides,
 )
@@ -181,11 +181,20 @@ def test_stochastic_depth_drops_whole_samples_only_in_training():
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"variant": "gigantic"}, "Valid variants: atto, femto"),
+        ({"variant": "gigantic"}, "Valid variants: "),
+        ({"variant": 3}, "Valid variants: "),
         ({"variant": "atto", "pooling": "mean"}, "pooling must be one of"),
         ({"variant": "atto", "input_shape": (224, 224)}, "(height, width, channels)"),
         ({"variant": "atto", "input_shape": (1, 1, 3)}, "too small"),
-        ({"variant": "atto", "num_classes": 0}, "num_classes >= 1"),
+        ({"variant": "atto", "num_classes": -1}, "num_classes must be >= 0"),
+        ({"variant": "atto", "num_classes": True}, "num_classes must be an int"),
+        ({"variant": "atto", "num_classes": 2.5}, "num_classes must be an int"),
+        ({"variant": "atto", "input_shape": (3, 224, 224)}, "looks channels-first"),
+        ({"variant": "atto", "input_shape": (224, 224, 0)}, "positive ints"),
+        ({"variant": "atto", "include_top": False, "output_stages": 3}, "tuple of stage"),
+        ({"variant": "atto", "include_top": False, "output_stages": (1, 1)}, "distinct"),
+        ({"variant": "atto", "output_stages": (1,)}, "include_top=False"),
+        ({"variant": "atto", "include_top": "yes"}, "include_top must be True or False"),
         ({"variant": "atto", "drop_path_rate": 1.5}, "drop_path_rate"),
         ({"variant": "atto", "include_top": False, "output_stages": (4,)}, "output_stages"),
     ],
@@ -203,7 +212,7 @@ def test_count_macs_matches_torch_flop_counter(arch):
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         timm_model(torch.zeros(1, 3, 224, 224))
     family = "v2" if arch.startswith("convnextv2") else "v1"
-    model = FAMILIES[family](arch.split("_")[1])
+    model = FAMILIES[family](arch.split("_")[1], input_shape=(224, 224, 3))
     assert 2 * count_macs(model) == counter.get_total_flops()
 
 
@@ -231,13 +240,13 @@ def assert_layer_matches_reference(ours, reference, rng, shape, batch=2):
         np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5, err_msg=path)
 
 
-@pytest.mark.parametrize("activation", [_exact_gelu, None])
+@pytest.mark.parametrize("activation", [exact_gelu, None])
 def test_pointwise_dense_fast_paths_equal_keras_dense(rng, activation):
     # the per-backend fused calls (oneDNN linear+GELU on torch, MatMul+BiasAdd+GELU
     # on tensorflow) against keras' own Dense + exact GELU, on both inference paths
     exact_gelu = lambda x: keras.activations.gelu(x, approximate=False)  # noqa: E731
     assert_layer_matches_reference(
-        _PointwiseDense(40, activation=activation),
+        PointwiseDense(40, activation=activation),
         keras.layers.Dense(40, activation=None if activation is None else exact_gelu),
         rng,
         shape=(5, 6, 24),

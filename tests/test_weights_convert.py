@@ -26,14 +26,15 @@ from safetensors.torch import load_file as load_torch
 from safetensors.torch import save_file as save_torch
 
 import weights_convert as wc
+from convnext_layers import fast_ops
+from weights_convert.pretrained import IMAGENET_MEAN, IMAGENET_STD
 
 ATOL = 1e-4
-PUBLISHED = sorted({name.split(".")[0] for name in timm.list_models("convnext*", pretrained=True)})
-SUPPORTED_PUBLISHED = [a for a in PUBLISHED if a in wc.ARCHITECTURES]
-REFUSED_PUBLISHED = [a for a in PUBLISHED if a not in wc.ARCHITECTURES]
-FAST = {"atto", "tiny"}  # conv-MLP and linear-MLP layouts, V1 and V2
-# marked slow; xlarge and huge: key / shape / parameter-count coverage only
-NUMERIC_SLOW = {"femto", "pico", "nano", "small", "base", "large"}
+TIMM_ARCHITECTURES = timm.list_models("convnext*")
+PUBLISHED_TAGS = timm.list_models("convnext*", pretrained=True)
+# numeric parity marked slow (CI runs them); the three largest: keys, shapes, counts only
+NUMERIC_SLOW = {"small", "base", "large", "large_mlp"}
+SHAPES_ONLY = {"xlarge", "xxlarge", "huge"}
 
 
 def images(batch, size, seed=0):
@@ -100,7 +101,7 @@ def test_atto_matches_timm_at_224(fixture, request):
     x = images(4, 224, seed=5)
     expected = timm_outputs(timm_model, x)
     model = wc.load_timm(folder, verbose=False)
-    assert model.input_shape == (None, 224, 224, 3)
+    assert model.input_shape == (None, None, None, 3)
     pre_logits = keras.Model(model.input, [model.get_layer("head_norm").output, model.output])
     features, logits = (to_numpy(t) for t in pre_logits(nchw_to_nhwc(x)))
     np.testing.assert_allclose(logits, expected["logits"], atol=ATOL, rtol=0)
@@ -127,22 +128,18 @@ def test_pre_logits_model_with_num_classes_zero(timm_v2_atto_checkpoint):
 # ----------------------------------------------------------------------------
 
 
-def test_published_architectures_are_all_supported_or_refused():
-    assert PUBLISHED, "timm lists no pretrained ConvNeXt"
-    for arch in REFUSED_PUBLISHED:
-        assert arch in wc.REFUSED_ARCHITECTURES, f"{arch}: neither supported nor refused"
-    # what the models can represent exactly (timm configs read in timm/models/convnext.py)
-    assert set(REFUSED_PUBLISHED) == {
-        "convnext_atto_ols",
-        "convnext_femto_ols",
-        "convnext_pico_ols",
-        "convnext_nano_ols",
-        "convnext_zepto_rms",
-        "convnext_zepto_rms_ols",
-        "convnext_tiny_hnf",
-        "convnext_large_mlp",
-        "convnext_xxlarge",
-    }
+def test_every_timm_architecture_and_tag_is_supported():
+    assert len(TIMM_ARCHITECTURES) >= 28 and len(PUBLISHED_TAGS) >= 98
+    missing = sorted(set(TIMM_ARCHITECTURES) - set(wc.ARCHITECTURES))
+    assert not missing, f"timm architectures without a row: {missing}"
+    refused = [t for t in PUBLISHED_TAGS if t.split(".")[0] not in wc.ARCHITECTURES]
+    assert refused == []
+    for test_model in ("test_convnext", "test_convnext2", "test_convnext3"):
+        assert test_model in wc.ARCHITECTURES
+
+
+def _forget(model):
+    fast_ops.forget_deferred(model.weights)
 
 
 @pytest.mark.parametrize("arch", sorted(wc.ARCHITECTURES))
@@ -154,71 +151,112 @@ def test_key_shape_and_parameter_coverage(arch):
     try:
         plan = wc.plan_port(model, state)
         assert len(plan) == len(state) == len(model.weights)
-        assert sum(int(np.prod(v.shape)) for v in model.weights) == timm_params
+        assert model.count_params() == timm_params
         assert wc.infer_architecture(state) == arch
     finally:
-        wc._forget_uninitialized(model.weights)
+        _forget(model)
+
+
+def _tag_state(tag):
+    """Shapes of the tensors timm publishes for `tag` (fcmae files carry no head at all)."""
+    cfg = timm.models.get_pretrained_cfg(tag)
+    state, _ = shape_only_state(tag.split(".")[0], num_classes=cfg.num_classes)
+    if tag.endswith(".fcmae"):
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    return state, cfg.to_dict()
+
+
+@pytest.mark.parametrize("tag", PUBLISHED_TAGS)
+def test_every_published_tag_converts(tag):
+    """What varies per tag (classifier size, no head, preprocessing) is accepted: the
+    architecture is found from the tensors alone, every tensor finds its weight, the
+    pretrained_cfg validates, and the default model ends in the tag's outputs."""
+    arch = tag.split(".")[0]
+    state, cfg = _tag_state(tag)
+    assert wc.infer_architecture(state) == arch
+    info = {
+        "architecture": arch,
+        "num_classes": wc.checkpoint.classifier_size(state),
+        "pretrained_cfg": wc.check_pretrained_cfg(cfg),
+    }
+    with keras.StatelessScope(initialize_variables=False):
+        model = wc.keras_model_for(info)
+    try:
+        skip, _ = wc.head_plan(model, state)
+        plan = wc.plan_port(model, state, skip_prefixes=skip)
+        assert {key for _, key, _ in plan} == set(state)
+        expected = cfg["num_classes"] or wc.ARCHITECTURES[arch].pre_logits_size
+        assert model.output_shape == (None, expected)
+    finally:
+        _forget(model)
 
 
 def _parity_param(arch):
     variant = arch.split("_", 1)[1]
-    if variant in FAST:
-        return arch
+    if variant in SHAPES_ONLY:
+        return pytest.param(arch, marks=pytest.mark.skip("keys / shapes / counts only (size)"))
     if variant in NUMERIC_SLOW:
         return pytest.param(arch, marks=pytest.mark.slow)
-    return pytest.param(arch, marks=[pytest.mark.slow, pytest.mark.skip("coverage only (size)")])
+    return arch
 
 
 @pytest.mark.parametrize("arch", [_parity_param(a) for a in sorted(wc.ARCHITECTURES)])
 def test_architecture_matches_timm_on_small_input(arch, tmp_path):
-    timm_model = random_timm_model(arch, seed=7)
+    """Logits and pre-logits at 64x64 with every parameter random (the published
+    classifier size of the architecture's first tag)."""
+    tags = [t for t in PUBLISHED_TAGS if t.split(".")[0] == arch]
+    classes = timm.models.get_pretrained_cfg(tags[0]).num_classes if tags else 1000
+    timm_model = random_timm_model(arch, seed=7, num_classes=classes or 1000)
     folder = save_timm_checkpoint(timm_model, tmp_path, arch)
     x = images(2, 64, seed=8)
-    model = wc.load_timm(folder, input_shape=(64, 64, 3), verbose=False)
+    model = wc.load_timm(folder, verbose=False)
     assert model.timm_architecture == arch
-    expected = timm_outputs(timm_model, x)["logits"]
-    logits = to_numpy(model(nchw_to_nhwc(x)))
-    np.testing.assert_allclose(logits, expected, atol=ATOL, rtol=0)
-    assert (logits.argmax(-1) == expected.argmax(-1)).all()
+    expected = timm_outputs(timm_model, x)
+    logits = model.predict_on_batch(nchw_to_nhwc(x))
+    np.testing.assert_allclose(logits, expected["logits"], atol=ATOL, rtol=0)
+    assert (logits.argmax(-1) == expected["logits"].argmax(-1)).all()
+    features = model.with_head(num_classes=0)
+    np.testing.assert_allclose(
+        features.predict_on_batch(nchw_to_nhwc(x)), expected["pre_logits"], atol=ATOL, rtol=0
+    )
 
 
-@pytest.mark.parametrize("arch", REFUSED_PUBLISHED)
-def test_refused_architectures_name_what_is_missing(arch):
-    with pytest.raises(wc.UnsupportedArchitectureError, match="not supported: it needs"):
-        wc.check_architecture(arch)
-    state, _ = shape_only_state(arch)
-    with pytest.raises(wc.UnsupportedArchitectureError) as info:
+def test_any_resolution_without_input_shape(timm_atto_checkpoint):
+    """A loaded checkpoint takes any size on every backend, like timm."""
+    folder, timm_model = timm_atto_checkpoint
+    model = wc.load_timm(folder, verbose=False)
+    assert model.input_shape == (None, None, None, 3)
+    for height, width in ((64, 64), (224, 224), (288, 256)):
+        x = np.random.default_rng(height).standard_normal((2, 3, height, width), np.float32)
+        expected = timm_outputs(timm_model, x)["logits"]
+        for got in (model.predict_on_batch(nchw_to_nhwc(x)), to_numpy(model(nchw_to_nhwc(x)))):
+            np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
+
+
+def test_refused_architectures_name_what_is_wrong():
+    with pytest.raises(wc.UnsupportedArchitectureError, match="Unknown timm ConvNeXt"):
+        wc.check_architecture("convnext_gigantic")
+    with pytest.raises(wc.UnsupportedArchitectureError, match="non-empty string"):
+        wc.check_architecture(None)
+    state, _ = shape_only_state("convnext_atto")
+    state["stages.0.blocks.0.conv_dw.weight"] = np.zeros((40, 1, 5, 5), np.float32)
+    with pytest.raises(wc.UnsupportedArchitectureError, match="differs from convnext_atto"):
         wc.infer_architecture(state)
-    wanted = {
-        "ols": "overlapping",
-        "rms": "RMS",
-        "hnf": "norm_pre",
-        "mlp": "head_hidden_size",
-        "xxlarge": "eps 1e-5",
-    }
-    assert any(word in str(info.value) for tag, word in wanted.items() if tag in arch), info.value
-
-
-def test_refused_checkpoint_file_and_folder(tmp_path):
-    timm_model = random_timm_model("convnext_atto_ols", seed=9)
-    folder = save_timm_checkpoint(timm_model, tmp_path / "folder", "convnext_atto_ols")
-    with pytest.raises(wc.UnsupportedArchitectureError, match="overlapping 3x3-conv stem"):
-        wc.load_timm(folder, verbose=False)
-    bare = tmp_path / "bare.safetensors"
-    save_torch(timm_model.state_dict(), str(bare))
-    with pytest.raises(wc.UnsupportedArchitectureError, match="overlapping 3x3-conv stem"):
-        wc.load_timm(bare, verbose=False)
 
 
 def test_unknown_model_args_are_refused(tmp_path, timm_atto_checkpoint):
     folder, _ = timm_atto_checkpoint
     config = read_json(os.path.join(folder, "config.json"))
-    config["model_args"] = {"num_classes": 1000, "kernel_sizes": 5}
+    config["model_args"] = {"num_classes": 1000, "output_stride": 16, "layer_norm_mode": 5}
     os.makedirs(tmp_path / "ckpt")
     os.link(os.path.join(folder, "model.safetensors"), tmp_path / "ckpt" / "model.safetensors")
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(wc.UnsupportedArchitectureError, match="kernel_sizes=5"):
+    with pytest.raises(wc.UnsupportedArchitectureError, match="layer_norm_mode=5"):
         wc.load_checkpoint(tmp_path / "ckpt")
+    config["model_args"] = {"norm_eps": 1e-5, "global_pool": "max"}  # these are taken
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
+    _, info = wc.load_checkpoint(tmp_path / "ckpt")
+    assert info["convnext_config"].norm_eps == 1e-5 and info["pooling"] == "max"
 
 
 # ----------------------------------------------------------------------------
@@ -234,7 +272,7 @@ def test_bare_file_infers_architecture_and_default_cfg(atto_file):
     cfg = config["pretrained_cfg"]
     assert cfg["input_size"] == (3, 224, 224)
     assert cfg["interpolation"] == "bicubic" and cfg["license"] == "apache-2.0"
-    assert cfg["mean"] == wc.IMAGENET_MEAN and cfg["std"] == wc.IMAGENET_STD
+    assert cfg["mean"] == IMAGENET_MEAN and cfg["std"] == IMAGENET_STD
     assert 0.8 <= cfg["crop_pct"] <= 1.0
     x = images(1, 64)
     model = wc.load_timm(path, input_shape=(64, 64, 3), verbose=False)
@@ -260,7 +298,7 @@ def test_inference_rules():
     assert wc.infer_architecture(state) == "convnext_tiny"
     fake = dict(state)  # linear tiny with conv-MLP tensors is not a published layout
     fake["stages.0.blocks.0.mlp.fc1.weight"] = np.zeros((384, 96, 1, 1), np.float32)
-    with pytest.raises(wc.UnsupportedArchitectureError, match="1x1-conv MLP"):
+    with pytest.raises(wc.UnsupportedArchitectureError, match="differs from convnext_tiny"):
         wc.infer_architecture(fake)
     with pytest.raises(wc.CheckpointError, match="Not a timm ConvNeXt"):
         wc.infer_architecture({"weight": np.zeros(3, np.float32)})
@@ -277,8 +315,21 @@ def test_arch_override_and_sources(atto_file, tmp_path):
         wc.load_checkpoint(tmp_path)
     pickle_file = tmp_path / "pytorch_model.bin"
     pickle_file.write_bytes(b"\x80\x04not really a pickle")
-    with pytest.raises(wc.CheckpointError, match="Only safetensors"):
+    with pytest.raises(wc.CheckpointError, match="only safetensors checkpoints are read"):
         wc.load_checkpoint(pickle_file)
+    other = tmp_path / "weights.npz"
+    other.write_bytes(b"PK")
+    with pytest.raises(wc.CheckpointError, match="not a .safetensors file"):
+        wc.load_checkpoint(other)
+    loop = tmp_path / "loop"
+    os.symlink(loop, loop)
+    with pytest.raises(wc.CheckpointNotFoundError, match="looping symbolic link"):
+        wc.load_checkpoint(loop)
+    folder = tmp_path / "looping_folder"
+    folder.mkdir()
+    os.symlink(folder / "model.safetensors", folder / "model.safetensors")
+    with pytest.raises(wc.CheckpointNotFoundError, match="looping symbolic link"):
+        wc.load_checkpoint(folder)
 
 
 def _hub_cache(tmp_path, folder, repo="timm/convnext_atto.d2_in1k"):
@@ -552,27 +603,67 @@ def test_command_line_in_process(tmp_path, timm_atto_checkpoint, capsys):
     assert wc.main([os.path.join(folder, "model.safetensors"), "-o", str(out), "-q"]) == 0
     summary = capsys.readouterr().out.strip().splitlines()
     assert len(summary) == 1
-    assert summary[0].startswith("convnext_atto: 3,695,520 parameters, ")
+    assert summary[0].startswith("convnext_atto: 3,695,520 parameters, licence apache-2.0, ")
     assert " converted in " in summary[0] and " s -> " in summary[0]
-    sidecar = read_json(tmp_path / "atto.config.json")
-    assert sidecar["architecture"] == "convnext_atto" and sidecar["num_classes"] == 1000
+    # the .keras file alone says what the model is: no sidecar, keras' own loader
     loaded = keras.saving.load_model(out)
-    x = images(1, 224)
+    assert type(loaded).__name__ == "ConvNeXt"
+    assert loaded.timm_architecture == "convnext_atto"
+    assert loaded.pretrained_cfg["input_size"] == [3, 224, 224]
+    x = images(1, 96)
     np.testing.assert_allclose(
         to_numpy(loaded(nchw_to_nhwc(x))), timm_outputs(timm_model, x)["logits"], atol=ATOL
     )
     weights = tmp_path / "atto.weights.h5"
     assert wc.main([folder, "-o", str(weights), "-q", "--num-classes", "7"]) == 0
-    fresh = wc.keras_model_for("convnext_atto", num_classes=7)
-    fresh.load_weights(weights)
-    with pytest.raises(SystemExit):
-        wc.main([folder, "-o", str(tmp_path / "bad.pt")])
-    assert wc.main([str(tmp_path / "missing.safetensors"), "-o", str(out), "-q"]) == 1
-    assert sorted(os.listdir(tmp_path)) == [
-        "atto.config.json",
-        "atto.keras",
-        "atto.weights.h5",
-    ]
+    assert wc.load_converted(weights).output_shape == (None, 7)
+    assert sorted(os.listdir(tmp_path)) == ["atto.config.json", "atto.keras", "atto.weights.h5"]
+    # every output is made as open(path, "w") would make it, under the umask
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in os.listdir(tmp_path):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == 0o666 & ~mask, name
+
+
+@pytest.mark.parametrize(
+    "output,message",
+    [
+        ("bad.pt", "must end in .keras or .weights.h5"),
+        ("folder.keras", "is a folder"),
+        ("read_only/x.keras", "not writable"),
+        ("a_file/x.keras", "is not a folder"),
+    ],
+)
+def test_command_line_refuses_bad_outputs_before_converting(
+    output, message, tmp_path, timm_atto_checkpoint, capsys, monkeypatch
+):
+    folder, _ = timm_atto_checkpoint
+    (tmp_path / "folder.keras").mkdir()
+    (tmp_path / "read_only").mkdir(mode=0o555)
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setattr(wc.convert, "load_timm", lambda *a, **k: pytest.fail("converted first"))
+    if os.geteuid() == 0 and output.startswith("read_only"):
+        pytest.skip("root writes into read-only folders")
+    assert wc.main([folder, "-o", str(tmp_path / output), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+@pytest.mark.parametrize(
+    "source,message",
+    [
+        ("missing.safetensors", "neither an existing file"),
+        ("junk.safetensors", "truncated"),
+        ("pickle.pth", "pickled"),
+    ],
+)
+def test_command_line_bad_sources_one_error_line(source, message, tmp_path, capsys):
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 4)
+    (tmp_path / "pickle.pth").write_bytes(b"\x80\x04")
+    assert wc.main([str(tmp_path / source), "-o", str(tmp_path / "out.keras"), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not os.path.exists(tmp_path / "out.keras")
 
 
 def run_python(args):

@@ -1,0 +1,104 @@
+"""What ConvNeXt V1 (`convnext_v1`) and V2 (`convnext_v2`) are made of.
+
+- `config`: `ConvNeXtConfig`, one frozen dataclass describing any ConvNeXt
+  architecture timm registers, and the small-input stride rule (`plan_strides`).
+- `layers`: the registered Keras layers (depthwise conv, downsampling conv,
+  pointwise dense, norms, layer scale, stochastic depth, GRN, GeM pooling).
+- `model`: `ConvNeXt`, the functional model class every variant, converted
+  checkpoint and embedding model is an instance of.
+- `fast_ops`: every private or backend-specific API the layers use, each with a
+  portable fallback.
+
+All tensors are channels-last: (batch, height, width, channels).
+"""
+
+from convnext_layers.config import (
+    MIN_FINAL_SIZE,
+    STANDARD_STRIDES,
+    STEMS,
+    ConfigError,
+    ConvNeXtConfig,
+    final_feature_size,
+    make_divisible,
+    plan_strides,
+)
+from convnext_layers.layers import (
+    NORMS,
+    POOLINGS,
+    DepthwiseConv,
+    DownsampleConv,
+    GeneralizedMeanPooling,
+    GlobalResponseNorm,
+    LayerScale,
+    PointwiseDense,
+    SimpleNorm,
+    StochasticDepth,
+    exact_gelu,
+    tanh_gelu,
+)
+from convnext_layers.model import (
+    POOLING_CHOICES,
+    ConvNeXt,
+    ModelArgumentError,
+    count_macs,
+    load_saved_model,
+)
+
+LAYER_NORM_EPSILON = 1e-6  # timm's default for every ConvNeXt norm (xxlarge: 1e-5)
+Variant = ConvNeXtConfig  # the name the variant tables used before the config held everything
+
+__all__ = [
+    "LAYER_NORM_EPSILON",
+    "MIN_FINAL_SIZE",
+    "NORMS",
+    "POOLINGS",
+    "POOLING_CHOICES",
+    "STANDARD_STRIDES",
+    "STEMS",
+    "ConfigError",
+    "ConvNeXt",
+    "ConvNeXtConfig",
+    "DepthwiseConv",
+    "DownsampleConv",
+    "GeneralizedMeanPooling",
+    "GlobalResponseNorm",
+    "LayerScale",
+    "ModelArgumentError",
+    "PointwiseDense",
+    "SimpleNorm",
+    "StochasticDepth",
+    "Variant",
+    "count_macs",
+    "create_variant",
+    "exact_gelu",
+    "final_feature_size",
+    "load_saved_model",
+    "make_divisible",
+    "plan_strides",
+    "resolve_variant",
+    "tanh_gelu",
+]
+
+
+def resolve_variant(variant, table: dict, family: str) -> ConvNeXtConfig:
+    """The table row of `variant` (case-insensitive), or a ValueError listing the valid ones."""
+    if not isinstance(variant, str) or variant.lower() not in table:
+        raise ModelArgumentError(
+            f"Unknown {family} variant {variant!r}. Valid variants: {', '.join(table)}."
+        )
+    return table[variant.lower()]
+
+
+def create_variant(table: dict, family: str, timm_prefix: str, variant: str, **kwargs) -> ConvNeXt:
+    """A `ConvNeXt` of `table[variant]`, named and tagged with timm's architecture name."""
+    config = resolve_variant(variant, table, family)
+    overrides = {}
+    if "layer_scale_init_value" in kwargs:
+        overrides["layer_scale_init_value"] = kwargs.pop("layer_scale_init_value")
+    if overrides:
+        config = config.replace(**overrides)
+    arch = f"{timm_prefix}{variant.lower()}"
+    kwargs.setdefault("timm_architecture", arch)
+    if kwargs.get("name") is None:
+        kwargs["name"] = f"{family.lower().replace(' ', '_')}_{variant.lower()}"
+    return ConvNeXt(config, **kwargs)

@@ -1,0 +1,454 @@
+"""Reading a timm checkpoint: where it is (Hub id, file, folder), its safetensors
+tensors (validated, memory-mapped, never unpickled) and its `config.json`
+(validated), combined into `load_checkpoint(source) -> (state_dict, info)`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import struct
+
+import numpy as np
+
+from convnext_layers.config import ConvNeXtConfig
+from weights_convert.architectures import (
+    architecture_config,
+    canonical_architecture,
+    infer_architecture,
+)
+from weights_convert.errors import (
+    CheckpointConfigError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    UnsupportedArchitectureError,
+)
+from weights_convert.pretrained import check_pretrained_cfg, complete_pretrained_cfg
+
+logger = logging.getLogger("weights_convert")
+
+DEFAULT_MODEL = "timm/convnext_atto.d2_in1k"
+
+# ----------------------------------------------------------------------------
+# safetensors
+# ----------------------------------------------------------------------------
+
+_FLOAT_DTYPES = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2")}
+_ITEM_SIZES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+    "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}  # fmt: skip
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _no_duplicate_keys(pairs):
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise CheckpointError(f"duplicate key {key!r} in the header")
+        out[key] = value
+    return out
+
+
+def _read_header(path, name, size):
+    if size < 8:
+        raise CheckpointError(f"{name}: truncated safetensors file ({size} bytes).")
+    with open(path, "rb") as f:
+        (header_size,) = struct.unpack("<Q", f.read(8))
+        if header_size > min(size - 8, _MAX_HEADER):
+            raise CheckpointError(
+                f"{name}: truncated or not a safetensors file (header of {header_size} bytes, "
+                f"file of {size})."
+            )
+        raw = f.read(header_size)
+    try:
+        header = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
+    except CheckpointError as error:
+        raise CheckpointError(f"{name}: corrupt safetensors header ({error}).") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise CheckpointError(f"{name}: corrupt safetensors header ({error}).") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{name}: corrupt safetensors header (not a JSON object).")
+    return header, 8 + header_size
+
+
+def read_safetensors(path) -> tuple[dict[str, np.ndarray], dict]:
+    """(tensors, metadata) of a safetensors file, validated; F32/F16/F64 are memory-mapped.
+
+    BF16 tensors are widened to float32 exactly. Raises `CheckpointError` for a
+    truncated or corrupt file (malformed header or metadata, non-integer shapes
+    or offsets, tensors whose byte ranges overlap, leave holes or run past the
+    end) and for non-float tensors: the same files the safetensors library refuses.
+    """
+    path = os.fspath(path)
+    name = os.path.basename(path)
+    size = os.path.getsize(path)
+    header, start = _read_header(path, name, size)
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise CheckpointError(
+            f"{name}: corrupt safetensors header: __metadata__ must map strings to strings, "
+            f"got {metadata!r:.80}."
+        )
+    entries = []
+    for key, info in header.items():
+        valid = isinstance(info, dict) and set(info) == {"dtype", "shape", "data_offsets"}
+        if valid:
+            dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+            valid = (
+                isinstance(dtype, str)
+                and dtype in _ITEM_SIZES
+                and isinstance(shape, list)
+                and all(_is_int(d) and d >= 0 for d in shape)
+                and isinstance(offsets, list)
+                and len(offsets) == 2
+                and all(_is_int(o) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]
+                and offsets[1] - offsets[0] == math.prod(shape) * _ITEM_SIZES[dtype]
+            )
+        if not valid:
+            raise CheckpointError(
+                f"{name}: corrupt safetensors entry for {key!r}: {info!r:.120} (needs dtype, "
+                "shape as non-negative ints, data_offsets [begin, end] matching the size)."
+            )
+        entries.append((offsets[0], offsets[1], key, dtype, tuple(shape)))
+    # the tensors must tile the data buffer exactly: no overlap (aliased data), no hole
+    entries.sort()
+    position = 0
+    for begin, end, key, _, _ in entries:
+        if begin != position:
+            what = "overlaps the previous tensor" if begin < position else "leaves a gap"
+            raise CheckpointError(
+                f"{name}: corrupt safetensors file: tensor {key!r} at bytes {begin}-{end} "
+                f"{what} (expected to start at {position})."
+            )
+        position = end
+    data_size = size - start
+    if position > data_size:
+        raise CheckpointError(
+            f"{name}: truncated file: the tensors need {position} data bytes, the file has "
+            f"{data_size}."
+        )
+    if position < data_size:
+        raise CheckpointError(
+            f"{name}: corrupt safetensors file: {data_size - position} bytes after the last tensor."
+        )
+    data = np.memmap(path, dtype=np.uint8, mode="r") if size > start else np.zeros(0, np.uint8)
+    tensors, non_float = {}, []
+    for begin, end, key, dtype, shape in entries:
+        if dtype not in _FLOAT_DTYPES and dtype != "BF16":
+            non_float.append(f"{key} ({dtype})")
+            continue
+        raw = data[start + begin : start + end]
+        if dtype == "BF16":
+            bits = raw.view("<u2").astype(np.uint32) << 16
+            tensors[key] = bits.view(np.float32).reshape(shape)
+        else:
+            tensors[key] = raw.view(_FLOAT_DTYPES[dtype]).reshape(shape)
+    if non_float:
+        raise CheckpointError(
+            f"{name}: non-float tensors, not ConvNeXt weights: {', '.join(non_float)}."
+        )
+    return tensors, metadata
+
+
+# ----------------------------------------------------------------------------
+# Sources: Hub id, file, folder
+# ----------------------------------------------------------------------------
+
+_HUB_ID = re.compile(r"^(?:hf-hub:|hf_hub:)?([\w.-]+/[\w.-]+)(?:@([\w./-]+))?$")
+_TRUE = {"1", "on", "yes", "true"}
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pkl", ".pickle", ".tar")
+
+
+def _hub_cache_dir():
+    for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(variable):
+            return os.environ[variable]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    return None
+
+
+def _local_hint(source):
+    return (
+        f"Pass a local checkpoint instead: load_timm('path/to/model.safetensors') or a folder "
+        f"holding model.safetensors + config.json (as on the Hub); on the command line "
+        f"`python -m weights_convert path/to/model.safetensors -o out.keras`. To fill the cache, "
+        f"run once with network: load_timm({source!r})."
+    )
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers a TCP connect (False under HF_HUB_OFFLINE).
+
+    Asked once before a download, so that with no network the Hub cache is
+    used at once instead of after huggingface_hub's ~20 s of retries.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    if hub_offline():
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hub_download(repo_id, revision, filename, required, offline):
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    try:
+        return hf_hub_download(
+            repo_id,
+            filename,
+            revision=revision,
+            cache_dir=_hub_cache_dir(),
+            local_files_only=offline,
+            library_name="keras-convnext",
+        )
+    except LocalEntryNotFoundError as error:
+        if not required and offline:
+            return None
+        cache = _hub_cache_dir() or "the default Hugging Face cache"
+        why = (
+            "HF_HUB_OFFLINE is set and it is not in the cache"
+            if hub_offline()
+            else "the Hub is unreachable (no network) and it is not in the cache"
+            if offline
+            else f"it could not be downloaded ({type(error).__name__}) and is not in the cache"
+        )
+        raise CheckpointNotFoundError(
+            f"Cannot get {filename} of {repo_id}: {why} ({cache}). " + _local_hint(repo_id)
+        ) from None
+    except EntryNotFoundError:
+        if not required:
+            return None
+        raise CheckpointNotFoundError(
+            f"{repo_id} has no {filename}; only safetensors checkpoints are read (a pickled "
+            ".pth/.bin is never loaded). " + _local_hint(repo_id)
+        ) from None
+    except Exception as error:  # network, auth, unknown repo
+        if not required:
+            return None
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        raise CheckpointNotFoundError(
+            f"Cannot get {filename} of {repo_id} from the Hugging Face Hub "
+            f"({type(error).__name__}: {first_line}). " + _local_hint(repo_id)
+        ) from None
+
+
+def hub_repo_id(source) -> str | None:
+    """The Hub repo id `source` names (`timm/NAME.TAG`, `hf-hub:timm/...`, `...@rev`), or
+    None for an existing local path or anything else."""
+    text = os.fspath(source)
+    if (
+        os.path.lexists(text)
+        or text.endswith((".safetensors", ".keras", ".h5", *PICKLE_SUFFIXES))
+        or text.startswith((".", "/", "~"))
+    ):
+        return None
+    match = _HUB_ID.match(text)
+    return match[1] if match else None
+
+
+def _check_readable_file(path, what):
+    if os.path.islink(path) and not os.path.exists(path):
+        raise CheckpointNotFoundError(f"{what} {path!r} is a broken or looping symbolic link.")
+    if not os.path.isfile(path):
+        raise CheckpointNotFoundError(f"{what} {path!r} is not a file.")
+    if not os.access(path, os.R_OK):
+        raise CheckpointNotFoundError(f"{what} {path!r} is not readable (permission denied).")
+
+
+def resolve_source(source) -> tuple[str, str | None, str | None]:
+    """(safetensors path, config.json path or None, Hub repo id or None) of a source.
+
+    A folder gives its model.safetensors and config.json; a `.safetensors` file
+    is read alone (a config.json beside it is not used: pass the folder for
+    that); anything else shaped like `owner/name[.tag]` is a Hub id.
+    """
+    if not isinstance(source, (str, os.PathLike)):
+        raise CheckpointNotFoundError(
+            f"A checkpoint source is a path or a Hub id string, got {type(source).__name__}."
+        )
+    text = os.fspath(source)
+    if not text.strip():
+        raise CheckpointNotFoundError("The checkpoint source is empty.")
+    if os.path.islink(text) and not os.path.exists(text):
+        raise CheckpointNotFoundError(f"{text!r} is a broken or looping symbolic link.")
+    if os.path.isdir(text):
+        weights = os.path.join(text, "model.safetensors")
+        if not os.path.lexists(weights):
+            found = ", ".join(sorted(os.listdir(text))[:10]) or "nothing"
+            raise CheckpointNotFoundError(
+                f"Folder {text!r} has no model.safetensors (found: {found}); only safetensors "
+                "checkpoints are read."
+            )
+        _check_readable_file(weights, "The checkpoint")
+        config = os.path.join(text, "config.json")
+        if os.path.lexists(config):
+            _check_readable_file(config, "The checkpoint config")
+            return weights, config, None
+        return weights, None, None
+    if os.path.exists(text):
+        _check_readable_file(text, "The checkpoint")
+        if text.endswith(PICKLE_SUFFIXES):
+            raise CheckpointError(
+                f"{text!r} is a pickled PyTorch file; only safetensors checkpoints are read (a "
+                "pickle can run code when loaded). Convert it with safetensors.torch.save_file "
+                "where you trust it."
+            )
+        if not text.endswith(".safetensors"):
+            raise CheckpointError(
+                f"{text!r} is not a .safetensors file. A checkpoint source is a Hub id, a "
+                ".safetensors file or a folder holding model.safetensors (+ config.json)."
+            )
+        beside = os.path.join(os.path.dirname(os.path.abspath(text)), "config.json")
+        if os.path.exists(beside):
+            logger.info(
+                "Using %s alone; the config.json beside it is not read (pass the folder to use "
+                "it).",
+                text,
+            )
+        return text, None, None
+    repo_id = hub_repo_id(text)
+    if repo_id is not None:
+        revision = _HUB_ID.match(text)[2]
+        offline = not hub_reachable()
+        weights = _hub_download(repo_id, revision, "model.safetensors", True, offline)
+        config = _hub_download(repo_id, revision, "config.json", False, offline)
+        return weights, config, repo_id
+    raise CheckpointNotFoundError(
+        f"{text!r} is neither an existing file / folder nor a Hub id like {DEFAULT_MODEL!r}."
+    )
+
+
+# ----------------------------------------------------------------------------
+# config.json
+# ----------------------------------------------------------------------------
+
+
+def read_config_json(path) -> dict:
+    """timm's config.json, checked: a JSON object whose known fields have the right
+    types (`CheckpointConfigError` naming the file and the field otherwise)."""
+    name = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise CheckpointConfigError(f"Cannot read {name}: {error}") from None
+    if not isinstance(config, dict):
+        raise CheckpointConfigError(f"{name} must hold a JSON object, got {type(config).__name__}.")
+
+    def fail(key, expected):
+        raise CheckpointConfigError(f"{name}: {key} must be {expected}, got {config[key]!r:.80}.")
+
+    if "architecture" in config and (
+        not isinstance(config["architecture"], str) or not config["architecture"].strip()
+    ):
+        fail("architecture", "a timm architecture name string")
+    if "num_classes" in config and (
+        not isinstance(config["num_classes"], int) or isinstance(config["num_classes"], bool)
+        or config["num_classes"] < 0
+    ):  # fmt: skip
+        fail("num_classes", "an int >= 0")
+    for key in ("model_args", "pretrained_cfg"):
+        if key in config and config[key] is not None and not isinstance(config[key], dict):
+            fail(key, "a JSON object")
+    if "global_pool" in config and config["global_pool"] not in (None, "", "avg", "max"):
+        fail("global_pool", "'avg' or 'max'")
+    config["pretrained_cfg"] = check_pretrained_cfg(
+        config.get("pretrained_cfg") or {}, f"{name}: pretrained_cfg"
+    )
+    return config
+
+
+# ----------------------------------------------------------------------------
+# load_checkpoint
+# ----------------------------------------------------------------------------
+
+
+def classifier_size(state_dict) -> int:
+    """Rows of head.fc.weight (0 without a classifier); a malformed one is refused."""
+    fc = state_dict.get("head.fc.weight")
+    if fc is None:
+        return 0
+    if np.ndim(fc) != 2:
+        raise CheckpointError(
+            f"head.fc.weight must be a 2-D (classes, features) matrix, found shape "
+            f"{tuple(np.shape(fc))}."
+        )
+    return int(np.shape(fc)[0])
+
+
+def input_channels(state_dict) -> int:
+    """Input channels of the checkpoint's stem (3 when it cannot be told)."""
+    stem = state_dict.get("stem.0.weight")
+    return int(np.shape(stem)[1]) if stem is not None and np.ndim(stem) == 4 else 3
+
+
+def load_checkpoint(source, *, arch: str | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """(state_dict, info) of a Hub id, a .safetensors file or a folder.
+
+    state_dict maps timm names to float numpy arrays (memory-mapped where the
+    dtype allows). info has:
+      "architecture": timm's name (`arch`, else config.json's, else inferred);
+      "convnext_config": the `ConvNeXtConfig` (config.json's model_args applied);
+      "num_classes": the checkpoint's classifier size (0 without one);
+      "pooling": "avg" or "max" (timm's global_pool);
+      "pretrained_cfg": timm's, completed from timm's registry when importable,
+          else timm's ConvNeXt defaults;
+      "source": the source as given.
+    """
+    weights, config_path, repo_id = resolve_source(source)
+    state_dict, _ = read_safetensors(weights)
+    config = read_config_json(config_path) if config_path is not None else {}
+    tag = None
+    if repo_id and "." in repo_id.rsplit("/", 1)[-1]:
+        tag = repo_id.rsplit("/", 1)[-1].split(".", 1)[1]
+    model_args = dict(config.get("model_args") or {})
+    if arch is not None:
+        name = canonical_architecture(arch)
+        model_args = {}  # arch= overrides the file's description entirely
+    elif config.get("architecture"):
+        name = canonical_architecture(config["architecture"])
+    else:
+        name = infer_architecture(state_dict)
+    convnext_config: ConvNeXtConfig = architecture_config(name, model_args)
+    pooling = model_args.get("global_pool", config.get("global_pool")) or "avg"
+    if pooling not in ("avg", "max"):
+        raise UnsupportedArchitectureError(
+            f"global_pool={pooling!r}: the Keras models pool with 'avg' or 'max'."
+        )
+    num_classes = classifier_size(state_dict)
+    pretrained_cfg = complete_pretrained_cfg(name, config["pretrained_cfg"] if config else {},
+                                             num_classes, tag)  # fmt: skip
+    info = {
+        "architecture": name,
+        "convnext_config": convnext_config,
+        "num_classes": num_classes,
+        "pooling": pooling,
+        "pretrained_cfg": pretrained_cfg,
+        "source": os.fspath(source),
+    }
+    return state_dict, info

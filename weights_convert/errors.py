@@ -1,0 +1,44 @@
+"""The exceptions of `weights_convert`, one per kind of problem (all importable
+without Keras). Each message names the input, what is wrong and what is accepted."""
+
+from __future__ import annotations
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read: truncated, corrupt, malformed header,
+    overlapping tensors, non-float, NaN/Inf, a pickle."""
+
+
+class CheckpointConfigError(CheckpointError):
+    """A timm `config.json` (or `pretrained_cfg`) with a malformed or unusable value."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint that does not fit the model: missing, unexpected, mis-shaped keys."""
+
+
+class UnsupportedArchitectureError(ValueError):
+    """A timm architecture (or model_args) the Keras models cannot represent exactly."""
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    """A source that is neither a local checkpoint nor a reachable / cached Hub id."""
+
+
+class OutputPathError(ValueError):
+    """An output path that cannot be written (wrong suffix, a folder, read-only place)."""
+
+
+class SavedModelError(ValueError):
+    """A `.keras` file that is not a model this project wrote, or is damaged."""
+
+
+# What a command line reports as one `error:` line (no traceback).
+USER_ERRORS = (
+    CheckpointError,
+    CheckpointMismatchError,
+    UnsupportedArchitectureError,
+    CheckpointNotFoundError,
+    OutputPathError,
+    SavedModelError,
+)
