@@ -398,8 +398,8 @@ class ConvNeXt(keras.Model):
             "output_stages": None if self.output_stages is None else list(self.output_stages),
             "drop_path_rate": self.drop_path_rate,
             "timm_architecture": self.timm_architecture,
-            "pretrained_cfg": _jsonable(self.pretrained_cfg),
-            "metadata": _jsonable(self.metadata),
+            "pretrained_cfg": jsonable(self.pretrained_cfg),
+            "metadata": jsonable(self.metadata),
             "name": self.name,
         }
 
@@ -432,12 +432,12 @@ def _copy_matching(model, values):
             variable.assign(keras.ops.convert_to_numpy(source))
 
 
-def _jsonable(value):
+def jsonable(value):
     """`value` with tuples as lists and numpy scalars as Python numbers (JSON-able)."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, float) and not math.isfinite(value):

@@ -87,6 +87,9 @@ class Embedder:
         num_workers: decoding threads (default min(4, CPU count)).
         threshold: verification threshold; None uses `DEFAULT_THRESHOLD` until
             `calibrate` is called.
+        use_test_size: preprocess at the checkpoint's `test_input_size` /
+            `test_crop_pct` (timm's `use_test_size`; off by default, as in timm);
+            the model takes any size.
         channel_order: "rgb", or "bgr" for OpenCV arrays (numpy inputs only).
         progress: show a tqdm progress bar in `embed` (default off).
     """
@@ -102,6 +105,7 @@ class Embedder:
         batch_size: int = 32,
         num_workers: int | None = None,
         threshold: float | None = None,
+        use_test_size: bool = False,
         channel_order: str = "rgb",
         progress: bool = False,
         cache: bool = True,
@@ -125,7 +129,7 @@ class Embedder:
         self.source = source
         cfg = pretrained_cfg if pretrained_cfg is not None else getattr(model, "pretrained_cfg", {})
         self.pretrained_cfg = dict(cfg or {})
-        self.preprocessor = Preprocessor(self.pretrained_cfg)
+        self.preprocessor = Preprocessor(self.pretrained_cfg, use_test_size=use_test_size)
         model_hw = tuple(model.input_shape[1:3])
         if None not in model_hw and model_hw != self.preprocessor.config.input_size:
             raise ValueError(

@@ -98,6 +98,7 @@ def embedding_model_from_state(
             pooling=pooling,
             head_norm=head_norm,
             normalize=normalize,
+            gem_p=gem_p,
             input_shape=input_shape,
             name=f"{info.get('architecture', 'convnext')}_embedding",
         )

@@ -97,9 +97,16 @@ class PreprocessConfig:
     std: tuple[float, float, float] = IMAGENET_STD
 
     @classmethod
-    def from_pretrained_cfg(cls, cfg: Mapping | None) -> PreprocessConfig:
-        """As `timm.data.resolve_data_config({}, pretrained_cfg=cfg)` (not the test size)."""
+    def from_pretrained_cfg(cls, cfg: Mapping | None, use_test_size: bool = False):
+        """As `timm.data.resolve_data_config({}, pretrained_cfg=cfg, use_test_size=...)`:
+        with `use_test_size`, the checkpoint's `test_input_size` and `test_crop_pct`
+        (where it has them) replace `input_size` and `crop_pct`."""
         cfg = dict(cfg or {})
+        if use_test_size:
+            if cfg.get("test_input_size") is not None:
+                cfg["input_size"] = cfg["test_input_size"]
+            if cfg.get("test_crop_pct"):
+                cfg["crop_pct"] = cfg["test_crop_pct"]
         size = cfg.get("input_size") or (3, 224, 224)
         if isinstance(size, int):
             size = (3, size, size)
@@ -260,11 +267,11 @@ class Preprocessor:
     Built from a timm `pretrained_cfg` dict (or a `PreprocessConfig`).
     """
 
-    def __init__(self, pretrained_cfg=None):
+    def __init__(self, pretrained_cfg=None, use_test_size: bool = False):
         if isinstance(pretrained_cfg, PreprocessConfig):
             self.config = pretrained_cfg
         else:
-            self.config = PreprocessConfig.from_pretrained_cfg(pretrained_cfg)
+            self.config = PreprocessConfig.from_pretrained_cfg(pretrained_cfg, use_test_size)
         self._mean = np.asarray(self.config.mean, dtype=np.float32)
         self._std = np.asarray(self.config.std, dtype=np.float32)
         self._filter = _FILTERS[self.config.interpolation]

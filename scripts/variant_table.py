@@ -1,18 +1,19 @@
-"""Regenerate the README's variant table (parameters and GMACs at 224x224).
+"""Regenerate the README's generated tables: the variant sizes (parameters and GMACs
+at 224x224) and the supported timm architectures (what each has, and how many of
+timm's published tags it covers).
 
-    python scripts/variant_table.py          # rewrite the table in README.md
+    python scripts/variant_table.py          # rewrite the tables in README.md
     python scripts/variant_table.py --check  # exit 1 if README.md is out of date
 
-Parameters come from the Keras models themselves (`count_params`), MACs from
-`convnext_layers.count_macs` (convolutions and dense layers, one image).
+Parameters come from the Keras models themselves (`count_params`, built without
+allocating their weights), MACs from `convnext_layers.count_macs`; published tags
+and their licences from timm's registry (`timm.list_models(pretrained=True)`).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,37 +21,54 @@ sys.path.insert(0, str(ROOT))
 
 BEGIN = "<!-- variant-table:begin -->"
 END = "<!-- variant-table:end -->"
-
+ARCH_BEGIN = "<!-- architecture-table:begin -->"
+ARCH_END = "<!-- architecture-table:end -->"
 
 HEADER = (
     "| variant | V1 params | V1 GMACs | V2 params | V2 GMACs | depths | widths |\n"
     "|---|---:|---:|---:|---:|---|---|"
 )
+ARCH_HEADER = (
+    "| timm architecture | stem | norm | head | params | published tags | licences |\n"
+    "|---|---|---|---|---:|---:|---|"
+)
+
+
+def _measure(build):
+    """(parameters, MACs at 224) of `build()`, without allocating its weights."""
+    import keras
+
+    from convnext_layers import count_macs, fast_ops
+
+    with keras.StatelessScope(initialize_variables=False):
+        model = build()
+    try:
+        return model.count_params(), count_macs(model)
+    finally:
+        fast_ops.forget_deferred(model.weights)
 
 
 def variant_names() -> list[str]:
     import convnext_v1
     import convnext_v2
 
-    return list(dict.fromkeys([*convnext_v1.VARIANTS, *convnext_v2.VARIANTS]))
+    return list(dict.fromkeys([*convnext_v1.SIZES, *convnext_v2.SIZES]))
 
 
 def table_row(name: str) -> str:
     """One Markdown row: parameters (1000 classes) and GMACs at 224x224 per family."""
     import convnext_v1
     import convnext_v2
-    from convnext_layers import count_macs
 
     cells = []
-    for family, create in (
-        (convnext_v1, convnext_v1.create_convnext_v1),
-        (convnext_v2, convnext_v2.create_convnext_v2),
+    for family, create, sizes in (
+        (convnext_v1, convnext_v1.create_convnext_v1, convnext_v1.SIZES),
+        (convnext_v2, convnext_v2.create_convnext_v2, convnext_v2.SIZES),
     ):
-        if name in family.VARIANTS:
-            model = create(name)
-            cells += [f"{model.count_params():,}", f"{count_macs(model) / 1e9:.2f}"]
+        if name in sizes:
+            params, macs = _measure(lambda: create(name, input_shape=(224, 224, 3)))  # noqa: B023
+            cells += [f"{params:,}", f"{macs / 1e9:.2f}"]
             config = family.VARIANTS[name]
-            del model
         else:
             cells += ["-", "-"]
     depths = ", ".join(map(str, config.depths))
@@ -62,28 +80,86 @@ def variant_table() -> str:
     return "\n".join([HEADER, *(table_row(name) for name in variant_names())])
 
 
-def replace_between_markers(text: str, table: str) -> str:
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n{table}\n{END}{tail}"
+def published_tags() -> dict[str, list]:
+    """{architecture: [(tag, licence)]} of timm's published ConvNeXt weights."""
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    tags = {}
+    for tag in timm.list_models("convnext*", pretrained=True):
+        license_name = get_pretrained_cfg(tag).to_dict().get("license") or "?"
+        tags.setdefault(tag.split(".")[0], []).append((tag, license_name))
+    return tags
+
+
+def _describe(config) -> tuple[str, str, str]:
+    stem = config.stem if config.stem == "patch" else f"{config.stem} 3x3"
+    norm = config.norm + (f" eps {config.norm_eps:g}" if config.norm_eps != 1e-6 else "")
+    head = "norm, fc"
+    if config.head_norm_first:
+        head = "norm_pre, fc"
+    elif config.head_hidden_size:
+        head = f"norm, MLP {config.head_hidden_size}, fc"
+    if config.use_grn:
+        norm += ", GRN"
+    return stem, norm, head
+
+
+def architecture_row(arch: str, tags) -> str:
+    import weights_convert as wc
+
+    config = wc.ARCHITECTURES[arch]
+    params, _ = _measure(lambda: wc.keras_model_for(arch, input_shape=(224, 224, 3)))
+    stem, norm, head = _describe(config)
+    licences = ", ".join(sorted({license_name for _, license_name in tags})) or "-"
+    return (
+        f"| `{arch}` | {stem} | {norm} | {head} | {params:,} | {len(tags)} | {licences} |"
+    )
+
+
+def architecture_table() -> str:
+    import weights_convert as wc
+
+    tags = published_tags()
+    names = [a for a in wc.ARCHITECTURES if not a.startswith("test_")]
+    rows = [architecture_row(arch, tags.get(arch, [])) for arch in names]
+    total = sum(len(v) for k, v in tags.items() if k in wc.ARCHITECTURES)
+    footer = (
+        f"\n\n{len(names)} architectures, {total} of timm's "
+        f"{sum(len(v) for v in tags.values())} published tags (plus timm's test models "
+        "`test_convnext`, `test_convnext2`, `test_convnext3`)."
+    )
+    return "\n".join([ARCH_HEADER, *rows]) + footer
+
+
+def replace_between(text: str, begin: str, end: str, table: str) -> str:
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{table}\n{end}{tail}"
+
+
+def updated_readme(text: str) -> str:
+    text = replace_between(text, BEGIN, END, variant_table())
+    return replace_between(text, ARCH_BEGIN, ARCH_END, architecture_table())
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="fail if README.md is stale")
     args = parser.parse_args(argv)
+    import timm  # noqa: F401  (before keras: see tests/conftest.py)
+
+    from weights_convert.files import atomic_write_text
+
     readme = ROOT / "README.md"
     text = readme.read_text()
-    updated = replace_between_markers(text, variant_table())
+    updated = updated_readme(text)
     if args.check:
         if updated != text:
-            print("README.md variant table is out of date: run scripts/variant_table.py")
+            print("README.md tables are out of date: run scripts/variant_table.py")
             return 1
         return 0
-    fd, tmp = tempfile.mkstemp(dir=ROOT, suffix=".md.tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(updated)
-    os.replace(tmp, readme)
+    atomic_write_text(readme, updated)
     print(f"updated {readme}")
     return 0
 

@@ -165,7 +165,7 @@ def test_compute_embedding_matches_timm_pre_logits(fixture, request):
     folder, timm_model = request.getfixturevalue(fixture)
     model = build_model(folder, cache=False)
     assert model.output_shape == (None, 320) and embedding_dim(model) == 320
-    assert model.input_shape == (None, 224, 224, 3)
+    assert model.input_shape == (None, None, None, 3)
     pre = Preprocessor(model.pretrained_cfg)
     x = np.stack([pre(photo(n)) for n in ("rocket", "camera")])  # RGB and grey
     expected = timm_embedding(timm_model, x)
@@ -437,3 +437,47 @@ def test_help_does_not_import_keras():
     code = "import sys, embedding.cli as c; c.build_parser(); print('keras' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# ----------------------------------------------------------------------------
+# Preprocessing of every kind of published tag, and the test size
+# ----------------------------------------------------------------------------
+
+TAG_CFGS = [
+    "convnext_large_mlp.clip_laion2b_augreg_ft_in1k_384",  # CLIP mean/std, squash, 384
+    "convnext_base.clip_laion2b",  # CLIP, crop_pct 1.0, 256
+    "convnext_base.fb_in22k_ft_in1k_384",  # ImageNet, squash
+    "convnext_zepto_rms.ra4_e3600_r224_in1k",  # mean / std 0.5
+    "convnext_nano.in12k_ft_in1k",  # crop_pct 0.95
+]
+
+
+@pytest.mark.parametrize("tag", TAG_CFGS)
+@pytest.mark.parametrize("use_test_size", [False, True])
+def test_preprocess_matches_timm_for_published_tags(tag, use_test_size):
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(tag).to_dict()
+    transform = create_transform(
+        **resolve_data_config({}, pretrained_cfg=cfg, use_test_size=use_test_size)
+    )
+    preprocessor = Preprocessor(cfg, use_test_size=use_test_size)
+    for name in ("astronaut", "coffee", "camera"):
+        image = Image.fromarray(photo(name))
+        expected = transform(image.convert("RGB")).numpy().transpose(1, 2, 0)
+        got = preprocessor(image)
+        assert got.shape == expected.shape
+        np.testing.assert_allclose(got, expected, atol=1e-5, err_msg=f"{tag} {name}")
+
+
+def test_embedder_at_the_test_input_size(small_checkpoint):
+    """use_test_size: timm's test-time resolution, through a model that takes any size."""
+    folder, timm_model = small_checkpoint
+    cfg = dict(timm_model.pretrained_cfg, input_size=(3, 64, 64), test_input_size=(3, 96, 96))
+    cfg["test_crop_pct"] = 1.0
+    embedder = Embedder(folder, pretrained_cfg=cfg, use_test_size=True, cache=False)
+    assert embedder.preprocessor.config.input_size == (96, 96)
+    image = photo("chelsea")
+    transform = create_transform(**resolve_data_config({}, pretrained_cfg=cfg, use_test_size=True))
+    x = transform(Image.fromarray(image)).numpy()[None].transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(embedder.embed(image), timm_embedding(timm_model, x), atol=1e-5)

@@ -47,3 +47,10 @@ def test_variant_table_lists_every_variant():
 @pytest.mark.parametrize("name", ["atto", "tiny"])
 def test_variant_table_rows_are_current(name):
     assert variant_table.table_row(name) in README
+
+
+@pytest.mark.slow
+def test_generated_tables_are_current():
+    """Both generated tables (sizes; architectures with their published tags) as the
+    code and timm's registry give them now."""
+    assert variant_table.updated_readme(README) == README

@@ -370,8 +370,8 @@ def test_hub_id_from_local_cache_offline(variable, tmp_path, monkeypatch, timm_a
 # ----------------------------------------------------------------------------
 
 
-def _write_state(tmp_path, state, name="model.safetensors", config_from=None):
-    folder = tmp_path / "edited"
+def _write_state(tmp_path, state, name="model.safetensors", config_from=None, folder="edited"):
+    folder = tmp_path / folder
     folder.mkdir(exist_ok=True)
     save_numpy(state, str(folder / name))
     if config_from is not None:
@@ -713,3 +713,212 @@ def test_peak_memory_is_bounded(tmp_path):
     growth = int(result.stdout.split()[-1])
     model_bytes = checkpoint  # fp32 checkpoint == fp32 weights
     assert growth < 2 * checkpoint + model_bytes, (growth, checkpoint)
+
+
+# ----------------------------------------------------------------------------
+# Malformed checkpoints and configs: one clear error each, as the reference refuses
+# ----------------------------------------------------------------------------
+
+
+def _raw_safetensors(path, header, data=b""):
+    """Write a safetensors file from a header dict (or raw header bytes) and data bytes."""
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+    return path
+
+
+def _entry(begin, end, shape=(2,)):
+    return {"dtype": "F32", "shape": list(shape), "data_offsets": [begin, end]}
+
+
+MALFORMED_SAFETENSORS = {
+    "metadata_string": ({"__metadata__": "x", "a": _entry(0, 8)}, 8, "__metadata__"),
+    "metadata_list": ({"__metadata__": [1, 2], "a": _entry(0, 8)}, 8, "__metadata__"),
+    "metadata_int_value": ({"__metadata__": {"k": 5}, "a": _entry(0, 8)}, 8, "__metadata__"),
+    "float_offsets": (
+        {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0.0, 8.0]}},
+        8,
+        "corrupt safetensors entry",
+    ),
+    "bool_shape": (
+        {"a": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}},
+        4,
+        "corrupt safetensors entry",
+    ),
+    "unknown_dtype": (
+        {"a": {"dtype": "F33", "shape": [2], "data_offsets": [0, 8]}},
+        8,
+        "corrupt safetensors entry",
+    ),
+    "extra_field": ({"a": dict(_entry(0, 8), extra=1)}, 8, "corrupt safetensors entry"),
+    "overlap": ({"a": _entry(0, 8), "b": _entry(4, 12)}, 12, "overlaps"),
+    "gap": ({"a": _entry(0, 8), "b": _entry(12, 20)}, 20, "gap"),
+    "trailing_bytes": ({"a": _entry(0, 8)}, 12, "after the last tensor"),
+    "size_mismatch": ({"a": _entry(0, 12)}, 12, "corrupt safetensors entry"),
+    "not_an_object": ([1, 2], 0, "not a JSON object"),
+    "duplicate_key": (b'{"a": ' + json.dumps(_entry(0, 8)).encode() + b', "a": '
+                      + json.dumps(_entry(0, 8)).encode() + b"}", 8, "duplicate key"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_SAFETENSORS))
+def test_malformed_safetensors_are_refused_like_the_reference(case, tmp_path):
+    from safetensors import SafetensorError
+
+    header, data_size, message = MALFORMED_SAFETENSORS[case]
+    path = _raw_safetensors(tmp_path / "model.safetensors", header, b"\0" * data_size)
+    with pytest.raises(wc.CheckpointError, match=message):
+        wc.read_safetensors(path)
+    if case not in ("metadata_int_value", "extra_field", "duplicate_key"):  # reference is laxer
+        with pytest.raises((SafetensorError, ValueError, TypeError)):
+            load_numpy(str(path))
+    # a well-formed file of the same kind is read by both
+    good = _raw_safetensors(tmp_path / "good.safetensors", {"a": _entry(0, 8)}, b"\0" * 8)
+    np.testing.assert_array_equal(wc.read_safetensors(good)[0]["a"], load_numpy(str(good))["a"])
+
+
+BAD_CONFIGS = {
+    "pretrained_cfg_list": ({"pretrained_cfg": [1, 2]}, "pretrained_cfg must be a JSON object"),
+    "model_args_string": ({"model_args": "abc"}, "model_args must be a JSON object"),
+    "architecture_int": ({"architecture": 5}, "architecture must be"),
+    "num_classes_string": ({"num_classes": "x"}, "num_classes must be an int"),
+    "mean_string": ({"pretrained_cfg": {"mean": "abc"}}, "mean must be 3 finite numbers"),
+    "std_zero": ({"pretrained_cfg": {"std": [0, 0, 0]}}, "std must be 3 positive numbers"),
+    "mean_nan": ({"pretrained_cfg": {"mean": [0.5, float("nan"), 0.5]}}, "mean must be"),
+    "input_size_negative": ({"pretrained_cfg": {"input_size": [3, -1, 5]}}, "input_size"),
+    "interpolation": ({"pretrained_cfg": {"interpolation": "magic"}}, "interpolation must be"),
+    "crop_pct": ({"pretrained_cfg": {"crop_pct": 2}}, "crop_pct must be"),
+    "global_pool": ({"global_pool": "token"}, "global_pool must be"),
+    "not_an_object": ([1, 2, 3], "must hold a JSON object"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_malformed_config_json_is_refused_naming_the_field(case, tmp_path, timm_atto_checkpoint):
+    folder, _ = timm_atto_checkpoint
+    changes, message = BAD_CONFIGS[case]
+    if isinstance(changes, dict):
+        config = read_json(os.path.join(folder, "config.json"))
+        config.update(changes)
+    else:
+        config = changes
+    edited = tmp_path / "ckpt"
+    edited.mkdir()
+    os.link(os.path.join(folder, "model.safetensors"), edited / "model.safetensors")
+    (edited / "config.json").write_text(json.dumps(config))
+    with pytest.raises(wc.CheckpointConfigError, match=message) as info:
+        wc.load_timm(edited, verbose=False)
+    assert "config.json" in str(info.value)
+
+
+def test_broken_tensors_give_the_strict_list_not_a_raw_error(tmp_path, timm_atto_checkpoint):
+    folder, _ = timm_atto_checkpoint
+    state = dict(load_numpy(os.path.join(folder, "model.safetensors")))
+    cases = {
+        "no_stem": ({k: v for k, v in state.items() if not k.startswith("stem.0.")}, True),
+        "flat_fc": (dict(state, **{"head.fc.weight": np.zeros(1000, np.float32)}), True),
+        "flat_fc2": (
+            dict(state, **{"stages.1.blocks.0.mlp.fc2.weight": np.zeros(80, np.float32)}),
+            True,
+        ),
+        "no_blocks": ({k: v for k, v in state.items() if ".conv_dw." not in k}, False),
+    }
+    expected = {
+        "no_stem": (wc.CheckpointMismatchError, "missing keys .*stem.0.weight"),
+        "flat_fc": (wc.CheckpointError, "head.fc.weight must be a 2-D"),
+        "flat_fc2": (wc.CheckpointMismatchError, "shape mismatch stages.1.blocks.0"),
+        "no_blocks": (wc.CheckpointError, "conv_dw"),
+    }
+    for name, (edited, with_config) in cases.items():
+        path = _write_state(
+            tmp_path, edited, config_from=folder if with_config else None, folder=name
+        )
+        error, message = expected[name]
+        with pytest.raises(error, match=message):
+            wc.load_timm(path, verbose=False)
+
+
+def test_config_json_beside_a_bare_file_is_not_used(tmp_path, atto_file):
+    path, _ = atto_file
+    folder = tmp_path / "with_config"
+    folder.mkdir()
+    os.link(path, folder / "model.safetensors")
+    (folder / "config.json").write_text(
+        json.dumps(
+            {"architecture": "convnext_femto", "pretrained_cfg": {"input_size": [3, 160, 160]}}
+        )
+    )
+    _, info = wc.load_checkpoint(folder / "model.safetensors")  # the file alone
+    assert info["architecture"] == "convnext_atto"
+    assert info["pretrained_cfg"]["input_size"] == (3, 224, 224)
+    with pytest.raises(wc.CheckpointMismatchError):  # the folder: its config.json says femto
+        wc.load_timm(folder, verbose=False)
+
+
+# ----------------------------------------------------------------------------
+# Saved models: self-describing files, older files, damaged files, killed writes
+# ----------------------------------------------------------------------------
+
+
+def test_files_from_before_models_carried_their_config_still_load(tmp_path, timm_atto_checkpoint):
+    """The layout of an earlier version's output: a plain functional model + sidecar."""
+    folder, timm_model = timm_atto_checkpoint
+    model = wc.load_timm(folder, input_shape=(64, 64, 3), verbose=False)
+    plain = keras.Model(model.inputs, model.outputs, name="convnext_atto")
+    plain.save(tmp_path / "old.keras")
+    sidecar = {"architecture": "convnext_atto", "num_classes": 1000,
+               "pretrained_cfg": {"input_size": [3, 64, 64], "mean": [0.5] * 3}}  # fmt: skip
+    (tmp_path / "old.config.json").write_text(json.dumps(sidecar))
+    loaded = wc.load_converted(tmp_path / "old.keras")
+    assert loaded.timm_architecture == "convnext_atto"
+    assert loaded.pretrained_cfg["input_size"] == [3, 64, 64]
+    x = images(1, 64)
+    np.testing.assert_allclose(
+        loaded.predict_on_batch(nchw_to_nhwc(x)), timm_outputs(timm_model, x)["logits"], atol=ATOL
+    )
+
+
+def test_damaged_or_foreign_saved_models_are_refused(tmp_path, atto_file):
+    (tmp_path / "truncated.keras").write_bytes(b"PK\x03\x04" + b"\0" * 20)
+    (tmp_path / "photo.keras").write_bytes(b"\xff\xd8\xff\xe0 not a zip")
+    (tmp_path / "empty.keras").write_bytes(b"")
+    for name in ("truncated.keras", "photo.keras", "empty.keras", "missing.keras"):
+        with pytest.raises(wc.SavedModelError, match="not a .keras model file|does not exist"):
+            wc.load_converted(tmp_path / name)
+    with pytest.raises(wc.SavedModelError, match="a saved model is a .keras file"):
+        wc.load_converted(atto_file[0])
+    with pytest.raises(wc.SavedModelError, match="config.json"):
+        wc.load_converted(tmp_path / "alone.weights.h5")
+
+
+@pytest.mark.slow
+def test_killed_conversions_leave_nothing_behind(tmp_path, timm_atto_checkpoint):
+    """kill -9 in the middle of writing: the earlier output survives whole, and the next
+    run removes the dead run's temporary file."""
+    folder, _ = timm_atto_checkpoint
+    out = tmp_path / "atto.keras"
+    command = [sys.executable, "-m", "weights_convert", folder, "-o", str(out), "-q"]
+    env = dict(os.environ, KERAS_BACKEND=keras.backend.backend())
+    cwd = os.path.dirname(os.path.dirname(os.path.abspath(wc.__file__)))
+    assert (
+        subprocess.run(command, env=env, cwd=cwd, capture_output=True, timeout=300).returncode == 0
+    )
+    interrupted = 0
+    for _ in range(3):
+        process = subprocess.Popen(
+            command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.time() + 240
+        while time.time() < deadline and process.poll() is None:
+            if any(".tmp-" in n for n in os.listdir(tmp_path)):
+                process.kill()
+                break
+            time.sleep(0.001)
+        process.wait()
+        interrupted += any(".tmp-" in n for n in os.listdir(tmp_path))
+        assert wc.load_converted(out).timm_architecture == "convnext_atto"  # old or new, whole
+    assert interrupted, "no write was interrupted"
+    result = subprocess.run(command, env=env, cwd=cwd, capture_output=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(tmp_path)) == ["atto.keras"]
+    assert wc.load_converted(out).timm_architecture == "convnext_atto"

@@ -41,6 +41,7 @@ def keras_model_for(
     output_stages=None,
     head_norm: bool = True,
     normalize: bool = False,
+    gem_p: float = 3.0,
     in_chans: int | None = None,
     name: str | None = None,
 ) -> ConvNeXt:
@@ -75,6 +76,7 @@ def keras_model_for(
         pooling=pooling,
         head_norm=head_norm,
         normalize=normalize,
+        gem_p=gem_p,
         input_shape=_channels_shape(input_shape, in_chans),
         output_stages=output_stages,
         timm_architecture=arch,

@@ -155,10 +155,8 @@ def head_plan(model: keras.Model, state_dict) -> tuple[tuple[str, ...], list[str
             "as timm does"
         )
     ckpt_classes = classifier_size(state_dict)
-    if "head_fc" not in layers:
+    if "head_fc" not in layers:  # features / pre-logits asked for: the classifier goes
         skip.append(CLASSIFIER_PREFIX)
-        if ckpt_classes and getattr(model, "include_top", False):
-            notes.append(f"the checkpoint's {ckpt_classes}-class classifier is dropped")
     else:
         classes = int(model.get_layer("head_fc").units)
         if ckpt_classes == 0:

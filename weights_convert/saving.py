@@ -17,8 +17,9 @@ import zipfile
 import keras
 
 from convnext_layers import ConvNeXt, load_saved_model
+from convnext_layers.model import jsonable
 from weights_convert.convert import annotate_model
-from weights_convert.errors import OutputPathError, SavedModelError
+from weights_convert.errors import SavedModelError
 from weights_convert.files import atomic_path, atomic_write_text, check_writable
 
 OUTPUT_SUFFIXES = (".keras", ".weights.h5")
@@ -34,18 +35,32 @@ def sidecar_path(output) -> str:
     return output + ".config.json"
 
 
-def save_converted(model: keras.Model, output, metadata: dict | None = None) -> str:
-    """Save to OUT.keras (self-describing) or OUT.weights.h5 (+ OUT.config.json), atomically.
+def save_converted(
+    model: keras.Model, output, metadata: dict | None = None, *, extra: dict | None = None
+) -> str:
+    """Save to OUT.keras or OUT.weights.h5 atomically; returns the path.
 
-    `metadata` entries are merged into the model's `metadata` first.
+    A `ConvNeXt` `.keras` file describes itself (`metadata` entries, or `extra`,
+    are merged into the model's `metadata` first). A `.weights.h5` file gets
+    `OUT.config.json` with the model's config. Any other Keras model (e.g. your
+    own backbone fine-tuned by `embedding.finetune`) is saved with a sidecar
+    `OUT.config.json` holding its `timm_architecture`, `pretrained_cfg` and the
+    metadata, which `load_converted` attaches again.
     """
     output = check_writable(output, suffixes=OUTPUT_SUFFIXES)
+    metadata = {**(metadata or {}), **(extra or {})}
     if not isinstance(model, ConvNeXt):
-        raise OutputPathError(
-            f"save_converted saves ConvNeXt models; got a {type(model).__name__}. Use model.save()."
-        )
+        with atomic_path(output) as tmp:
+            model.save(tmp) if output.endswith(".keras") else model.save_weights(tmp)
+        description = {
+            "architecture": getattr(model, "timm_architecture", None),
+            "pretrained_cfg": jsonable(getattr(model, "pretrained_cfg", None) or {}),
+            **jsonable(metadata),
+        }
+        atomic_write_text(sidecar_path(output), json.dumps(description, indent=1))
+        return output
     if metadata:
-        model.metadata.update(metadata)
+        model.metadata.update(jsonable(metadata))
     if output.endswith(".keras"):
         with atomic_path(output) as tmp:
             model.save(tmp)
@@ -109,7 +124,9 @@ def load_converted(path) -> keras.Model:
     if not isinstance(model, ConvNeXt):
         sidecar = sidecar_path(path)
         meta = _read_sidecar(sidecar) if os.path.exists(sidecar) else {}
-        annotate_model(model, meta.get("architecture"), meta.get("pretrained_cfg") or {})
+        annotate_model(model, meta.pop("architecture", None), meta.pop("pretrained_cfg", None))
+        meta.pop("num_classes", None)
+        object.__setattr__(model, "metadata", meta)
     return model
 
 
