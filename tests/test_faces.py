@@ -170,6 +170,11 @@ def test_bgr_and_rgb_frames_give_the_same_embeddings(embedder):
     for other in (bgr, pil):
         assert other[0].box == rgb[0].box
         np.testing.assert_allclose(other[0].embedding, rgb[0].embedding, atol=1e-6)
+    # float frames: the crops stay float arrays, still RGB whatever the frame's order was
+    rgb_float = embedder.embed_faces(ASTRONAUT / 255.0)
+    bgr_float = embedder.embed_faces(ASTRONAUT[:, :, ::-1] / 255.0, channel_order="bgr")
+    assert len(rgb_float) == len(bgr_float) == 1 and rgb_float[0].box == rgb[0].box
+    np.testing.assert_allclose(bgr_float[0].embedding, rgb_float[0].embedding, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------
@@ -445,6 +450,63 @@ def test_yunet_detector_needs_the_model_file(tmp_path):
         faces.YuNetDetector(tmp_path / "face_detection_yunet.onnx")
 
 
+def fake_yunet_model(path, side, box, landmarks, stride=32):
+    """An ONNX file with YuNet's interface (input [1, 3, side, side]; outputs cls/obj/bbox/kps
+    for strides 8, 16, 32) whose only confident anchor encodes `box` and `landmarks` the way
+    OpenCV's FaceDetectorYN decodes them. No real YuNet model is available offline."""
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    nodes = [
+        helper.make_node("ReduceMean", ["input"], ["mean"], keepdims=0),
+        helper.make_node("Reshape", ["mean", "shape"], ["mean3"]),
+        helper.make_node("Mul", ["mean3", "zero"], ["nothing"]),  # outputs depend on the input
+    ]
+    constants = [
+        numpy_helper.from_array(np.array([1, 1, 1], np.int64), "shape"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+    ]
+    outputs = []
+    (x1, y1, x2, y2), points = box, np.asarray(landmarks, dtype=np.float64)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    for kind, channels in (("cls", 1), ("obj", 1), ("bbox", 4), ("kps", 10)):
+        for step in (8, 16, 32):
+            cells = side // step
+            value = np.zeros((1, cells * cells, channels), np.float32)
+            if step == stride:
+                row, col = int(cy // step), int(cx // step)
+                encoded = {
+                    "cls": [1.0],
+                    "obj": [1.0],
+                    "bbox": [cx / step - col, cy / step - row]
+                    + [np.log((x2 - x1) / step), np.log((y2 - y1) / step)],
+                    "kps": (points / step - [col, row]).ravel(),
+                }[kind]
+                value[0, row * cells + col] = encoded
+            name = f"{kind}_{step}"
+            constants.append(numpy_helper.from_array(value, name + "_value"))
+            nodes.append(helper.make_node("Add", [name + "_value", "nothing"], [name]))
+            outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, value.shape))
+    image = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, side, side])
+    graph = helper.make_graph(nodes, "fake_yunet", [image], outputs, constants)
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    return str(path)
+
+
+def test_yunet_detector_through_opencv(embedder, tmp_path):
+    """`YuNetDetector` runs OpenCV's real FaceDetectorYN decoding on a stand-in model file."""
+    pytest.importorskip("onnx")
+    path = fake_yunet_model(tmp_path / "yunet.onnx", 512, ASTRONAUT_BOX, ASTRONAUT_LANDMARKS)
+    detector = faces.YuNetDetector(path)
+    (found,) = detector(ASTRONAUT)
+    np.testing.assert_allclose(found.box, ASTRONAUT_BOX, atol=1e-3)  # float32 decoding
+    assert found.score == pytest.approx(1.0)
+    np.testing.assert_allclose(found.landmarks, ASTRONAUT_LANDMARKS, atol=1e-4)
+    (face,) = embedder.embed_faces(ASTRONAUT, detector=detector)
+    manual = embedder.embed(align_face(ASTRONAUT, found.landmarks, SIZE))
+    assert face.aligned and face.landmarks.shape == (5, 2)
+    np.testing.assert_allclose(face.embedding, manual[0], atol=1e-6)
+
+
 # ----------------------------------------------------------------------------
 # Enrol and identify
 # ----------------------------------------------------------------------------
@@ -459,7 +521,8 @@ def save(array, path, **kwargs):
 @pytest.fixture(scope="session")
 def people(tmp_path_factory):
     """PEOPLE/alice: 3 photos of the astronaut (whole, downscaled, cropped); PEOPLE/bob: the
-    mirrored astronaut, a photo without a face (coffee) and a corrupt file; a loose photo."""
+    mirrored astronaut, a photo of two faces (its largest is enrolled), a photo without a face
+    (coffee) and a corrupt file; a loose photo."""
     root = tmp_path_factory.mktemp("people")
     small = np.asarray(Image.fromarray(ASTRONAUT).resize((384, 384), Image.Resampling.BILINEAR))
     save(ASTRONAUT, root / "alice" / "a1.jpg", quality=95)
@@ -467,6 +530,7 @@ def people(tmp_path_factory):
     save(ASTRONAUT[20:400, 60:460], root / "alice" / "sub" / "a3.jpg", quality=95)
     save(ASTRONAUT[:, ::-1], root / "bob" / "b1.jpg", quality=95)
     save(skimage.data.coffee(), root / "bob" / "b2.jpg", quality=95)
+    save(TWO_FACES, root / "bob" / "b4.png")
     (root / "bob" / "b3.jpg").write_bytes(b"these bytes are not an image")
     save(ASTRONAUT, root / "loose.jpg")
     (root / "carol").mkdir()  # a person folder without photos: nobody to enrol
@@ -475,13 +539,14 @@ def people(tmp_path_factory):
 
 def test_enroll_and_identify_library(embedder, people):
     result = faces.enroll_folder(embedder, people)
-    assert result.gallery.labels == ["alice", "alice", "alice", "bob"]
-    assert result.counts() == {"alice": 3, "bob": 1}
+    assert result.gallery.labels == ["alice", "alice", "alice", "bob", "bob"]
+    assert result.counts() == {"alice": 3, "bob": 2}
     assert [os.path.relpath(s, people) for s in result.sources] == [
         "alice/a1.jpg",
         "alice/a2.png",
         os.path.join("alice", "sub", "a3.jpg"),
         "bob/b1.jpg",
+        "bob/b4.png",
     ]
     reasons = {os.path.relpath(photo, people): reason for photo, reason in result.skipped}
     assert reasons.keys() == {"loose.jpg", "bob/b2.jpg", "bob/b3.jpg"}
@@ -490,6 +555,9 @@ def test_enroll_and_identify_library(embedder, people):
     # row 0 is the largest face of a1.jpg, embedded as embed_faces does it
     (a1,) = embedder.embed_faces(str(people / "alice" / "a1.jpg"), policy="largest")
     np.testing.assert_allclose(result.gallery.embeddings[0], a1.embedding, atol=1e-6)
+    two = embedder.embed_faces(TWO_FACES)  # b4.png: only its larger face is enrolled
+    larger = max(two, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
+    np.testing.assert_allclose(result.gallery.embeddings[4], larger.embedding, atol=1e-6)
 
     found = faces.identify(embedder, TWO_FACES, result.gallery, threshold=0.0)
     expected = embedder.embed_faces(TWO_FACES)
@@ -544,12 +612,12 @@ def test_cli_enroll_and_identify(embedder, faces_checkpoint, people, tmp_path, c
     code = embedding_cli.main(["enroll", str(people), "-o", str(gallery_path), *common])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert "enrolled alice: 3 photos" in captured.out and "enrolled bob: 1 photo\n" in captured.out
-    assert "4 faces of 2 people (dim 320), 3 photos skipped" in captured.out
+    assert "enrolled alice: 3 photos\nenrolled bob: 2 photos\n" in captured.out
+    assert "5 faces of 2 people (dim 320), 3 photos skipped" in captured.out
     skipped = [line for line in captured.err.splitlines() if line.startswith("skipped: ")]
     assert len(skipped) == 3 and any("b2.jpg: no face found" in line for line in skipped)
     gallery = Gallery.load(gallery_path)
-    assert gallery.labels == ["alice", "alice", "alice", "bob"]
+    assert gallery.labels == ["alice", "alice", "alice", "bob", "bob"]
 
     frame = save(TWO_FACES, tmp_path / "two.png")
     code = embedding_cli.main(["identify", frame, "--gallery", str(gallery_path), *common])
@@ -632,7 +700,7 @@ def test_cli_subprocess(faces_checkpoint, people, tmp_path):
     )
     enrolled = run("enroll", str(people), "-o", str(gallery))
     assert enrolled.returncode == 0, enrolled.stderr
-    assert "4 faces of 2 people" in enrolled.stdout
+    assert "5 faces of 2 people" in enrolled.stdout
     identified = run("identify", str(people / "alice" / "a1.jpg"), "--gallery", str(gallery))
     assert identified.returncode == 0, identified.stderr
     rows = _parse_identify(identified.stdout)
