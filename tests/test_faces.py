@@ -160,7 +160,7 @@ def test_bad_boxes_are_refused_clearly(box, kwargs, fragment):
         assert "[x1, y1, x2, y2]" in str(info.value) and "[x, y, width, height]" in str(info.value)
 
 
-def test_bgr_and_rgb_frames_give_the_same_embeddings(embedder):
+def test_bgr_and_rgb_frames_give_the_same_embeddings(embedder, monkeypatch):
     rgb = embedder.embed_faces(ASTRONAUT)
     bgr = embedder.embed_faces(ASTRONAUT[:, :, ::-1], channel_order="bgr")
     pil = embedder.embed_faces(Image.fromarray(ASTRONAUT))
@@ -170,9 +170,11 @@ def test_bgr_and_rgb_frames_give_the_same_embeddings(embedder):
     for other in (bgr, pil):
         assert other[0].box == rgb[0].box
         np.testing.assert_allclose(other[0].embedding, rgb[0].embedding, atol=1e-6)
-    # float frames: the crops stay float arrays, still RGB whatever the frame's order was
+    # float frames: the crops stay float arrays, RGB whatever order the frame (here: the
+    # embedder's default) had
     rgb_float = embedder.embed_faces(ASTRONAUT / 255.0)
-    bgr_float = embedder.embed_faces(ASTRONAUT[:, :, ::-1] / 255.0, channel_order="bgr")
+    monkeypatch.setattr(embedder, "channel_order", "bgr")
+    bgr_float = embedder.embed_faces(ASTRONAUT[:, :, ::-1] / 255.0)
     assert len(rgb_float) == len(bgr_float) == 1 and rgb_float[0].box == rgb[0].box
     np.testing.assert_allclose(bgr_float[0].embedding, rgb_float[0].embedding, atol=1e-6)
 
@@ -315,6 +317,13 @@ def test_aligned_embeddings_agree_better_than_unaligned(embedder, degrees, scale
 # ----------------------------------------------------------------------------
 
 TWO_FACES = np.concatenate([ASTRONAUT, ASTRONAUT[:, ::-1]], axis=1)  # (512, 1024, 3)
+# The astronaut at half size (face ~52 px) left of the mirrored full-size one (face ~100 px):
+# the default detector lists the smaller face first.
+GROUP = np.zeros((512, 768, 3), np.uint8)
+GROUP[:256, :256] = np.asarray(
+    Image.fromarray(ASTRONAUT).resize((256, 256), Image.Resampling.BILINEAR)
+)
+GROUP[:, 256:] = ASTRONAUT[:, ::-1]
 
 
 def test_embed_faces_equals_manual_crop_and_embed(embedder):
@@ -530,7 +539,7 @@ def people(tmp_path_factory):
     save(ASTRONAUT[20:400, 60:460], root / "alice" / "sub" / "a3.jpg", quality=95)
     save(ASTRONAUT[:, ::-1], root / "bob" / "b1.jpg", quality=95)
     save(skimage.data.coffee(), root / "bob" / "b2.jpg", quality=95)
-    save(TWO_FACES, root / "bob" / "b4.png")
+    save(GROUP, root / "bob" / "b4.png")
     (root / "bob" / "b3.jpg").write_bytes(b"these bytes are not an image")
     save(ASTRONAUT, root / "loose.jpg")
     (root / "carol").mkdir()  # a person folder without photos: nobody to enrol
@@ -555,9 +564,10 @@ def test_enroll_and_identify_library(embedder, people):
     # row 0 is the largest face of a1.jpg, embedded as embed_faces does it
     (a1,) = embedder.embed_faces(str(people / "alice" / "a1.jpg"), policy="largest")
     np.testing.assert_allclose(result.gallery.embeddings[0], a1.embedding, atol=1e-6)
-    two = embedder.embed_faces(TWO_FACES)  # b4.png: only its larger face is enrolled
-    larger = max(two, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
-    np.testing.assert_allclose(result.gallery.embeddings[4], larger.embedding, atol=1e-6)
+    group = embedder.embed_faces(GROUP)  # b4.png: only its larger face is enrolled
+    areas = [(f.box[2] - f.box[0]) * (f.box[3] - f.box[1]) for f in group]
+    assert len(group) == 2 and areas[1] > areas[0]  # the larger face is not the first found
+    np.testing.assert_allclose(result.gallery.embeddings[4], group[1].embedding, atol=1e-6)
 
     found = faces.identify(embedder, TWO_FACES, result.gallery, threshold=0.0)
     expected = embedder.embed_faces(TWO_FACES)
