@@ -393,7 +393,7 @@ def run_enroll(args):
     print(
         f"wrote {args.output}: {len(result.gallery)} faces of {len(counts)} people "
         f"(dim {result.gallery.dim})"
-        + (f", {len(result.skipped)} photos skipped" if result.skipped else "")
+        + (f", {len(result.skipped)} skipped" if result.skipped else "")
     )
     return 0
 

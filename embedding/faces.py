@@ -32,7 +32,9 @@ Conventions
   112x112 5-point template of insightface's ArcFace models) scaled to the model's input size, and
   warps with `skimage.transform.warp` (bilinear). With only the two eyes, rotation and scale come
   from the eyes and the eyes land on their template positions. Aligned crops ignore `margin`:
-  the template decides the framing.
+  the template decides the framing. They are made at the model's input size and then go
+  through the checkpoint's preprocessing like any image (with crop_pct < 1, the model sees
+  their central crop_pct part, as it would for any image of that size).
 
 Detectors
 ---------
@@ -48,7 +50,12 @@ it works offline with no download (`pip install "keras-convnext[faces]"`; OpenCV
 cascade classifier). It is a WEAK BASELINE: frontal, upright, well-lit faces only; it misses
 profiles, small and rotated faces, fires on face-like texture (coins, patterns), and its eye
 landmarks are rough. For real use plug in a modern detector with 5 landmarks (RetinaFace, SCRFD,
-YOLOv8-face, YuNet, MediaPipe): see the README's "Faces" section.
+YOLOv8-face, YuNet, MediaPipe; the README's "Faces" section has one adapter for each), e.g.
+
+    from insightface.app import FaceAnalysis     # SCRFD: xyxy boxes, scores, 5 keypoints
+    app = FaceAnalysis(allowed_modules=["detection"]); app.prepare(ctx_id=-1)
+    scrfd = lambda rgb: [(f.bbox, f.det_score, f.kps) for f in app.get(rgb[:, :, ::-1])]
+    faces = emb.embed_faces(frame_bgr, detector=scrfd, channel_order="bgr")
 """
 
 from __future__ import annotations
@@ -794,25 +801,29 @@ def enroll(
     Photos that cannot be read or hold no face (after `min_size`) are skipped and listed in
     `Enrollment.skipped`; `FaceError` when no photo at all gives a face.
     """
+    from tqdm.auto import tqdm
+
     output_size = embedder.preprocessor.config.input_size
     crops, labels, sources, skipped = [], [], [], []
-    for label, photos in people.items():
-        for photo in photos:
-            name = describe_input(photo)
-            try:
-                picture = load_image(photo, channel_order=embedder.channel_order)
-            except ImageLoadError as error:
-                skipped.append((name, error.reason))
-                continue
-            found = _detect(picture, detector, "largest", min_size)
-            if not found:
-                skipped.append((name, "no face found"))
-                continue
-            crops.append(face_image(picture, found[0], output_size, align, margin)[0])
-            labels.append(str(label))
-            sources.append(name)
+    total = sum(len(photos) for photos in people.values())
+    with tqdm(total=total, disable=not embedder.progress, unit="photo", desc="detect") as bar:
+        for label, photos in people.items():
+            for photo in photos:
+                bar.update()
+                name = describe_input(photo)
+                try:
+                    picture = load_image(photo, channel_order=embedder.channel_order)
+                except ImageLoadError as error:
+                    skipped.append((name, error.reason))
+                    continue
+                found = _detect(picture, detector, "largest", min_size)
+                if not found:
+                    skipped.append((name, "no face found"))
+                    continue
+                crops.append(face_image(picture, found[0], output_size, align, margin)[0])
+                labels.append(str(label))
+                sources.append(name)
     if not crops:
-        total = sum(len(photos) for photos in people.values())
         raise FaceError(f"no face found in any of the {total} photo(s); nothing to enrol.")
     gallery = Gallery().add(embed_crops(embedder, crops, flip), labels)
     return Enrollment(gallery, sources, skipped)

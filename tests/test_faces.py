@@ -623,7 +623,7 @@ def test_cli_enroll_and_identify(embedder, faces_checkpoint, people, tmp_path, c
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "enrolled alice: 3 photos\nenrolled bob: 2 photos\n" in captured.out
-    assert "5 faces of 2 people (dim 320), 3 photos skipped" in captured.out
+    assert "5 faces of 2 people (dim 320), 3 skipped" in captured.out
     skipped = [line for line in captured.err.splitlines() if line.startswith("skipped: ")]
     assert len(skipped) == 3 and any("b2.jpg: no face found" in line for line in skipped)
     gallery = Gallery.load(gallery_path)
