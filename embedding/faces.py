@@ -658,7 +658,9 @@ class Face:
     crop_box: tuple[int, int, int, int] | None = None
 
 
-def face_image(picture, detection: Detection, output_size, align: bool = True, margin=0.2):
+def face_image(
+    picture, detection: Detection, output_size, align: bool = True, margin: float = DEFAULT_MARGIN
+):
     """(crop, crop_box or None): the aligned face when `align` and landmarks are there, else
     the box with `margin` cropped from `picture` (as `load_image` returns it)."""
     if align and detection.landmarks is not None:
