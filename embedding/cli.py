@@ -1,4 +1,4 @@
-"""Command line: `python -m embedding {demo,embed,verify,evaluate} ...`.
+"""Command line: `python -m embedding {demo,embed,verify,evaluate,enroll,identify} ...`.
 
 Each subcommand is a function `add_parser(subparsers)` that adds its parser and
 sets `handler=` to the function that runs it. `SUBCOMMANDS` lists them as
@@ -20,6 +20,8 @@ SUBCOMMANDS = [
     "embedding.cli:add_verify_parser",
     "embedding.cli:add_evaluate_parser",
     "embedding.finetune:add_finetune_parser",
+    "embedding.cli:add_enroll_parser",
+    "embedding.cli:add_identify_parser",
 ]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
@@ -291,6 +293,174 @@ def _run_demo(args):
     from embedding.demo import run_demo
 
     return run_demo(model=args.model, offline=args.offline)
+
+
+# ----------------------------------------------------------------------------
+# faces: enroll, identify (the library side is embedding.faces)
+# ----------------------------------------------------------------------------
+
+
+def add_face_options(parser: argparse.ArgumentParser) -> None:
+    """--yunet, --no-align, --margin, --flip, --min-size."""
+    from embedding.faces import DEFAULT_MARGIN, DEFAULT_MIN_SIZE
+
+    group = parser.add_argument_group("faces")
+    group.add_argument(
+        "--yunet",
+        default=None,
+        metavar="MODEL",
+        help="detect with OpenCV's FaceDetectorYN and this YuNet .onnx file instead of the "
+        "default Haar cascade (a weak baseline)",
+    )
+    group.add_argument(
+        "--no-align", action="store_true", help="crop boxes with a margin, never warp landmarks"
+    )
+    group.add_argument(
+        "--margin",
+        type=float,
+        default=DEFAULT_MARGIN,
+        help="margin around unaligned boxes, a fraction of the box size per side "
+        f"(default {DEFAULT_MARGIN})",
+    )
+    group.add_argument(
+        "--flip", action="store_true", help="average each face with its mirror image"
+    )
+    group.add_argument(
+        "--min-size",
+        type=float,
+        default=DEFAULT_MIN_SIZE,
+        metavar="PX",
+        help=f"ignore faces whose box is smaller than PX pixels (default {DEFAULT_MIN_SIZE})",
+    )
+
+
+def _face_options(args) -> dict:
+    """Keyword arguments of embedding.faces.enroll / identify from `add_face_options`."""
+    from embedding.faces import YuNetDetector
+
+    if not args.margin >= 0:
+        raise CommandError(f"--margin must be >= 0 (a fraction of the box size), got {args.margin}")
+    if not args.min_size >= 0:
+        raise CommandError(f"--min-size must be >= 0 pixels, got {args.min_size}")
+    detector = YuNetDetector(args.yunet) if args.yunet else None
+    return dict(
+        detector=detector,
+        align=not args.no_align,
+        margin=args.margin,
+        flip=args.flip,
+        min_size=args.min_size,
+    )
+
+
+def _face_errors():
+    from embedding.faces import FaceError, MissingExtraError
+
+    return FaceError, MissingExtraError
+
+
+def add_enroll_parser(subparsers):
+    p = subparsers.add_parser(
+        "enroll",
+        help="build a face gallery from PEOPLE_DIR/<name>/<photos>",
+        description="Enrol people into a gallery (.npz, loads as embedding.Gallery): one "
+        "sub-folder per person, named by the label, with one or more photos. The largest face "
+        "of each photo is embedded; photos without a face (or unreadable) are reported and "
+        "skipped.",
+    )
+    p.add_argument("people_dir", metavar="PEOPLE_DIR")
+    p.add_argument("-o", "--output", required=True, help="gallery file to write (.npz)")
+    add_face_options(p)
+    add_model_options(p)
+    p.set_defaults(handler=run_enroll)
+
+
+def run_enroll(args):
+    from embedding.faces import enroll_folder, people_folders
+
+    try:
+        people_folders(args.people_dir)  # fail on an empty folder before loading the model
+        options = _face_options(args)
+        embedder = make_embedder(args)
+        result = enroll_folder(embedder, args.people_dir, **options)
+    except _face_errors() as error:
+        raise CommandError(str(error)) from None
+    for photo, reason in result.skipped:
+        print(f"skipped: {photo}: {reason}", file=sys.stderr)
+    counts = result.counts()
+    for label, count in counts.items():
+        print(f"enrolled {label}: {count} photo{'s' if count != 1 else ''}")
+    result.gallery.save(args.output)
+    print(
+        f"wrote {args.output}: {len(result.gallery)} faces of {len(counts)} people "
+        f"(dim {result.gallery.dim})"
+        + (f", {len(result.skipped)} skipped" if result.skipped else "")
+    )
+    return 0
+
+
+def add_identify_parser(subparsers):
+    p = subparsers.add_parser(
+        "identify",
+        help="every face of an image with its best gallery match and a verdict",
+    )
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("--gallery", required=True, help="gallery written by `enroll`")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="a match needs similarity >= T (default: 0.5, uncalibrated; "
+        "`evaluate` prints calibrated thresholds)",
+    )
+    p.add_argument(
+        "--policy",
+        choices=("all", "largest", "most_confident"),
+        default="all",
+        help="which faces to report (default all)",
+    )
+    add_face_options(p)
+    add_model_options(p)
+    p.set_defaults(handler=run_identify)
+
+
+def run_identify(args):
+    from embedding.faces import identify
+    from embedding.gallery import Gallery
+    from embedding.preprocess import load_image
+
+    if not os.path.isfile(args.gallery):
+        raise CommandError(f"{args.gallery}: no such gallery file (make one with `enroll`)")
+    try:
+        gallery = Gallery.load(args.gallery)
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+    image = load_image(args.image)  # an unreadable image fails before the model loads
+    try:
+        options = _face_options(args)
+        embedder = make_embedder(args)
+        found = identify(
+            embedder,
+            image,
+            gallery,
+            threshold=args.threshold,
+            policy=args.policy,
+            **options,
+        )
+    except _face_errors() as error:
+        raise CommandError(str(error)) from None
+    if not found:
+        raise CommandError(f"{args.image}: no face found (min size {args.min_size:g} px)")
+    for number, match in enumerate(found, start=1):
+        box = ", ".join(f"{v:g}" for v in match.face.box)
+        score = "-" if match.face.score is None else f"{match.face.score:.4g}"
+        verdict = "MATCH" if match.matched else "UNKNOWN"
+        print(
+            f"face {number}: box [{box}] detector_score {score} "
+            f"best {match.label} similarity {match.score:.6f} {verdict}"
+        )
+    note = "" if args.threshold is not None else " (uncalibrated default; pass --threshold)"
+    print(f"threshold: {found[0].threshold:g}{note}")
+    return 0
 
 
 # ----------------------------------------------------------------------------

@@ -326,3 +326,16 @@ class Embedder:
             scores.append(np.nan if bad else cosine_similarity(va, vb))
         scores = np.asarray(scores, dtype=np.float64)
         return scores, ~np.isnan(scores), result.failures
+
+    # -- faces (embedding.faces) --------------------------------------------
+
+    def embed_faces(self, frame, detector=None, boxes=None, landmarks=None, **options):
+        """Detect (or take `boxes`), align or crop, and embed every face of `frame`.
+
+        Returns a list of `embedding.faces.Face` (box, score, landmarks, unit embedding). See
+        `embedding.faces.embed_faces` for the options: align, margin, flip, policy, min_size,
+        box_format, channel_order.
+        """
+        from embedding.faces import embed_faces
+
+        return embed_faces(self, frame, detector, boxes, landmarks, **options)
