@@ -24,6 +24,19 @@ def random_timm_model(arch: str, seed: int = 0, **kwargs) -> torch.nn.Module:
     return randomize_timm_parameters(timm.create_model(arch, pretrained=False, **kwargs), seed)
 
 
+def count_params_unallocated(build) -> int:
+    """Parameters of `build()`'s model, built without allocating its weights (so even
+    convnext_xxlarge costs a fraction of a second and no memory)."""
+    from convnext_layers import fast_ops
+
+    with keras.StatelessScope(initialize_variables=False):
+        model = build()
+    try:
+        return model.count_params()
+    finally:
+        fast_ops.forget_deferred(model.weights)
+
+
 def timm_state_numpy(model: torch.nn.Module) -> dict:
     return {k: v.detach().numpy() for k, v in model.state_dict().items()}
 
