@@ -16,7 +16,6 @@ from convnext_v1 import VARIANTS, create_convnext_v1
 from weights_convert import port_state_dict
 
 
-
 def timm_parameter_count(arch):
     with torch.device("meta"):  # shapes only, nothing allocated
         import timm

@@ -18,7 +18,6 @@ from convnext_v2 import VARIANTS, create_convnext_v2
 from weights_convert import port_state_dict
 
 
-
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_parameter_count_matches_timm(variant):
     count = count_params_unallocated(lambda: create_convnext_v2(variant))
