@@ -64,8 +64,10 @@ def add_model_options(parser: argparse.ArgumentParser, batch_size: int = 32) -> 
 def make_embedder(args, **kwargs):
     """An `Embedder` from the options of `add_model_options`."""
     from embedding.embedder import Embedder
-    from embedding.model import DEFAULT_MODEL
+    from embedding.model import DEFAULT_MODEL, enable_compilation_cache
 
+    if not args.no_cache:  # JAX: reuse compiled executables across runs
+        enable_compilation_cache(args.cache_dir)
     return Embedder(
         args.model or DEFAULT_MODEL,
         pooling=args.pooling,

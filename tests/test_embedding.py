@@ -437,3 +437,29 @@ def test_help_does_not_import_keras():
     code = "import sys, embedding.cli as c; c.build_parser(); print('keras' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_compilation_cache_keeps_executables_for_the_next_process(tmp_path):
+    """The command line's JAX compilation cache: the executable is written for the next
+    process (the same call is a no-op on the other backends)."""
+    import subprocess
+    import sys
+
+    import keras
+
+    if keras.backend.backend() != "jax":
+        assert model_module.enable_compilation_cache(tmp_path) is None
+        return
+    code = (
+        "import sys, jax, jax.numpy as jnp; from embedding.model import enable_compilation_cache;"
+        " print(enable_compilation_cache(sys.argv[1]));"
+        " jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(3)).block_until_ready()"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "KERAS_BACKEND": "jax"}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    run = [sys.executable, "-c", code, str(tmp_path)]
+    first = subprocess.run(run, capture_output=True, text=True, env=env)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == str(tmp_path / "xla")
+    assert os.listdir(tmp_path / "xla")  # the executable is on disk for the next process

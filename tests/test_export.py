@@ -10,6 +10,8 @@ itself is tested."""
 import contextlib
 import json
 import os
+import subprocess
+import sys
 import types
 from unittest import mock
 
@@ -517,3 +519,18 @@ def test_keras_outputs_still_refuse_export_options(tmp_path, capsys):
     assert "export options" in _one_error_line(capsys.readouterr())
     assert convert_cli.main([str(tmp_path / "x"), "-o", str(tmp_path / "m.pt")]) == 2
     assert ".onnx" in _one_error_line(capsys.readouterr())
+
+
+def test_building_the_command_lines_does_not_import_keras():
+    """`python -m embedding --help` stays instant and `--backend` still works: the export
+    subcommand's options come from a module that does not import Keras."""
+    code = (
+        "import sys, embedding.cli, weights_convert.cli; embedding.cli.build_parser(); "
+        "weights_convert.cli.add_export_options(__import__('argparse').ArgumentParser()); "
+        "print(sorted(m for m in ('keras', 'tensorflow', 'torch', 'jax') if m in sys.modules))"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

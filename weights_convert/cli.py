@@ -12,11 +12,13 @@ import os
 import sys
 import time
 
-from weights_convert.checkpoint import DEFAULT_MODEL
 from weights_convert.errors import USER_ERRORS
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # checkpoint imports convnext_layers and so Keras: `embedding --help` must not pay that
+    from weights_convert.checkpoint import DEFAULT_MODEL
+
     parser = argparse.ArgumentParser(
         prog="python -m weights_convert",
         description="Convert a timm ConvNeXt / ConvNeXt V2 safetensors checkpoint to Keras.",
