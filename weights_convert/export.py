@@ -346,10 +346,8 @@ def _check_tensorflow_runs(path, shape, input_dtype):
         loaded = tf.saved_model.load(path)
         loaded.serve(tf.constant(example))
     except Exception as error:
-        lines = [line.strip() for line in str(error).splitlines()]
-        first = next((line for line in lines if "unregistered" in line), None) or next(
-            (line for line in lines if line), ""
-        )
+        text = " ".join(line.strip() for line in str(error).splitlines())
+        first = text[text.find("unregistered") :] if "unregistered" in text else text
         raise ExportUnavailableError(
             f"TensorFlow {tf.__version__} cannot run the SavedModel that JAX {jax.__version__} "
             f"wrote ({type(error).__name__}: {first[:200]}); use KERAS_BACKEND=tensorflow for "
