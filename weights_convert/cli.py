@@ -97,8 +97,11 @@ def add_export_options(parser: argparse.ArgumentParser, input_size: bool = False
 def is_export(args) -> bool:
     """Whether the output asks for an export rather than a Keras file."""
     from weights_convert.export import SUFFIXES
+    from weights_convert.saving import OUTPUT_SUFFIXES
 
     output = args.output
+    if output.endswith(OUTPUT_SUFFIXES) and not args.format:
+        return False  # a Keras file (an existing folder of that name is refused later)
     return bool(
         args.format
         or output.endswith(tuple(SUFFIXES))
