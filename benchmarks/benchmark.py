@@ -34,6 +34,18 @@ Peak memory
   `ru_maxrss` of the worker process (RSS high-water mark: framework, model,
   compilation and activations together).
 
+Cold-start mode (--cold-start): a whole process that embeds one image, as a user or
+a service start pays it: interpreter start, imports, loading the checkpoint, the
+first embedding, writing it. Ours is the command line itself,
+`python -m embedding embed IMG -o OUT.npz --model CKPT`, per backend, with
+--no-cache (read the safetensors, port) and with the converted model (and, on JAX,
+the compiled executable) from a cache filled by one untimed run; timm's is the
+equivalent script (import timm, create the model, load the safetensors, eval
+transform, forward, L2, save). Each run is its own subprocess, the sides
+alternate run by run for --rounds rounds, and the median wall time is reported
+with the 1-minute load average before each run. One more run per side reports
+where the time goes (import, load, first embedding, ...).
+
 End-to-end mode (--images FOLDER): `embedding.Embedder(source).embed(paths)`
 over the JPEGs of a folder against timm's eval transform + model on the same
 files (image decoding and resizing included). Needs the `embedding` package and
@@ -314,17 +326,205 @@ def _write_random_checkpoint(variant, folder):
         )
 
 
+# ----------------------------------------------------------------------------
+# Cold start: whole processes
+# ----------------------------------------------------------------------------
+
+
+class _Phases:
+    """Wall time of each phase since the last mark (and since the worker started)."""
+
+    def __init__(self):
+        self.last = time.perf_counter()
+        self.times = {}
+
+    def __call__(self, name):
+        now = time.perf_counter()
+        self.times[name] = round(now - self.last, 4)
+        self.last = now
+
+
+def _timm_cold(args):
+    """What timm needs to embed one image from a local checkpoint, phase by phase."""
+    phases = _Phases()
+    import numpy as np
+    import timm
+    import torch
+    from PIL import Image
+    from safetensors.torch import load_file
+    from timm.data import create_transform, resolve_data_config
+
+    phases("import")
+    with open(os.path.join(args.source, "config.json")) as f:
+        config = json.load(f)
+    model = timm.create_model(
+        config["architecture"],
+        pretrained=False,
+        num_classes=config.get("num_classes", 1000),
+        pretrained_cfg_overlay=config.get("pretrained_cfg", {}),
+    ).eval()
+    phases("create model")
+    model.load_state_dict(load_file(os.path.join(args.source, "model.safetensors")))
+    phases("load weights")
+    transform = create_transform(**resolve_data_config(model=model))
+    x = transform(Image.open(args.image).convert("RGB"))[None]
+    phases("read + transform")
+    with torch.inference_mode():
+        features = model.forward_head(model.forward_features(x), pre_logits=True)
+        vector = torch.nn.functional.normalize(features, dim=-1).numpy()
+    phases("first embedding")
+    np.savez(args.cold_output, embeddings=vector)
+    phases("save")
+    return phases.times
+
+
+def _keras_cold_phases(args):
+    """`python -m embedding embed`'s work, phase by phase (same calls as the CLI)."""
+    phases = _Phases()
+    sys.path.insert(0, ROOT)
+    import numpy as np
+
+    phases("import numpy")
+    import keras
+
+    phases(f"import keras + {keras.backend.backend()}")
+    from embedding.embedder import Embedder
+    from embedding.model import enable_compilation_cache
+
+    phases("import embedding")
+    if args.cold_cache:
+        enable_compilation_cache()
+    embedder = Embedder(args.source, cache=args.cold_cache)
+    phases("load model" + (" (cache)" if args.cold_cache else " (safetensors + port)"))
+    vector = embedder.embed([args.image])
+    phases("first embedding")
+    np.savez(args.cold_output, embeddings=vector)
+    phases("save")
+    return phases.times
+
+
+def _cold_commands(backends, source, image, output):
+    """[(name, environment overrides, argv)] of every side, timm first."""
+    me = [sys.executable, os.path.abspath(__file__)]
+    timm_cmd = [*me, "--worker", "timm-cold", "--source", source, "--image", image]
+    sides = [("timm", {}, [*timm_cmd, "--cold-output", output])]
+    embed = [sys.executable, "-m", "embedding", "embed", image, "-o", output, "--model", source]
+    for backend in backends:
+        env = {"KERAS_BACKEND": backend}
+        sides.append((f"keras-{backend} --no-cache", env, [*embed, "--no-cache"]))
+        sides.append((f"keras-{backend} cached", env, embed))
+    return sides
+
+
+def _cold_image(folder):
+    """A 500x375 JPEG photograph (scikit-image's chelsea when installed, else noise)."""
+    import numpy as np
+    from PIL import Image
+
+    try:
+        import skimage.data
+
+        pixels = skimage.data.chelsea()
+    except ImportError:
+        pixels = np.random.default_rng(0).integers(0, 256, (375, 500, 3), dtype=np.uint8)
+    path = os.path.join(folder, "image.jpg")
+    Image.fromarray(pixels).save(path, quality=90)
+    return path
+
+
+def bench_cold_start(variant, backends, args):
+    """Whole-process cold starts, alternating sides run by run; returns the rows."""
+    import tempfile
+
+    work = tempfile.mkdtemp(prefix="convnext-cold-")
+    source = args.source or os.path.join(work, variant)
+    if not args.source:
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "checkpoint"]
+        subprocess.run(
+            cmd + ["--variant", variant, "--source", source],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=None if args.verbose else subprocess.DEVNULL,
+        )
+    image = _cold_image(work)
+    output = os.path.join(work, "out.npz")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+    env["KERAS_CONVNEXT_CACHE"] = os.path.join(work, "cache")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env["CUDA_VISIBLE_DEVICES"], env["JAX_PLATFORMS"] = "", "cpu"
+    sides = _cold_commands(backends, source, image, output)
+
+    def run(side_env, argv):
+        start = time.perf_counter()
+        proc = subprocess.run(
+            argv, env={**env, **side_env}, cwd=ROOT, capture_output=True, text=True
+        )
+        seconds = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)} failed:\n{proc.stderr[-2000:]}")
+        return seconds, proc.stdout
+
+    for name, side_env, argv in sides:  # fill the caches (untimed)
+        if name.endswith("cached"):
+            run(side_env, argv)
+    times = {name: [] for name, _, _ in sides}
+    loads = {name: [] for name, _, _ in sides}
+    for _ in range(args.rounds):
+        for name, side_env, argv in sides:
+            loads[name].append(_load())
+            times[name].append(run(side_env, argv)[0])
+            time.sleep(args.pause)
+    rows = []
+    for name, side_env, _argv in sides:
+        # one more run per side, timing its phases from inside
+        phase_argv = [sys.executable, os.path.abspath(__file__), "--source", source]
+        phase_argv += ["--image", image, "--cold-output", output]
+        if name == "timm":
+            phase_argv += ["--worker", "timm-cold"]
+        else:
+            phase_argv += ["--worker", "keras-cold"] + (
+                [] if "no-cache" in name else ["--cold-cache"]
+            )
+        _, stdout = run(side_env, phase_argv)
+        phases = next(
+            json.loads(line[len(PROTOCOL) :])
+            for line in stdout.splitlines()
+            if line.startswith(PROTOCOL)
+        )["phases"]
+        rows.append(
+            {
+                "name": name,
+                "variant": variant,
+                "median_s": statistics.median(times[name]),
+                "min_s": min(times[name]),
+                "max_s": max(times[name]),
+                "runs": len(times[name]),
+                "times_s": [round(t, 3) for t in times[name]],
+                "load_1min": loads[name],
+                "phases_s": phases,
+            }
+        )
+    for row in rows:
+        row["ratio_to_timm"] = row["median_s"] / rows[0]["median_s"]
+    return rows
+
+
 WORKERS = {
     "keras": _keras_forward,
     "timm": _timm_forward,
     "keras-e2e": _keras_e2e,
     "timm-e2e": _timm_e2e,
 }
+COLD_WORKERS = {"timm-cold": _timm_cold, "keras-cold": _keras_cold_phases}
 
 
 def worker_main(args):
     if args.side == "checkpoint":
         _write_random_checkpoint(args.variant, args.source)
+        return None
+    if args.side in COLD_WORKERS:
+        _send({"phases": COLD_WORKERS[args.side](args)})
         return None
     start = time.perf_counter()
     forward, info = WORKERS[args.side](args)
@@ -608,6 +808,9 @@ def render_markdown(report):
         "| peak RSS MB | load (1 min) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    if not report["results"]:  # another mode only
+        lines = [f"{m['cpu']}, {m['usable_cpus'] or m['logical_cpus']} usable CPUs, {m['os']}, "
+                 f"Python {m['python']}."]  # fmt: skip
     for row in report["results"]:
         loads = [v for v in row["load_1min"] if v is not None]
         load = f"{min(loads):.1f}-{max(loads):.1f}" if loads else "n/a"
@@ -618,6 +821,24 @@ def render_markdown(report):
             f"| {row['min_s'] * 1e3:.0f}-{row['max_s'] * 1e3:.0f} | {row['peak_rss_mb']:.0f} "
             f"| {load} |"
         )
+    if report.get("cold_start"):
+        lines += [
+            "",
+            "Cold start: one process embeds one image (import, load, first embedding, save); "
+            "median wall time of alternating runs:",
+            "",
+            "| implementation | median s | min-max s | vs timm | load (1 min) | where the time "
+            "goes (one more run, s) |",
+            "|---|---:|---:|---:|---:|---|",
+        ]
+        for row in report["cold_start"]:
+            loads = [v for v in row["load_1min"] if v is not None]
+            load = f"{min(loads):.1f}-{max(loads):.1f}" if loads else "n/a"
+            phases = ", ".join(f"{k} {v:.2f}" for k, v in row["phases_s"].items())
+            lines.append(
+                f"| {row['name']} | {row['median_s']:.2f} | {row['min_s']:.2f}-"
+                f"{row['max_s']:.2f} | {row['ratio_to_timm']:.2f}x | {load} | {phases} |"
+            )
     if report.get("end_to_end"):
         lines += ["", "End-to-end (decode + preprocess + model), JPEG folder:", ""]
         lines += ["| implementation | images | img/s | vs timm |", "|---|---:|---:|---:|"]
@@ -628,7 +849,9 @@ def render_markdown(report):
             )
     lines.append("")
     lines.append(
-        "FLOPs: analytic count of the convolutions and matmuls (2 x MACs; "
+        "Load: 1-minute load average before each run."
+        if not report["results"]
+        else "FLOPs: analytic count of the convolutions and matmuls (2 x MACs; "
         + ", ".join(f"{v}: {macs(v, cfg['resolution']) / 1e9:.2f} GMACs" for v in cfg["variants"])
         + "). Load: 1-minute load average before each round."
     )
@@ -659,7 +882,17 @@ def main(argv=None):
     p.add_argument("--source", default=None, help="end-to-end mode: checkpoint for Embedder")
     p.add_argument("--verbose", action="store_true", help="show the workers' stderr")
     p.add_argument("--skip-model", action="store_true", help="only the end-to-end mode")
-    p.add_argument("--worker", choices=(*WORKERS, "checkpoint"), help=argparse.SUPPRESS)
+    p.add_argument(
+        "--cold-start",
+        action="store_true",
+        help="cold-start mode: whole processes embedding one image (ours: the CLI) vs timm",
+    )
+    p.add_argument("--image", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--cold-output", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--cold-cache", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--worker", choices=(*WORKERS, *COLD_WORKERS, "checkpoint"), help=argparse.SUPPRESS
+    )
     args = p.parse_args(argv)
     if args.worker:
         args.side = args.worker
@@ -698,6 +931,17 @@ def main(argv=None):
         },
         "results": [],
     }
+    if args.cold_start:
+        args.skip_model = True
+        report["config"]["rounds"] = args.rounds
+        report["cold_start"] = bench_cold_start(variants[0], backends, args)
+        for row in report["cold_start"]:
+            print(
+                f"cold start {row['name']:28s} {row['median_s']:6.2f} s "
+                f"({row['ratio_to_timm']:4.2f}x timm)  load {row['load_1min']}  "
+                f"{row['phases_s']}",
+                flush=True,
+            )
     for variant in [] if args.skip_model else variants:
         rows = bench_variant(variant, backends, args)
         for row in rows:

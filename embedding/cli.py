@@ -22,6 +22,7 @@ SUBCOMMANDS = [
     "embedding.finetune:add_finetune_parser",
     "embedding.cli:add_enroll_parser",
     "embedding.cli:add_identify_parser",
+    "embedding.cli:add_export_parser",
 ]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
@@ -65,8 +66,10 @@ def add_model_options(parser: argparse.ArgumentParser, batch_size: int = 32) -> 
 def make_embedder(args, **kwargs):
     """An `Embedder` from the options of `add_model_options`."""
     from embedding.embedder import Embedder
-    from embedding.model import DEFAULT_MODEL
+    from embedding.model import DEFAULT_MODEL, enable_compilation_cache
 
+    if not args.no_cache:  # JAX: reuse compiled executables across runs
+        enable_compilation_cache(args.cache_dir)
     return Embedder(
         args.model or DEFAULT_MODEL,
         pooling=args.pooling,
@@ -460,6 +463,61 @@ def run_identify(args):
         )
     note = "" if args.threshold is not None else " (uncalibrated default; pass --threshold)"
     print(f"threshold: {found[0].threshold:g}{note}")
+    return 0
+
+
+# ----------------------------------------------------------------------------
+# export
+# ----------------------------------------------------------------------------
+
+
+def add_export_parser(subparsers):
+    from weights_convert.cli import add_export_options
+
+    p = subparsers.add_parser(
+        "export",
+        help="export the embedding model to ONNX, LiteRT, SavedModel or OpenVINO",
+        description="Export the embedding model (pooling, head norm, L2) for deployment, "
+        "with a sidecar JSON (OUT.json, or OUT/keras_convnext.json for a SavedModel) "
+        "holding its preprocessing, input, output dimension, architecture and licence.",
+    )
+    p.add_argument(
+        "-o", "--output", required=True, help="OUT.onnx, OUT.tflite, OUT.xml or OUT/ (SavedModel)"
+    )
+    p.add_argument("--model", default=None, metavar="SOURCE", help="checkpoint (as for embed)")
+    p.add_argument("--pooling", choices=("avg", "max", "gem"), default="avg")
+    p.add_argument("--no-head-norm", action="store_true", help="skip timm's head LayerNorm")
+    p.add_argument("--no-cache", action="store_true", help="bypass the converted-model cache")
+    p.add_argument("--cache-dir", default=None, help="converted-model cache folder")
+    add_export_options(p, input_size=True)
+    p.set_defaults(handler=run_export)
+
+
+def run_export(args):
+    import time
+
+    from weights_convert.cli import export_options, print_export
+
+    try:
+        options = export_options(args)  # before the model is loaded
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+    from embedding.model import DEFAULT_MODEL, build_model
+    from weights_convert.export import ExportError, export_model
+
+    start = time.perf_counter()
+    model = build_model(
+        args.model or DEFAULT_MODEL,
+        pooling=args.pooling,
+        head_norm=not args.no_head_norm,
+        cache=not args.no_cache,
+        cache_dir=args.cache_dir,
+    )
+    try:
+        description = export_model(model, args.output, **options)
+    except ExportError as error:
+        raise CommandError(str(error)) from None
+    print_export(description, args.output, time.perf_counter() - start)
     return 0
 
 

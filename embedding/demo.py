@@ -2,11 +2,14 @@
 
 With the pretrained default model (network, or a cached copy) it prints their
 cosine-similarity matrix. Without either it says so, then shows what works
-offline: a timm convnext_atto with RANDOM weights is built on the spot (needs
-the `convert` extra: timm + torch), ported to Keras and checked against timm
-(preprocessing and embeddings, max abs diff); then the photographs are
-embedded by an untrained (randomly initialised) network, and those
-similarities are labelled as such, never as pretrained results.
+offline: with timm installed (the `convert` extra: timm + torch), a timm
+convnext_atto with RANDOM weights is built on the spot, ported to Keras and
+checked against timm (preprocessing and embeddings, max abs diff); then the
+photographs are embedded by an untrained (randomly initialised) network, and
+those similarities are labelled as such, never as pretrained results. Without
+timm (the default install: one Keras backend, no torch) the untrained network
+is built by this library itself, labelled the same way, and the demo says
+which extra adds the comparison with timm.
 """
 
 from __future__ import annotations
@@ -117,11 +120,7 @@ def _random_weights_demo(torch, images):
     import numpy as np
 
     if torch is None:
-        print(
-            "The offline part needs timm and torch (the `convert` extra): "
-            "pip install 'keras-convnext[convert]'"
-        )
-        return 1
+        return _untrained_keras_demo(images)
     import timm
     from PIL import Image
     from timm.data import create_transform, resolve_data_config
@@ -163,6 +162,29 @@ def _random_weights_demo(torch, images):
     print("2. Cosine similarity of the photographs under an UNTRAINED convnext_atto")
     print("   (timm's random initialisation, NOT pretrained weights: this shows the")
     print("   pipeline running, not what the pretrained model would say):")
+    print(similarity_table([name for name, _ in images], vectors))
+    return 0
+
+
+def _untrained_keras_demo(images):
+    """Without timm: an untrained ConvNeXt built by this library, clearly labelled."""
+    from embedding.embedder import Embedder
+    from weights_convert import keras_model_for
+
+    print(
+        "timm is not installed, so the comparison of this port with timm is skipped; the "
+        "`convert` extra adds it (timm + torch): pip install -e '.[convert]'."
+    )
+    model = keras_model_for(RANDOM_ARCH, num_classes=0, normalize=True)
+    embedder = Embedder(model=model, batch_size=len(images))
+    vectors = embedder.embed([image for _, image in images])
+    print()
+    print(
+        f"Cosine similarity of the photographs under an UNTRAINED {RANDOM_ARCH} "
+        f"({embedder.dim}-dim embeddings, input {embedder.preprocessor.config.input_size})"
+    )
+    print("(random initialisation by this library, NOT pretrained weights: this shows the")
+    print(" pipeline running, not what the pretrained model would say):")
     print(similarity_table([name for name, _ in images], vectors))
     return 0
 

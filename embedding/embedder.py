@@ -339,3 +339,17 @@ class Embedder:
         from embedding.faces import embed_faces
 
         return embed_faces(self, frame, detector, boxes, landmarks, **options)
+
+    # -- deployment -----------------------------------------------------------
+
+    def export(self, path, **options) -> dict:
+        """Export the embedding model to ONNX / LiteRT / SavedModel / OpenVINO with a
+        sidecar JSON holding this embedder's preprocessing and its threshold (when one
+        was given or calibrated); see `weights_convert.export_model` for `options`
+        (format, dtype, batch_size, input_size, dynamic_size, with_normalization,
+        input_dtype). Returns the sidecar's content."""
+        from weights_convert.export import export_model
+
+        options.setdefault("pretrained_cfg", self.pretrained_cfg)
+        options.setdefault("threshold", self.threshold)
+        return export_model(self.model, path, **options)

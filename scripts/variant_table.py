@@ -112,9 +112,7 @@ def architecture_row(arch: str, tags) -> str:
     params, _ = _measure(lambda: wc.keras_model_for(arch, input_shape=(224, 224, 3)))
     stem, norm, head = _describe(config)
     licences = ", ".join(sorted({license_name for _, license_name in tags})) or "-"
-    return (
-        f"| `{arch}` | {stem} | {norm} | {head} | {params:,} | {len(tags)} | {licences} |"
-    )
+    return f"| `{arch}` | {stem} | {norm} | {head} | {params:,} | {len(tags)} | {licences} |"
 
 
 def architecture_table() -> str:

@@ -106,3 +106,24 @@ def test_quick_end_to_end(tmp_path):
         assert row["images"] == 3
         assert math.isfinite(row["images_per_s"]) and row["images_per_s"] > 0
     assert "End-to-end" in markdown
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(BACKEND != "jax", reason="cold-start smoke run once per CI run (jax session)")
+def test_quick_cold_start(tmp_path):
+    """--cold-start: whole processes (timm's script, our command line without and with the
+    cache), timed from outside, and one more run each timing its phases from inside."""
+    report, markdown = _run(["--variant", "convnext_atto", "--cold-start"], tmp_path)
+    rows = report["cold_start"]
+    names = ["timm", f"keras-{BACKEND} --no-cache", f"keras-{BACKEND} cached"]
+    assert [row["name"] for row in rows] == names
+    for row in rows:
+        assert row["runs"] == report["config"]["rounds"] == len(row["times_s"])
+        assert row["min_s"] <= row["median_s"] <= row["max_s"] and row["median_s"] > 0
+        assert "first embedding" in row["phases_s"] and all(
+            math.isfinite(v) and v >= 0 for v in row["phases_s"].values()
+        )
+    assert rows[0]["ratio_to_timm"] == 1.0
+    assert any("load model (cache)" in key for key in rows[2]["phases_s"])
+    table = [line for line in markdown.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + len(rows) and "Cold start" in markdown

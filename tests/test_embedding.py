@@ -481,3 +481,29 @@ def test_embedder_at_the_test_input_size(small_checkpoint):
     transform = create_transform(**resolve_data_config({}, pretrained_cfg=cfg, use_test_size=True))
     x = transform(Image.fromarray(image)).numpy()[None].transpose(0, 2, 3, 1)
     np.testing.assert_allclose(embedder.embed(image), timm_embedding(timm_model, x), atol=1e-5)
+
+
+def test_compilation_cache_keeps_executables_for_the_next_process(tmp_path):
+    """The command line's JAX compilation cache: the executable is written for the next
+    process (the same call is a no-op on the other backends)."""
+    import subprocess
+    import sys
+
+    import keras
+
+    if keras.backend.backend() != "jax":
+        assert model_module.enable_compilation_cache(tmp_path) is None
+        return
+    code = (
+        "import sys, jax, jax.numpy as jnp; from embedding.model import enable_compilation_cache;"
+        " print(enable_compilation_cache(sys.argv[1]));"
+        " jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(3)).block_until_ready()"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "KERAS_BACKEND": "jax"}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    run = [sys.executable, "-c", code, str(tmp_path)]
+    first = subprocess.run(run, capture_output=True, text=True, env=env)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == str(tmp_path / "xla")
+    assert os.listdir(tmp_path / "xla")  # the executable is on disk for the next process

@@ -63,3 +63,19 @@ def test_demo_offline_labels_random_weights(capsys):
     preprocess_diff = float(re.search(r"preprocessing \(vs timm.*?:\s+([0-9.e+-]+)", out).group(1))
     assert embedding_diff < 1e-5 and preprocess_diff < 1e-5, out
     assert "astronaut-flip" in out
+
+
+@pytest.mark.slow
+def test_demo_offline_without_timm_labels_untrained_and_names_the_extra(capsys, monkeypatch):
+    """The default install has no timm / torch: the demo still runs offline, on an
+    untrained network built by this library, says so, and names the extra for timm."""
+    import embedding.demo as demo
+
+    monkeypatch.setattr(demo, "_import_convert_extra", lambda: None)
+    assert demo.run_demo(offline=True) == 0
+    out = capsys.readouterr().out
+    assert "UNTRAINED convnext_atto" in out and "NOT pretrained" in out
+    assert "pip install -e '.[convert]'" in out
+    assert "vs timm" not in out  # no comparison claimed without timm
+    rows = [line for line in out.splitlines() if line.startswith("astronaut-flip")]
+    assert len(rows) == 1 and len(rows[0].split()) == 1 + len(demo.SAMPLES)

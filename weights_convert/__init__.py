@@ -6,6 +6,7 @@
     export_timm(model, "out.safetensors")                   # back to timm's layout
 
     python -m weights_convert SOURCE -o OUT.keras           # or OUT.weights.h5
+    python -m weights_convert SOURCE -o OUT.onnx            # or .tflite, .xml, folder/
 
 Only safetensors are read (never a pickled .pth/.bin). The architecture comes
 from timm's `config.json` when there is one, else it is inferred from the
@@ -20,6 +21,7 @@ The package, along its seams:
 - `mapping`: Keras <-> timm names and layouts, the strict port, the head plan;
 - `convert`: `load_timm`, `port_timm_weights`, `keras_model_for`, `export_timm`;
 - `saving`: `.keras` / `.weights.h5` outputs and reading them back;
+- `export`: `export_model`: ONNX / LiteRT / SavedModel / OpenVINO files + a sidecar JSON;
 - `files`: atomic writes; `errors`: one exception per kind of problem;
 - `cli`: the command line.
 
@@ -87,6 +89,14 @@ _EXPORTS = {
         "randomize_timm_parameters",
     ),
     "saving": ("OUTPUT_SUFFIXES", "load_converted", "save_converted", "sidecar_path"),
+    "export": (
+        "ExportError",
+        "ExportUnavailableError",
+        "FORMATS",
+        "export_model",
+        "export_sidecar_path",
+        "format_for_path",
+    ),
     "files": ("atomic_path", "atomic_write", "atomic_write_text", "check_writable"),
     "cli": ("main",),
 }

@@ -1,4 +1,8 @@
-"""`python -m weights_convert SOURCE -o OUT`: convert a timm checkpoint, from the shell."""
+"""`python -m weights_convert SOURCE -o OUT`: convert a timm checkpoint, from the shell.
+
+OUT.keras / OUT.weights.h5 is a Keras model; OUT.onnx, OUT.tflite, OUT.xml (OpenVINO)
+or a folder (SavedModel) is an export for deployment (`weights_convert.export`).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +12,13 @@ import os
 import sys
 import time
 
-from weights_convert.checkpoint import DEFAULT_MODEL
 from weights_convert.errors import USER_ERRORS
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # checkpoint imports convnext_layers and so Keras: `embedding --help` must not pay that
+    from weights_convert.checkpoint import DEFAULT_MODEL
+
     parser = argparse.ArgumentParser(
         prog="python -m weights_convert",
         description="Convert a timm ConvNeXt / ConvNeXt V2 safetensors checkpoint to Keras.",
@@ -23,7 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MODEL,
         help=f"Hub id, .safetensors file or folder (default {DEFAULT_MODEL})",
     )
-    parser.add_argument("-o", "--output", required=True, help="OUT.keras or OUT.weights.h5")
+    parser.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="OUT.keras or OUT.weights.h5; or an export: OUT.onnx, OUT.tflite, OUT.xml "
+        "(OpenVINO), or a folder OUT/ (SavedModel)",
+    )
     parser.add_argument("--arch", help="timm architecture, overriding config.json / inference")
     parser.add_argument(
         "--num-classes", type=int, help="classifier size (default: as saved; 0: pre-logits)"
@@ -34,18 +46,151 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         nargs=2,
         metavar=("H", "W"),
-        help="fixed input height and width (default: any size)",
+        help="fixed input height and width (default: any size; an export: the checkpoint's "
+        "input size)",
     )
+    add_export_options(parser)
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 
+# ----------------------------------------------------------------------------
+# Export options (shared with `python -m embedding export`)
+# ----------------------------------------------------------------------------
+
+
+def add_export_options(parser: argparse.ArgumentParser, input_size: bool = False) -> None:
+    """--format, --dtype, --batch-size, --dynamic-size, --with-normalization, --uint8
+    (and --input-size when `input_size`)."""
+    from weights_convert.export import DTYPES, FORMATS
+
+    group = parser.add_argument_group("export (ONNX, LiteRT, SavedModel, OpenVINO)")
+    group.add_argument(
+        "--format", choices=FORMATS, help="export format (default: from the output's suffix)"
+    )
+    group.add_argument(
+        "--dtype", choices=DTYPES, default="float32", help="LiteRT: float16 or dynamic-range int8"
+    )
+    group.add_argument(
+        "--batch-size", type=int, metavar="N", help="fixed batch size (default: dynamic)"
+    )
+    if input_size:
+        group.add_argument(
+            "--input-size",
+            type=int,
+            nargs=2,
+            metavar=("H", "W"),
+            help="fixed input height and width (default: the checkpoint's input size)",
+        )
+    group.add_argument("--dynamic-size", action="store_true", help="any input height and width")
+    group.add_argument(
+        "--with-normalization",
+        action="store_true",
+        help="mean/std inside the graph: the model takes resized, cropped RGB in [0, 1]",
+    )
+    group.add_argument(
+        "--uint8", action="store_true", help="with --with-normalization: take 0..255 uint8 pixels"
+    )
+
+
+def is_export(args) -> bool:
+    """Whether the output asks for an export rather than a Keras file."""
+    from weights_convert.export import SUFFIXES
+    from weights_convert.saving import OUTPUT_SUFFIXES
+
+    output = args.output
+    if output.endswith(OUTPUT_SUFFIXES) and not args.format:
+        return False  # a Keras file (an existing folder of that name is refused later)
+    return bool(
+        args.format
+        or output.endswith(tuple(SUFFIXES))
+        or output.endswith(("/", os.sep))
+        or os.path.isdir(output)
+    )
+
+
+def export_options(args) -> dict:
+    """`export_model` keyword arguments from the options of `add_export_options`, checked
+    (with the output path and the active backend) before any model is loaded."""
+    from weights_convert.export import (
+        check_backend_supports,
+        check_export_options,
+        check_output,
+        format_for_path,
+    )
+
+    format = format_for_path(args.output, args.format)
+    options = {
+        "dtype": args.dtype,
+        "batch_size": args.batch_size,
+        "input_size": None if args.input_size is None else tuple(args.input_size),
+        "dynamic_size": args.dynamic_size,
+        "with_normalization": args.with_normalization,
+        "input_dtype": "uint8" if args.uint8 else "float32",
+    }
+    check_export_options(format, **options)
+    check_backend_supports(format)
+    check_output(args.output, format)
+    return {"format": format, **options}
+
+
+def print_export(description, output, seconds) -> None:
+    out = description["outputs"][0]
+    where = description["export"]
+    print(
+        f"{description['timm_architecture']}: {where['format']} ({where['dtype']}, "
+        f"{where['backend']} backend), input {description['input']['shape']} "
+        f"{description['input']['dtype']}, output {out['kind']} {out['shape']}, licence "
+        f"{description['license'] or 'unknown'}, exported in {seconds:.2f} s -> {output}"
+    )
+    if description["license_notice"]:
+        print(f"note: {description['license_notice']}", file=sys.stderr)
+
+
+def run_export(args) -> int:
+    options = export_options(args)  # before any work
+    if args.num_classes is not None and args.num_classes < 0:
+        raise ValueError(f"--num-classes must be >= 0, got {args.num_classes}.")
+    from weights_convert.convert import load_timm
+    from weights_convert.export import export_model
+
+    start = time.perf_counter()
+    model = load_timm(
+        args.source,
+        arch=args.arch,
+        include_top=not args.no_top,
+        num_classes=args.num_classes,
+        verbose=not args.quiet,
+    )
+    description = export_model(model, args.output, **options)
+    print_export(description, args.output, time.perf_counter() - start)
+    return 0
+
+
 def run(args) -> int:
+    if is_export(args):
+        return run_export(args)
+    if args.format or args.dtype != "float32" or args.batch_size or args.dynamic_size:
+        raise ValueError(
+            "--format, --dtype, --batch-size and --dynamic-size are export options: the output "
+            "must be .onnx, .tflite, .xml or a folder (SavedModel)."
+        )
+    if args.with_normalization or args.uint8:
+        raise ValueError(
+            "--with-normalization and --uint8 are export options: the output must be .onnx, "
+            ".tflite, .xml or a folder (SavedModel)."
+        )
+    from weights_convert.export import SUFFIXES
     from weights_convert.files import check_writable
     from weights_convert.pretrained import license_notice
     from weights_convert.saving import OUTPUT_SUFFIXES, save_converted
 
+    if not args.output.endswith(OUTPUT_SUFFIXES):
+        raise ValueError(
+            f"The output {args.output!r} must end in {' or '.join(OUTPUT_SUFFIXES)} (a Keras "
+            f"model), or be an export: {', '.join(SUFFIXES)} or a folder/ (SavedModel)."
+        )
     output = check_writable(args.output, suffixes=OUTPUT_SUFFIXES)  # before any work
     if args.num_classes is not None and args.num_classes < 0:
         raise ValueError(f"--num-classes must be >= 0, got {args.num_classes}.")
