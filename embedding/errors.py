@@ -3,8 +3,8 @@
 Every failure that bad input can cause (a file, an argument, a checkpoint, a
 data folder) is an `InputError` subclass, which is also the builtin type a
 Python caller expects (`ValueError`, `TypeError`, `FileNotFoundError`, ...).
-The command line reports an `InputError` -- and the few foreign types listed in
-`embedding.cli.EXPECTED_ERRORS` -- as one `error: ...` line and a non-zero exit
+The command line reports an `InputError` -- and the few foreign types listed by
+`embedding.cli.expected_errors` -- as one `error: ...` line and a non-zero exit
 status, never as a traceback; anything else is a bug and keeps its traceback.
 
 To report a new kind of problem: subclass `InputError` and the builtin type
