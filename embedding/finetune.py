@@ -1050,6 +1050,7 @@ def finetune(
         embedding_model.pretrained_cfg = cfg
 
         if images is None:  # a folder: decoded once now, at the model's input size
+            _say(verbose, f"reading the images of {data} (unreadable ones are skipped)")
             images = ImageSet.from_folder(
                 data, Preprocessor(cfg, max_pixels=max_pixels), workers=workers
             )

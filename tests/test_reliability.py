@@ -311,6 +311,40 @@ def test_pixel_limit_is_configurable(tmp_path):
         Preprocessor({"input_size": (3, SIZE, SIZE)}, max_pixels=0)
 
 
+def test_huge_jpegs_are_decoded_at_a_reduced_scale(tmp_path, monkeypatch):
+    """Above DRAFT_ABOVE_PIXELS a JPEG is decoded by DCT scaling to at least twice the
+    resize target; the result stays close to the full decode."""
+    path = tmp_path / "big.jpg"
+    big = Image.fromarray(photo("chelsea")).resize((2000, 1500), Image.BICUBIC)
+    big.save(path, quality=95)
+    pre = Preprocessor({"input_size": (3, 64, 64)})
+    full = pre(path)
+    decoded = []
+    original = preprocess_module._decode
+
+    def spy(*args):
+        image = original(*args)
+        decoded.append(image.size)
+        return image
+
+    monkeypatch.setattr(preprocess_module, "_decode", spy)
+    monkeypatch.setattr(preprocess_module, "DRAFT_ABOVE_PIXELS", 1_000_000)
+    drafted = pre(path)
+    assert decoded == [(250, 188)]  # 1/8 scale: still >= 2 x 73 on the short side
+    assert drafted.shape == full.shape
+    assert np.abs(drafted - full).mean() < 0.05  # normalised units (std ~0.23)
+
+
+def test_cli_max_pixels(lfw_people, tiny_keras, tmp_path, capsys):
+    root, _ = lfw_people
+    argv = ["embed", root, "-o", tmp_path / "v.npz", "--model", tiny_keras, "--max-pixels"]
+    code, _, err = run_cli([*argv, "100"], capsys)
+    assert_one_error_line(code, err, "none of the 12 images")
+    assert "max_pixels" in err and not (tmp_path / "v.npz").exists()
+    code, _, err = run_cli([*argv, "0"], capsys)
+    assert_one_error_line(code, err, "--max-pixels")
+
+
 def test_bombs_among_good_images_are_skipped(tiny_embedder, tmp_path):
     good = tmp_path / "good.png"
     Image.fromarray(photo("coffee")).save(good)
