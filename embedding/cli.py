@@ -442,7 +442,8 @@ def run_evaluate(args):
     import numpy as np
 
     if not os.path.isdir(args.root):
-        raise CommandError(f"--root {args.root}: no such folder")
+        what = "a file, not a folder" if os.path.exists(args.root) else "no such folder"
+        raise CommandError(f"--root {args.root}: {what}")
     if args.folds is not None and args.folds < 2:
         raise CommandError(f"--folds {args.folds}: k-fold accuracy needs at least 2 folds")
     if args.json:

@@ -91,7 +91,8 @@ class FinetuneConfigError(InputError, ValueError):
 
 
 class ResumeMismatchError(InputError, ValueError):
-    """A checkpoint folder written by a run with other settings, data or model."""
+    """A checkpoint folder that cannot be resumed: written by a run with other settings,
+    data or model, or damaged."""
 
 
 def without_traceback(error: BaseException) -> BaseException:

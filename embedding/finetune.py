@@ -1128,7 +1128,13 @@ def finetune(
             return VerificationMetrics(**d)
 
         if state is not None:
-            train_model = load_training_checkpoint(model_path)
+            try:
+                train_model = load_training_checkpoint(model_path)
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+                raise ResumeMismatchError(
+                    f"Checkpoint {model_path} cannot be loaded ({error}); pass resume=False "
+                    "(--no-resume) to start over."
+                ) from error
             _exclude_from_decay(train_model.optimizer)
             embedding_model_trained = embedding_model_of(train_model)
             embedding_model_trained.pretrained_cfg = cfg

@@ -119,7 +119,8 @@ def config_from_args(args):
 
 def run_finetune(args):
     if not os.path.isdir(args.data_dir):
-        raise CommandError(f"DATA_DIR {args.data_dir}: no such folder")
+        what = "a file, not a folder" if os.path.exists(args.data_dir) else "no such folder"
+        raise CommandError(f"DATA_DIR {args.data_dir}: {what}")
     check_output_path(args.output, option="-o", suffixes=(".keras",))
     checkpoint_dir = args.checkpoint_dir or args.output + ".ckpt"
     check_output_path(os.path.join(checkpoint_dir, "state.json"), option="--checkpoint-dir")

@@ -355,8 +355,12 @@ def _failure_reason(error: BaseException) -> str:
             f"{error} (refused by PIL; raise PIL.Image.MAX_IMAGE_PIXELS as well as max_pixels "
             "to accept it)"
         )
+    if isinstance(error, PermissionError):
+        return "permission denied"
     if isinstance(error, MemoryError):
         return "out of memory while decoding"
+    if isinstance(error, (OSError, SyntaxError, EOFError)):  # PIL, reading a damaged file
+        return f"corrupt or truncated image file ({str(error) or type(error).__name__})"
     return str(error) or type(error).__name__
 
 

@@ -1057,6 +1057,14 @@ def test_resume_key_names_every_changed_setting(tmp_path, monkeypatch):
         ft.finetune(data, tiny_model(), output=out, **base)  # other weights
     with pytest.raises(ResumeMismatchError, match="data .*was 48 images of 6 identities, now 40"):
         ft.finetune((x[:40], np.arange(40) % 6), model(), output=out, **base)
+    with open(out + ".ckpt/train.keras", "rb") as f:
+        intact = f.read()
+    with open(out + ".ckpt/train.keras", "wb") as f:
+        f.write(intact[: len(intact) // 2])
+    with pytest.raises(ResumeMismatchError, match="cannot be loaded.*--no-resume"):
+        ft.finetune(data, model(), output=out, **base)
+    with open(out + ".ckpt/train.keras", "wb") as f:
+        f.write(intact)
     resumed = ft.finetune(data, model(), output=out, **base)
     assert resumed.resumed_from == 1 and [h["epoch"] for h in resumed.history] == [1, 2, 3]
 
