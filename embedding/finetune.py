@@ -82,16 +82,16 @@ IMAGE_CACHE_BYTES = 1 << 30
 def checkpoint_custom_objects() -> dict:
     """Every class a training checkpoint or a fine-tuned model may hold, by name.
 
-    Importing this module registers them all with Keras (the imports above);
-    loads pass them explicitly as well, so a checkpoint never depends on what
-    else the process happened to import.
+    Importing this module imports every module that registers such a class
+    (the imports above: the ConvNeXt layers, GeM pooling, ArcFace), so any
+    load done through it finds them; loads also pass them explicitly, so a
+    checkpoint never depends on what else the process happened to import.
     """
-    objects = {"ArcFace": ArcFace}
-    objects["GeneralizedMeanPooling"] = embedding_model_module.GeneralizedMeanPooling
-    for name in ("DepthwiseConv", "GlobalResponseNorm", "LayerScale", "StochasticDepth"):
-        if hasattr(convnext_layers, name):
-            objects[name] = getattr(convnext_layers, name)
-    return objects
+    return {
+        name.split(">", 1)[-1]: obj
+        for name, obj in keras.saving.get_custom_objects().items()
+        if getattr(obj, "__module__", "").startswith(("convnext_layers", "embedding."))
+    }
 
 
 # ----------------------------------------------------------------------------
