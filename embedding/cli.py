@@ -1,34 +1,107 @@
-"""Command line: `python -m embedding {demo,embed,verify,evaluate,enroll,identify} ...`.
+"""Command line: `python -m embedding COMMAND ...` (demo, embed, verify, evaluate, finetune,
+enroll, identify, export, ...).
 
 Each subcommand is a function `add_parser(subparsers)` that adds its parser and
 sets `handler=` to the function that runs it. `SUBCOMMANDS` lists them as
 "module:function" strings; adding a subcommand is one line there. Handlers
 import Keras lazily, so `--help` is instant and `--backend` can still pick the
 Keras backend.
+
+Errors: a handler raises; `main` is the one place that reports. Any
+`embedding.errors.InputError` (bad images, pairs files, outputs, fine-tuning
+data, ... and `CommandError` for what only the command line checks), an
+`OSError` (a file that cannot be read or written) and the converter's
+checkpoint errors (`EXPECTED_ERRORS`) become one `error: ...` line on stderr
+and exit status 2; Ctrl-C exits with 130. Anything else is a bug and keeps its
+traceback, and the global `--debug` shows the traceback of every error.
+Handlers check what is cheap first (arguments, input files, whether the outputs
+can be written) and only then load a model or start work.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import sys
+
+from embedding.errors import InputError, PairsFileError
+from embedding.files import IMAGE_EXTENSIONS, check_output_path, find_image_files
 
 SUBCOMMANDS = [
     "embedding.cli:add_demo_parser",
     "embedding.cli:add_embed_parser",
     "embedding.cli:add_verify_parser",
     "embedding.cli:add_evaluate_parser",
-    "embedding.finetune:add_finetune_parser",
+    "embedding.finetune_cli:add_finetune_parser",
     "embedding.cli:add_enroll_parser",
     "embedding.cli:add_identify_parser",
     "embedding.cli:add_export_parser",
 ]
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+__all__ = ["IMAGE_EXTENSIONS", "CommandError", "find_images", "main"]
 
 
-class CommandError(Exception):
-    """A user-facing failure: printed as `error: ...`, exit status 2."""
+class CommandError(InputError):
+    """A failure that only the command line checks: printed as `error: ...`, exit status 2."""
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """The exception types `main` reports as one `error:` line (see the module docstring)."""
+    types = [InputError, OSError]
+    converter = sys.modules.get("weights_convert")  # not imported: none of its errors happened
+    if converter is not None:
+        types += [
+            converter.CheckpointError,
+            converter.CheckpointMismatchError,
+            converter.UnsupportedArchitectureError,
+        ]
+    return tuple(types)
+
+
+def error_message(error: BaseException) -> str:
+    """One line for `error: ...`: the message, or the OS error and its file."""
+    if isinstance(error, OSError) and error.strerror:
+        names = [n for n in (error.filename, error.filename2) if n is not None]
+        text = error.strerror + (": " + " -> ".join(map(str, names)) if names else "")
+    else:
+        text = str(error) or type(error).__name__
+    return " ".join(text.split())  # one line, whatever the message held
+
+
+# ----------------------------------------------------------------------------
+# Argument types (argparse reports a bad value as `error: argument --x: ...`)
+# ----------------------------------------------------------------------------
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
 # ----------------------------------------------------------------------------
@@ -37,21 +110,23 @@ class CommandError(Exception):
 
 
 def add_model_options(parser: argparse.ArgumentParser, batch_size: int = 32) -> None:
-    """--model, --batch-size, --pooling, --no-head-norm, --workers, --no-cache, --cache-dir."""
+    """--model, --batch-size, --pooling, --no-head-norm, --workers, --no-cache, --cache-dir,
+    --max-pixels, --no-progress."""
     group = parser.add_argument_group("model")
     group.add_argument(
         "--model",
         default=None,
         metavar="SOURCE",
-        help="Hub id, .safetensors file or folder with model.safetensors + config.json "
+        help="Hub id, .safetensors file, folder with model.safetensors + config.json, or a "
+        ".keras model written by weights_convert or finetune "
         "(default: timm/convnext_atto.d2_in1k)",
     )
-    group.add_argument("--batch-size", type=int, default=batch_size, metavar="N")
+    group.add_argument("--batch-size", type=positive_int, default=batch_size, metavar="N")
     group.add_argument("--pooling", choices=("avg", "max", "gem"), default="avg")
     group.add_argument(
         "--no-head-norm", action="store_true", help="skip timm's head LayerNorm after pooling"
     )
-    group.add_argument("--workers", type=int, default=None, help="image decoding threads")
+    group.add_argument("--workers", type=positive_int, default=None, help="image decoding threads")
     group.add_argument(
         "--no-cache", action="store_true", help="do not read or write the converted-model cache"
     )
@@ -60,46 +135,82 @@ def add_model_options(parser: argparse.ArgumentParser, batch_size: int = 32) -> 
         default=None,
         help="converted-model cache (default $KERAS_CONVNEXT_CACHE or ~/.cache/keras-convnext)",
     )
+    group.add_argument(
+        "--max-pixels",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="skip images with more pixels (decompression bombs; default PIL's limit, 89478485)",
+    )
     group.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
-def make_embedder(args, **kwargs):
-    """An `Embedder` from the options of `add_model_options`."""
-    from embedding.embedder import Embedder
-    from embedding.model import DEFAULT_MODEL, enable_compilation_cache
+def model_source(args) -> str:
+    from embedding.model import DEFAULT_MODEL
 
+    return args.model or DEFAULT_MODEL
+
+
+def check_model_source(args) -> str:
+    """Refuse a `--model` that names no file and no Hub id, before anything is loaded."""
+    import weights_convert
+
+    source = model_source(args)
+    if weights_convert.hub_repo_id(source) is None and not os.path.exists(source):
+        raise CommandError(f"--model {source}: no such file or folder (nor a Hub id)")
+    if source.endswith(".keras") and (args.pooling != "avg" or args.no_head_norm):
+        raise CommandError(
+            f"--model {source}: a .keras model has its own pooling and head; "
+            "--pooling / --no-head-norm apply to checkpoints only"
+        )
+    return source
+
+
+def make_embedder(args, **kwargs):
+    """An `Embedder` from the options of `add_model_options` (any checkpoint source, or a
+    `.keras` model this project wrote); a model that cannot be loaded is reported as an
+    error naming `--model`, and a non-commercial licence gets a `note:` line."""
+    import zipfile
+
+    from embedding.embedder import Embedder
+    from embedding.model import enable_compilation_cache
+    from embedding.preprocess import DEFAULT_MAX_PIXELS
+
+    source = check_model_source(args)
     if not args.no_cache:  # JAX: reuse compiled executables across runs
         enable_compilation_cache(args.cache_dir)
-    return Embedder(
-        args.model or DEFAULT_MODEL,
-        pooling=args.pooling,
-        head_norm=not args.no_head_norm,
-        batch_size=args.batch_size,
-        num_workers=args.workers,
-        cache=not args.no_cache,
-        cache_dir=args.cache_dir,
-        progress=not args.no_progress,
-        **kwargs,
-    )
+    try:
+        embedder = Embedder(
+            source,
+            pooling=args.pooling,
+            head_norm=not args.no_head_norm,
+            cache=not args.no_cache,
+            cache_dir=args.cache_dir,
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+            max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
+            progress=not args.no_progress,
+            **kwargs,
+        )
+    except CommandError:
+        raise
+    except (InputError, ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        raise CommandError(f"--model {source}: {error_message(error)}") from error
+    from weights_convert.pretrained import license_notice
+
+    notice = license_notice(embedder.pretrained_cfg)
+    if notice:
+        print(f"note: {notice}", file=sys.stderr)
+    return embedder
 
 
 def find_images(paths) -> list[str]:
-    """Files as given, folders searched recursively for image files (sorted)."""
-    found = []
-    for path in paths:
-        if os.path.isdir(path):
-            for folder, dirs, files in os.walk(path):
-                dirs.sort()
-                found.extend(
-                    os.path.join(folder, name)
-                    for name in sorted(files)
-                    if name.lower().endswith(IMAGE_EXTENSIONS)
-                )
-        elif os.path.exists(path):
-            found.append(path)
-        else:
-            raise CommandError(f"{path}: no such file or folder")
-    return found
+    """Files as given, folders searched recursively for image files (sorted), by the
+    one walker (`embedding.files`). Raises `CommandError` for a path that does not exist."""
+    try:
+        return [image.path for image in find_image_files(paths)]
+    except FileNotFoundError as error:
+        raise CommandError(str(error)) from None
 
 
 # ----------------------------------------------------------------------------
@@ -112,8 +223,9 @@ def add_embed_parser(subparsers):
         "embed",
         help="embed images (files or folders) into an .npz",
         description="Embed images into an .npz with arrays embeddings (N, D) float32, "
-        "paths (N,), labels (N,) (each image's folder name; the file loads as an "
-        "embedding.Gallery) and skipped (paths that could not be read).",
+        "paths (N,), labels (N,) (for an image found in a folder given here, the top-level "
+        "sub-folder it lies in; for a file given by name, its folder's name; the file loads "
+        "as an embedding.Gallery) and skipped (paths that could not be read).",
     )
     p.add_argument("inputs", nargs="+", metavar="DIR_OR_FILE")
     p.add_argument("-o", "--output", required=True, help="output .npz")
@@ -124,17 +236,27 @@ def add_embed_parser(subparsers):
 def run_embed(args):
     import numpy as np
 
-    from embedding.gallery import _atomic_savez
-
-    paths = find_images(args.inputs)
-    if not paths:
-        raise CommandError("no image files found in " + ", ".join(args.inputs))
+    check_output_path(args.output, option="-o")
+    try:
+        files = find_image_files(args.inputs)
+    except FileNotFoundError as error:
+        raise CommandError(str(error)) from None
+    if not files:
+        raise CommandError(
+            "no image files found in " + ", ".join(args.inputs) + " (image names end in "
+            f"{', '.join(IMAGE_EXTENSIONS)})"
+        )
+    paths = [f.path for f in files]
     embedder = make_embedder(args)
     result = embedder.embed_many(paths, on_error="skip")
     for failure in result.failures:
         print(f"skipped: {failure}", file=sys.stderr)
+    if not len(result.indices):
+        raise CommandError(f"none of the {len(paths)} images could be read; nothing written")
     kept = [paths[i] for i in result.indices]
-    labels = [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in kept]
+    labels = [files[i].label for i in result.indices]
+    from embedding.gallery import _atomic_savez
+
     _atomic_savez(
         args.output,
         embeddings=result.vectors.astype(np.float32),
@@ -163,7 +285,7 @@ def add_verify_parser(subparsers):
     p.add_argument("image2")
     p.add_argument(
         "--threshold",
-        type=float,
+        type=finite_float,
         default=None,
         help="accept when similarity >= T (default: 0.5, uncalibrated; "
         "`evaluate` prints calibrated thresholds)",
@@ -173,6 +295,10 @@ def add_verify_parser(subparsers):
 
 
 def run_verify(args):
+    for name, path in (("image1", args.image1), ("image2", args.image2)):
+        if not os.path.isfile(path):
+            what = "a folder, not an image file" if os.path.isdir(path) else "no such file"
+            raise CommandError(f"{name} {path}: {what}")
     embedder = make_embedder(args)
     result = embedder.verify(args.image1, args.image2, threshold=args.threshold)
     note = {
@@ -191,43 +317,89 @@ def run_verify(args):
 # ----------------------------------------------------------------------------
 
 
+def _pairs_header(tokens) -> tuple[int | None, int] | None:
+    """(folds or None, pairs per class per fold) of a header line, None if it is a pair line."""
+    if not tokens or len(tokens) > 2 or not all(t.isdigit() for t in tokens):
+        return None
+    if len(tokens) == 1:
+        return None, int(tokens[0])
+    return int(tokens[0]), int(tokens[1])
+
+
 def read_pairs(path, root, ext="jpg"):
     """Parse an LFW pairs file: ([(img1, img2)], labels, folds or None).
 
-    Header "FOLDS PAIRS_PER_CLASS" (e.g. "10 300") or a single count; then
-    "name n1 n2" (same person) and "name1 n1 name2 n2" (different) lines.
-    Images are ROOT/name/name_%04d.EXT.
+    Header "FOLDS PAIRS_PER_CLASS" (e.g. "10 300": 10 folds of 300 same + 300
+    different pairs) or a single count of pairs per class; then "name n1 n2"
+    (same person) and "name1 n1 name2 n2" (different) lines. Images are
+    ROOT/name/name_%04d.EXT. Raises `PairsFileError` naming the file and line
+    for anything else, and when the header's count disagrees with the lines.
     """
-    with open(path) as f:
-        lines = [line.split() for line in f if line.strip()]
-    if not lines:
-        raise CommandError(f"{path}: empty pairs file")
-    folds = None
-    header = lines[0]
-    if all(token.isdigit() for token in header) and len(header) in (1, 2):
-        folds = int(header[0]) if len(header) == 2 else None
-        lines = lines[1:]
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.split() for line in f]
+    except UnicodeDecodeError:
+        raise PairsFileError(f"{path}: not a text pairs file (not UTF-8)") from None
+    except OSError as error:
+        reason = error_message(error)
+        raise PairsFileError(f"{path}: cannot read the pairs file ({reason})") from None
+    numbered = [(no, tokens) for no, tokens in enumerate(lines, start=1) if tokens]
+    if not numbered:
+        raise PairsFileError(f"{path}: empty pairs file")
+    folds = per_class = None
+    header = _pairs_header(numbered[0][1])
+    if header is not None:
+        folds, per_class = header
+        header_line, numbered = numbered[0][0], numbered[1:]
 
-    def image(name, number):
+    def image(line_no, name, number):
+        if name in (".", "..") or "/" in name or "\\" in name:
+            raise PairsFileError(f"{path}:{line_no}: {name!r} is not a folder name under the root")
+        if not number.isdigit():
+            raise PairsFileError(
+                f"{path}:{line_no}: {number!r} is not an image number (a whole number >= 1)"
+            )
         return os.path.join(root, name, f"{name}_{int(number):04d}.{ext}")
 
     pairs, labels = [], []
-    for line_no, tokens in enumerate(lines, start=2 if folds is not None else 1):
-        try:
-            if len(tokens) == 3:
-                pairs.append((image(tokens[0], tokens[1]), image(tokens[0], tokens[2])))
-                labels.append(1)
-            elif len(tokens) == 4:
-                pairs.append((image(tokens[0], tokens[1]), image(tokens[2], tokens[3])))
-                labels.append(0)
-            else:
-                raise ValueError
-        except ValueError:
-            raise CommandError(
+    for line_no, tokens in numbered:
+        if len(tokens) == 3:
+            pairs.append((image(line_no, tokens[0], tokens[1]), image(line_no, *tokens[::2])))
+            labels.append(1)
+        elif len(tokens) == 4:
+            pairs.append((image(line_no, *tokens[:2]), image(line_no, *tokens[2:])))
+            labels.append(0)
+        else:
+            raise PairsFileError(
                 f"{path}:{line_no}: expected 'name n1 n2' or 'name1 n1 name2 n2', "
                 f"got {' '.join(tokens)!r}"
-            ) from None
+            )
+    if folds is not None and folds < 2:
+        raise PairsFileError(
+            f"{path}:{header_line}: the header says {folds} fold(s); k-fold accuracy needs at "
+            "least 2 (header 'FOLDS PAIRS_PER_CLASS', e.g. '10 300')"
+        )
+    if per_class is not None:
+        expected = 2 * per_class * (folds or 1)
+        if len(pairs) != expected:
+            shape = f"{folds} folds x " if folds else ""
+            raise PairsFileError(
+                f"{path}: the header promises {shape}{per_class} same + {per_class} different "
+                f"pairs = {expected} lines, found {len(pairs)} (truncated or wrong header?)"
+            )
     return pairs, labels, folds
+
+
+def missing_images(pairs) -> list[str]:
+    """The distinct image paths of `pairs` that are not files, in order."""
+    missing, seen = [], set()
+    for pair in pairs:
+        for path in pair:
+            if path not in seen:
+                seen.add(path)
+                if not os.path.isfile(path):
+                    missing.append(path)
+    return missing
 
 
 def add_evaluate_parser(subparsers):
@@ -239,7 +411,15 @@ def add_evaluate_parser(subparsers):
     p.add_argument("--root", required=True, help="image folder: ROOT/name/name_0001.jpg")
     p.add_argument("--ext", default="jpg", help="image file extension (default jpg)")
     p.add_argument(
-        "--folds", type=int, default=None, help="k for k-fold accuracy (default: from header, 10)"
+        "--folds",
+        type=positive_int,
+        default=None,
+        help="k for k-fold accuracy, at least 2 (default: from header, 10)",
+    )
+    p.add_argument(
+        "--skip-missing",
+        action="store_true",
+        help="drop the pairs whose images are missing instead of refusing the file",
     )
     p.add_argument("--json", default=None, metavar="FILE", help="also write the metrics as JSON")
     add_model_options(p)
@@ -251,10 +431,32 @@ def run_evaluate(args):
 
     import numpy as np
 
-    from embedding.metrics import verification_metrics
-
-    pairs, labels, header_folds = read_pairs(args.pairs, args.root, args.ext)
+    if not os.path.isdir(args.root):
+        what = "a file, not a folder" if os.path.exists(args.root) else "no such folder"
+        raise CommandError(f"--root {args.root}: {what}")
+    if args.folds is not None and args.folds < 2:
+        raise CommandError(f"--folds {args.folds}: k-fold accuracy needs at least 2 folds")
+    if args.json:
+        check_output_path(args.json, option="--json")
+    pairs, labels, header_folds = read_pairs(args.pairs, args.root, args.ext.lstrip("."))
     folds = args.folds or header_folds or 10
+    missing = missing_images(pairs)
+    if missing:
+        listed = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        if not args.skip_missing:
+            raise PairsFileError(
+                f"{len(missing)} image(s) of {args.pairs} are missing under --root {args.root} "
+                f"(--ext {args.ext}): {listed}; check --root and --ext, or pass --skip-missing"
+            )
+        gone = set(missing)
+        keep = [k for k, pair in enumerate(pairs) if not gone.intersection(pair)]
+        print(
+            f"warning: {len(missing)} image(s) missing ({listed}); "
+            f"{len(pairs) - len(keep)} of {len(pairs)} pairs dropped",
+            file=sys.stderr,
+        )
+        pairs, labels = [pairs[k] for k in keep], [labels[k] for k in keep]
+    _check_pair_labels(labels, folds, args.pairs)
     embedder = make_embedder(args)
     scores, valid, failures = embedder.pair_scores(pairs, on_error="skip")
     if failures:
@@ -266,13 +468,40 @@ def run_evaluate(args):
             file=sys.stderr,
         )
     labels = np.asarray(labels)[valid]
-    metrics = verification_metrics(scores[valid], labels, folds=folds)
+    _check_pair_labels(labels.tolist(), folds, args.pairs)
+    from embedding.metrics import verification_metrics
+
+    try:
+        metrics = verification_metrics(scores[valid], labels, folds=folds)
+    except ValueError as error:  # e.g. a fold whose other folds hold one kind of pair only
+        raise PairsFileError(f"{args.pairs}: {error}") from error
     print(f"model: {embedder.source}  (dim {embedder.dim})")
     print(metrics.summary())
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(metrics.to_dict(), f, indent=2)
+        import weights_convert
+
+        def write(tmp):
+            with open(tmp, "w") as f:
+                json.dump(metrics.to_dict(), f, indent=2)
+
+        weights_convert.atomic_write(args.json, write)
     return 0
+
+
+def _check_pair_labels(labels, folds, path):
+    """Refuse pairs that cannot give the metrics: both kinds needed, a pair per fold."""
+    same = sum(1 for label in labels if label == 1)
+    different = len(labels) - same
+    if same == 0 or different == 0:
+        raise PairsFileError(
+            f"{path}: {same} same-person and {different} different-person pairs usable; "
+            "the metrics need both"
+        )
+    if len(labels) < folds:
+        raise PairsFileError(
+            f"{path}: {len(labels)} usable pairs cannot fill {folds} folds; pass --folds "
+            f"{max(2, min(len(labels), 10))} or fewer"
+        )
 
 
 # ----------------------------------------------------------------------------
@@ -295,7 +524,17 @@ def add_demo_parser(subparsers):
 def _run_demo(args):
     from embedding.demo import run_demo
 
-    return run_demo(model=args.model, offline=args.offline)
+    if args.model is not None and not args.offline:
+        import weights_convert
+
+        if weights_convert.hub_repo_id(args.model) is None and not os.path.exists(args.model):
+            raise CommandError(f"--model {args.model}: no such file or folder (nor a Hub id)")
+    try:
+        return run_demo(model=args.model, offline=args.offline)
+    except (ValueError, OSError) as error:
+        if args.model is None:
+            raise
+        raise CommandError(f"--model {args.model}: {error_message(error)}") from error
 
 
 # ----------------------------------------------------------------------------
@@ -537,6 +776,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Keras backend (default: $KERAS_BACKEND)",
     )
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error (for bug reports)"
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for spec in SUBCOMMANDS:
         module, function = spec.split(":")
@@ -545,19 +787,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(None if argv is None else [os.fspath(a) for a in argv])
     if args.backend:
         if "keras" in sys.modules and os.environ.get("KERAS_BACKEND") != args.backend:
             print("error: --backend must be chosen before Keras is imported", file=sys.stderr)
             return 2
         os.environ["KERAS_BACKEND"] = args.backend
-    from embedding.errors import USER_ERRORS
+    import warnings
 
+    from PIL import Image
+
+    # images above the pixel limit are refused (and reported) by the preprocessing itself
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     try:
         return args.handler(args) or 0
-    except CommandError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except expected_errors() as error:
+        if args.debug:
+            raise
+        print(f"error: {error_message(error)}", file=sys.stderr)
         return 2

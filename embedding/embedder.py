@@ -14,6 +14,7 @@ cost a full batch.
 from __future__ import annotations
 
 import collections
+import math
 import os
 import pathlib
 import warnings
@@ -23,10 +24,17 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from embedding.errors import (
+    EmptyInputError,
+    ImageLoadError,
+    InputTypeError,
+    NonFiniteError,
+    without_traceback,
+)
 from embedding.gallery import cosine_similarity
 from embedding.metrics import verification_metrics
 from embedding.model import DEFAULT_MODEL, build_model, embedding_dim, predict_padded
-from embedding.preprocess import ImageLoadError, Preprocessor
+from embedding.preprocess import ACCEPTED_INPUTS, DEFAULT_MAX_PIXELS, Preprocessor, describe_input
 
 # Threshold used by `verify` until `calibrate` (or an explicit threshold) sets one.
 # A cosine similarity of 0.5 is a neutral middle ground for L2-normalised
@@ -73,6 +81,39 @@ def _is_single(inputs) -> bool:
     return isinstance(inputs, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image))
 
 
+def as_input_list(inputs) -> list:
+    """`inputs` as a list of single images: one image -> [it]; a list, tuple, other
+    iterable or (N, H, W, C) array -> its items.
+
+    Raises `InputTypeError` (a `TypeError`) for None, numbers, mappings and other
+    non-images, and `EmptyInputError` (a `ValueError`) for no images at all.
+    """
+    if _is_single(inputs):
+        return [inputs]
+    if (
+        inputs is None
+        or isinstance(inputs, (dict, bool, int, float, complex))
+        or not hasattr(inputs, "__iter__")
+    ):
+        raise InputTypeError(
+            f"inputs must be one image or a list of images ({ACCEPTED_INPUTS}); "
+            f"got {describe_input(inputs)}"
+        )
+    items = list(inputs)
+    if not items:
+        raise EmptyInputError("inputs is empty: give at least one image")
+    return items
+
+
+def check_threshold(threshold) -> float:
+    """A finite float similarity threshold, else `NonFiniteError` / `InputTypeError`."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.number)):
+        raise InputTypeError(f"threshold must be a number, got {threshold!r}")
+    if not math.isfinite(float(threshold)):
+        raise NonFiniteError(f"threshold must be a finite number, got {threshold!r}")
+    return float(threshold)
+
+
 class Embedder:
     """Preprocessing from the checkpoint's own `pretrained_cfg` + the embedding model.
 
@@ -91,6 +132,11 @@ class Embedder:
             `test_crop_pct` (timm's `use_test_size`; off by default, as in timm);
             the model takes any size.
         channel_order: "rgb", or "bgr" for OpenCV arrays (numpy inputs only).
+        data_format: layout of 3-D arrays: None (detect; ambiguous shapes are
+            refused), "channels_last" (H, W, C) or "channels_first" (C, H, W).
+        max_pixels: larger images are refused before decoding (a skippable
+            `ImageLoadError`; default PIL's decompression-bomb limit; None: only
+            PIL's own limit).
         progress: show a tqdm progress bar in `embed` (default off).
     """
 
@@ -107,13 +153,17 @@ class Embedder:
         threshold: float | None = None,
         use_test_size: bool = False,
         channel_order: str = "rgb",
+        data_format: str | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
         progress: bool = False,
         cache: bool = True,
         cache_dir=None,
         verbose: bool = False,
     ):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}.")
+        if threshold is not None:
+            threshold = check_threshold(threshold)
         if model is None:
             model = build_model(
                 source,
@@ -129,7 +179,12 @@ class Embedder:
         self.source = source
         cfg = pretrained_cfg if pretrained_cfg is not None else getattr(model, "pretrained_cfg", {})
         self.pretrained_cfg = dict(cfg or {})
-        self.preprocessor = Preprocessor(self.pretrained_cfg, use_test_size=use_test_size)
+        self.preprocessor = Preprocessor(
+            self.pretrained_cfg,
+            use_test_size=use_test_size,
+            max_pixels=max_pixels,
+            data_format=data_format,
+        )
         model_hw = tuple(model.input_shape[1:3])
         if None not in model_hw and model_hw != self.preprocessor.config.input_size:
             raise ValueError(
@@ -155,17 +210,21 @@ class Embedder:
 
     # -- embedding ----------------------------------------------------------
 
-    def preprocess(self, item, channel_order: str | None = None) -> np.ndarray:
+    def preprocess(
+        self, item, channel_order: str | None = None, data_format: str | None = None
+    ) -> np.ndarray:
         """One input -> the normalised (H, W, 3) float32 array the model sees."""
-        return self.preprocessor(item, channel_order=channel_order or self.channel_order)
+        return self.preprocessor(
+            item, channel_order=channel_order or self.channel_order, data_format=data_format
+        )
 
-    def _prepare(self, item, index, channel_order):
+    def _prepare(self, item, index, channel_order, data_format):
         try:
-            return self.preprocessor(item, channel_order=channel_order, index=index)
+            return self.preprocessor(item, channel_order, index, data_format)
         except ImageLoadError as error:
-            return error
+            return without_traceback(error)  # kept for the report: must hold no frames
 
-    def _batches(self, items, channel_order):
+    def _batches(self, items, channel_order, data_format):
         """Yield (start, [array | ImageLoadError]) per batch, decoding ahead in threads."""
         n, bs = len(items), self.batch_size
         ahead = 2 * bs  # prefetch the next two batches
@@ -177,7 +236,9 @@ class Embedder:
                 nonlocal submitted
                 while submitted < min(n, limit):
                     pending.append(
-                        pool.submit(self._prepare, items[submitted], submitted, channel_order)
+                        pool.submit(
+                            self._prepare, items[submitted], submitted, channel_order, data_format
+                        )
                     )
                     submitted += 1
 
@@ -195,6 +256,7 @@ class Embedder:
         inputs,
         *,
         channel_order: str | None = None,
+        data_format: str | None = None,
         on_error: str = "skip",
         progress: bool | None = None,
     ) -> EmbedResult:
@@ -202,17 +264,21 @@ class Embedder:
 
         Returns an `EmbedResult` (vectors of the good inputs, their indices, and
         the failures). `on_error="raise"` raises the first `ImageLoadError`.
+        Every per-input failure (unreadable or missing file, decompression
+        bomb, unsupported array, an object that is no image) is an
+        `ImageLoadError` and is skipped; `inputs` that is no image or list at
+        all raises `InputTypeError`, an empty list `EmptyInputError`.
         """
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}.")
-        items = [inputs] if _is_single(inputs) else list(inputs)
+        items = as_input_list(inputs)
         order = channel_order or self.channel_order
         show = self.progress if progress is None else progress
         vectors, indices, failures = [], [], []
         from tqdm.auto import tqdm
 
         with tqdm(total=len(items), disable=not show, unit="img", desc="embed") as bar:
-            for start, prepared in self._batches(items, order):
+            for start, prepared in self._batches(items, order, data_format):
                 good = []
                 for offset, value in enumerate(prepared):
                     if isinstance(value, ImageLoadError):
@@ -223,7 +289,9 @@ class Embedder:
                         good.append((start + offset, value))
                 if good:
                     batch = np.stack([array for _, array in good])
-                    vectors.append(predict_padded(self.model, batch, self.batch_size))
+                    output = predict_padded(self.model, batch, self.batch_size)
+                    _check_finite(output, [i for i, _ in good], items)
+                    vectors.append(output)
                     indices.extend(i for i, _ in good)
                 bar.update(len(prepared))
         vectors = np.concatenate(vectors) if vectors else np.zeros((0, self.dim), dtype=np.float32)
@@ -234,6 +302,7 @@ class Embedder:
         inputs,
         *,
         channel_order: str | None = None,
+        data_format: str | None = None,
         on_error: str = "raise",
         progress: bool | None = None,
     ) -> np.ndarray:
@@ -242,10 +311,15 @@ class Embedder:
         `inputs`: one image or a list of them (paths, `pathlib.Path`, bytes, PIL
         images, HWC numpy arrays), or an (N, H, W, C) array. An unreadable input
         raises `ImageLoadError` naming it; with `on_error="skip"` it is left out
-        with a warning (use `embed_many` to get the skipped indices).
+        with a warning (use `embed_many` to get the skipped indices). None, a
+        number or an empty list raise `InputTypeError` / `EmptyInputError`.
         """
         result = self.embed_many(
-            inputs, channel_order=channel_order, on_error=on_error, progress=progress
+            inputs,
+            channel_order=channel_order,
+            data_format=data_format,
+            on_error=on_error,
+            progress=progress,
         )
         if result.failures:
             names = "; ".join(str(f) for f in result.failures[:5])
@@ -262,11 +336,16 @@ class Embedder:
 
     def similarity(self, a, b) -> float:
         """Cosine similarity of two images (or precomputed embedding vectors)."""
-        va, vb = (self._as_vector(x) for x in (a, b))
-        return float(cosine_similarity(va, vb))
+        va, vb = self._as_vector(a, "first input"), self._as_vector(b, "second input")
+        score = float(cosine_similarity(va, vb))
+        if not math.isfinite(score):  # e.g. an all-infinite vector
+            raise NonFiniteError(f"the similarity of the two inputs is {score}, not a number")
+        return score
 
-    def _as_vector(self, x):
+    def _as_vector(self, x, name="input"):
         if isinstance(x, np.ndarray) and x.ndim == 1:
+            if not np.all(np.isfinite(x)):
+                raise NonFiniteError(f"{name}: the embedding vector contains NaN or infinity")
             return x
         return self.embed_one(x)
 
@@ -277,7 +356,7 @@ class Embedder:
         `DEFAULT_THRESHOLD` (0.5, uncalibrated; `threshold_source="default"`).
         """
         if threshold is not None:
-            used, source = float(threshold), "given"
+            used, source = check_threshold(threshold), "given"
         elif self.threshold is not None:
             used, source = float(self.threshold), self.threshold_source
         else:
@@ -353,3 +432,16 @@ class Embedder:
         options.setdefault("pretrained_cfg", self.pretrained_cfg)
         options.setdefault("threshold", self.threshold)
         return export_model(self.model, path, **options)
+
+
+def _check_finite(vectors: np.ndarray, indices, items) -> None:
+    """Refuse NaN / infinite embeddings (a broken checkpoint or normalisation): a
+    NaN vector would score NaN against everything and never give a verdict."""
+    bad = ~np.all(np.isfinite(vectors), axis=1)
+    if bad.any():
+        first = indices[int(np.flatnonzero(bad)[0])]
+        raise NonFiniteError(
+            f"the model produced NaN or infinite embeddings for {int(bad.sum())} input(s), "
+            f"first input #{first} ({describe_input(items[first])}); check the checkpoint "
+            "and its mean / std"
+        )

@@ -7,59 +7,210 @@
 
     python -m embedding finetune faces/ --model SOURCE --epochs 10 -o tuned.keras
 
-`faces/` holds one folder per identity. Part of the data is held out -- whole
-identities by default (open-set: the held-out people are never trained on), or
-a share of every identity's images (`holdout_by="image"`, `--holdout-by image`)
--- and the verification metrics of all held-out pairs (cosine similarity,
-`embedding.verification_metrics`) are reported before training and after every
-epoch. Training: the embedding model (optionally + a Dense projection) feeds an
-`ArcFace` layer over the training identities, cross-entropy loss, AdamW with a
-cosine learning-rate schedule, optionally the backbone frozen for the first
-`freeze_epochs` epochs. The model with the lowest held-out EER (the untouched
-input model included) is written to `output` (atomically, plus `<output stem>.config.json`
-with its preprocessing and metrics). After every epoch the full training state
-(model, ArcFace centres, optimizer) goes to a checkpoint folder; running the same
-call again resumes from it. Only the embedding model is saved as the result:
-ArcFace is used for training only.
+`faces/` holds one folder per identity (`embedding.files`: an image's label is
+the top-level folder it lies in; images directly in `faces/` are left out).
+Every image is decoded once before training: unreadable ones are skipped and
+reported, not found an hour into the run. Part of the data is held out --
+whole identities by default (open-set: the held-out people are never trained
+on), or a share of every identity's images (`holdout_by="image"`,
+`--holdout-by image`) -- and the verification metrics of all held-out pairs
+(cosine similarity, `embedding.verification_metrics`) are reported before
+training and after every epoch. Training: the embedding model (optionally + a
+Dense projection) feeds an `ArcFace` layer over the training identities,
+cross-entropy loss, AdamW with a cosine learning-rate schedule, optionally the
+backbone frozen for the first `freeze_epochs` epochs. The model with the
+lowest held-out EER (the untouched input model included) is written to
+`output` (atomically, plus `<output stem>.config.json` with its preprocessing
+and metrics).
+
+The run's settings are one `FinetuneConfig`. After every epoch the full
+training state (model, ArcFace centres, optimizer) and the run's settings, data
+listing and model fingerprint go to a checkpoint folder; the same call in a
+new process resumes from it, and a call that differs in any of them is refused
+with the names of what differs. Only the embedding model is saved as the
+result: ArcFace is used for training only.
 
 With a `keras.distribution.DataParallel` distribution (JAX backend), or
 `distribution="auto"` and more than one local device, every batch is split over
 the devices; see the README for several hosts.
+
+The command line is `embedding.finetune_cli`; this module does not import it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
 import os
 import shutil
-import sys
 import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import keras
 import numpy as np
 
+import convnext_layers  # noqa: F401  (registers the ConvNeXt layers a checkpoint may hold)
+import weights_convert
+from embedding import model as embedding_model_module
+from embedding.arcface import ArcFace
+from embedding.errors import (
+    FinetuneConfigError,
+    FinetuneDataError,
+    ImageLoadError,
+    InputError,
+    ModelSourceError,
+    ResumeMismatchError,
+    without_traceback,
+)
+from embedding.files import check_output_path, identity_folders
+from embedding.model import PROJECTION_NAME, as_embedding_model
+from embedding.preprocess import DEFAULT_MAX_PIXELS, Preprocessor
 
-class _LazyKeras:
-    """`keras`, imported on first use: `python -m embedding --help` and `--backend`
-    must work before Keras (and a backend) is loaded."""
-
-    def __getattr__(self, name):
-        import keras as module
-
-        return getattr(module, name)
-
-
-keras = _LazyKeras()
-
-PROJECTION_NAME = "embedding_projection"
-NORMALIZE_NAME = "embedding_l2"
 CHECKPOINT_MODEL = "train.keras"
 CHECKPOINT_STATE = "state.json"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+STATE_FORMAT = 2  # bump when state.json changes meaning
+# preprocessed folder images up to this size stay in memory (decoded once for the check anyway)
+IMAGE_CACHE_BYTES = 1 << 30
+
+
+def checkpoint_custom_objects() -> dict:
+    """Every class a training checkpoint or a fine-tuned model may hold, by name.
+
+    Importing this module imports every module that registers such a class
+    (the imports above: the ConvNeXt layers, GeM pooling, ArcFace), so any
+    load done through it finds them; loads also pass them explicitly, so a
+    checkpoint never depends on what else the process happened to import.
+    """
+    return {
+        name.split(">", 1)[-1]: obj
+        for name, obj in keras.saving.get_custom_objects().items()
+        if getattr(obj, "__module__", "").startswith(("convnext_layers", "embedding."))
+    }
+
+
+# ----------------------------------------------------------------------------
+# Settings
+# ----------------------------------------------------------------------------
+
+HOLDOUT_BY = ("identity", "image")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Every setting that changes a fine-tuning run (and so its resume key).
+
+    Attributes:
+        epochs: total epochs, warm-up epochs included.
+        batch_size: global batch size (split over devices and processes).
+        learning_rate, weight_decay: AdamW; the rate follows a cosine schedule
+            (after `warmup_steps` linear warm-up, default 5% of the steps) from
+            the first unfrozen epoch to the end.
+        freeze_epochs: epochs at the start that train only the ArcFace centres
+            (and the projection), at a constant `learning_rate`.
+        holdout, holdout_by: share held out for verification, by "identity"
+            (open-set, default) or "image" (a share of every identity); 0: none.
+        embedding_dim: add a Dense projection to this size before the L2 norm.
+        scale, margin, easy_margin: the `ArcFace` settings (s=30, m=0.35).
+        augment, hflip: random translations (1/16 of the side) and flips.
+        image_size: input side for checkpoint sources (default: the
+            checkpoint's own); folder images are resized to the model input.
+        pooling, head_norm: passed to `build_model` for checkpoint sources.
+        max_pairs: cap on the held-out pairs scored (all pairs below it).
+        seed: split, shuffling, augmentation and initialisation.
+    """
+
+    epochs: int = 10
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int | None = None
+    freeze_epochs: int = 0
+    holdout: float = 0.2
+    holdout_by: str = "identity"
+    embedding_dim: int | None = None
+    scale: float = 30.0
+    margin: float = 0.35
+    easy_margin: bool = False
+    augment: bool = True
+    hflip: bool = True
+    image_size: int | None = None
+    pooling: str = "avg"
+    head_norm: bool = True
+    max_pairs: int = 200_000
+    seed: int = 0
+
+    def __post_init__(self):
+        def whole(name, low, optional=False):
+            value = getattr(self, name)
+            if optional and value is None:
+                return
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise FinetuneConfigError(f"{name} must be a whole number, got {value!r}.")
+            if value < low:
+                raise FinetuneConfigError(f"{name} must be at least {low}, got {value}.")
+
+        def number(name, low, high=math.inf, low_open=False):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+                raise FinetuneConfigError(f"{name} must be a number, got {value!r}.")
+            value = float(value)
+            if (
+                not math.isfinite(value)
+                or value < low
+                or value >= high
+                or (low_open and value == low)
+            ):
+                interval = f"{'(' if low_open else '['}{low:g}, {high:g})"
+                raise FinetuneConfigError(f"{name} must lie in {interval}, got {value!r}.")
+
+        whole("epochs", 1)
+        whole("batch_size", 1)
+        whole("freeze_epochs", 0)
+        whole("warmup_steps", 0, optional=True)
+        whole("embedding_dim", 1, optional=True)
+        whole("image_size", 16, optional=True)
+        whole("max_pairs", 2)
+        whole("seed", 0)
+        if self.freeze_epochs > self.epochs:
+            raise FinetuneConfigError(
+                f"freeze_epochs ({self.freeze_epochs}) cannot exceed epochs ({self.epochs})."
+            )
+        number("learning_rate", 0.0, low_open=True)
+        number("weight_decay", 0.0)
+        number("holdout", 0.0, 1.0)
+        number("scale", 0.0, low_open=True)
+        number("margin", 0.0, math.pi / 2)
+        if self.holdout_by not in HOLDOUT_BY:
+            raise FinetuneConfigError(
+                f"holdout_by must be 'identity' or 'image', got {self.holdout_by!r}."
+            )
+        if self.pooling not in embedding_model_module.POOLINGS:
+            raise FinetuneConfigError(
+                f"pooling must be one of {', '.join(embedding_model_module.POOLINGS)}, "
+                f"got {self.pooling!r}."
+            )
+        for name in ("easy_margin", "augment", "hflip", "head_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise FinetuneConfigError(f"{name} must be True or False.")
+
+    def replace(self, **changes) -> FinetuneConfig:
+        """A copy with `changes`; an unknown name is a `TypeError` listing the valid ones."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise TypeError(
+                f"Unknown fine-tuning setting(s) {', '.join(unknown)}; the settings are "
+                f"{', '.join(sorted(names))}."
+            )
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 # ----------------------------------------------------------------------------
@@ -72,12 +223,18 @@ class ImageSet:
 
     `ImageSet.from_arrays(x, y)`: preprocessed images in memory.
     `ImageSet.from_folder(root, preprocess)`: one sub-folder per identity.
+    `fingerprint` identifies the content (for the resume check), `skipped`
+    lists the unreadable images left out, `loose` the images outside any
+    identity folder.
     """
 
-    def __init__(self, identities, loader, names=None):
+    def __init__(self, identities, loader, names=None, fingerprint=None):
         self.identities = np.asarray(identities)
         self._loader = loader
         self.names = names
+        self.fingerprint = fingerprint
+        self.skipped: list[ImageLoadError] = []
+        self.loose: list[str] = []
 
     def __len__(self):
         return len(self.identities)
@@ -89,63 +246,117 @@ class ImageSet:
     def from_arrays(cls, images, labels):
         images = np.asarray(images, dtype=np.float32)
         labels = np.asarray(labels)
-        if images.ndim != 4 or images.shape[0] != labels.shape[0]:
-            raise ValueError(
+        if images.ndim != 4 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+            raise FinetuneDataError(
                 f"Expected images (N, H, W, C) and labels (N,), got {images.shape} and "
                 f"{labels.shape}."
             )
-        return cls(labels, lambda idx: images[idx])
+        if not np.all(np.isfinite(images)):
+            raise FinetuneDataError("The images contain NaN or infinity.")
+        digest = hashlib.sha256(np.ascontiguousarray(images).tobytes())
+        digest.update(json.dumps(labels.tolist(), default=str).encode())
+        return cls(labels, lambda idx: images[idx], fingerprint=digest.hexdigest()[:20])
 
     @classmethod
-    def from_folder(cls, root, preprocess, workers: int | None = None):
+    def from_folder(
+        cls,
+        root,
+        preprocess: Preprocessor,
+        workers: int | None = None,
+        cache_bytes: int = IMAGE_CACHE_BYTES,
+    ):
+        """The images in identity sub-folders of `root`, each decoded once now.
+
+        Unreadable images are left out (listed in `skipped`); preprocessed
+        images are kept in memory as uint8 while they fit in `cache_bytes`.
+        Raises `FinetuneDataError` when no image can be read.
+        """
         root = os.fspath(root)
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f"{root}: no such folder")
-        paths, identities = [], []
-        for identity in sorted(os.listdir(root)):
-            folder = os.path.join(root, identity)
-            if not os.path.isdir(folder):
-                continue
-            for sub, dirs, files in os.walk(folder):
-                dirs.sort()
-                for name in sorted(files):
-                    if name.lower().endswith(IMAGE_EXTENSIONS):
-                        paths.append(os.path.join(sub, name))
-                        identities.append(identity)
-        if not paths:
-            raise ValueError(f"{root}: no images in identity sub-folders")
-        pool = ThreadPoolExecutor(workers or min(4, os.cpu_count() or 1))
+        files, loose = identity_folders(root)
+        workers = workers or min(4, os.cpu_count() or 1)
 
-        def load(idx):
-            return np.stack(list(pool.map(lambda i: preprocess(paths[i]), idx)))
+        def prepare(path):
+            try:  # resize + crop; normalised when loaded (exactly what preprocess() gives)
+                return preprocess.resize_crop(preprocess.load(path))
+            except ImageLoadError as error:
+                return without_traceback(error)
 
-        names = [os.path.relpath(p, root) for p in paths]
-        return cls(identities, load, names)
+        kept, skipped, cache, cached_bytes = [], [], [], 0
+        chunk = 64 * workers  # decoded ahead, bounded
+        with ThreadPoolExecutor(workers, thread_name_prefix="finetune-io") as pool:
+            for start in range(0, len(files), chunk):
+                part = files[start : start + chunk]
+                for image_file, value in zip(
+                    part, pool.map(prepare, [f.path for f in part]), strict=True
+                ):
+                    if isinstance(value, ImageLoadError):
+                        skipped.append(value)
+                        continue
+                    kept.append(image_file)
+                    if cache is not None:
+                        cached_bytes += value.nbytes
+                        if cached_bytes <= cache_bytes:
+                            cache.append(value)
+                        else:  # too large to keep: load from disk every epoch
+                            cache = None
+        if not kept:
+            raise FinetuneDataError(
+                f"{root}: none of the {len(files)} images could be read (first: {skipped[0]})"
+            )
+        paths = [f.path for f in kept]
+        listing = [[os.path.relpath(f.path, root), f.label, os.path.getsize(f.path)] for f in kept]
+        fingerprint = hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:20]
+        if cache is not None:
+            stacked = np.stack(cache)
+
+            def load(idx):
+                return preprocess.normalize(stacked[idx])
+
+        else:
+            pool = ThreadPoolExecutor(workers, thread_name_prefix="finetune-io")
+
+            def load(idx):
+                return np.stack(list(pool.map(lambda i: preprocess(paths[i]), idx)))
+
+        images = cls(
+            [f.label for f in kept],
+            load,
+            [row[0] for row in listing],
+            fingerprint=fingerprint,
+        )
+        images.skipped = skipped
+        images.loose = [f.path for f in loose]
+        return images
 
 
 def split_holdout(identities, holdout=0.2, by="identity", seed=0):
     """(train indices, held-out indices), seeded.
 
-    by="identity": round(holdout * identities) whole identities (at least 2) are
-    held out (open-set). by="image": round(holdout * n) images of each identity
-    with n >= 2 images (at least 1, never all of them) are held out.
+    by="identity": round(holdout * identities) whole identities are held out
+    (open-set): at least 2, so that different-identity pairs exist, and at most
+    all but 2, so that ArcFace has 2 identities to train on.
+    by="image": of each identity with n >= 2 images, round(holdout * n) images
+    are held out, at least 2 when n >= 3 (so that it gives a same-identity
+    pair) and at least 1, never all of them.
     """
     identities = np.asarray(identities)
     n = len(identities)
     if holdout <= 0:
         return np.arange(n), np.zeros(0, dtype=np.int64)
     if not 0 < holdout < 1:
-        raise ValueError(f"holdout must be in [0, 1), got {holdout}.")
+        raise FinetuneConfigError(f"holdout must be in [0, 1), got {holdout}.")
     rng = np.random.default_rng(seed)
     names = np.unique(identities)
     held = np.zeros(n, dtype=bool)
     if by == "identity":
-        if len(names) < 3:
-            raise ValueError(
-                f"Holding out whole identities needs at least 3 identities, found {len(names)}; "
-                "use holdout_by='image'."
+        if len(names) < 4:
+            raise FinetuneDataError(
+                f"Holding out whole identities needs at least 4 identities (2 held out for "
+                f"different-identity pairs, 2 to train), found {len(names)}; add identities, "
+                "use holdout_by='image' (--holdout-by image), or holdout=0 (--holdout 0) to "
+                "train without a held-out check."
             )
-        count = min(max(2, round(holdout * len(names))), len(names) - 1)
+        count = min(max(2, round(holdout * len(names))), len(names) - 2)
         chosen = rng.choice(names, size=count, replace=False)
         held[np.isin(identities, chosen)] = True
     elif by == "image":
@@ -153,11 +364,73 @@ def split_holdout(identities, holdout=0.2, by="identity", seed=0):
             idx = np.flatnonzero(identities == name)
             if len(idx) < 2:
                 continue
-            count = min(max(1, round(holdout * len(idx))), len(idx) - 1)
+            least = 2 if len(idx) >= 3 else 1
+            count = min(max(least, round(holdout * len(idx))), len(idx) - 1)
             held[rng.choice(idx, size=count, replace=False)] = True
     else:
-        raise ValueError(f"holdout_by must be 'identity' or 'image', got {by!r}.")
+        raise FinetuneConfigError(f"holdout_by must be 'identity' or 'image', got {by!r}.")
     return np.flatnonzero(~held), np.flatnonzero(held)
+
+
+def check_split(identities, train_idx, held_idx, config: FinetuneConfig) -> str:
+    """Refuse a split that cannot train or be evaluated; else say what was held out.
+
+    Raises `FinetuneDataError` saying why and what to change.
+    """
+    identities = np.asarray(identities)
+    names, per_identity = np.unique(identities, return_counts=True)
+    train_names = np.unique(identities[train_idx])
+    held_names, held_counts = np.unique(identities[held_idx], return_counts=True)
+    if len(train_names) < 2:
+        raise FinetuneDataError(
+            f"Only {len(train_names)} identity left to train on ({len(names)} in the data, "
+            f"{len(held_names)} held out); ArcFace needs at least 2: add identities or lower "
+            "the holdout (--holdout)."
+        )
+    if config.holdout == 0:
+        return f"no held-out check (holdout 0); training on {len(names)} identities"
+    # what can be changed, given the data
+    fixes = ["add images (3 or more per identity)"]
+    if config.holdout_by == "identity" and per_identity.max() >= 3:
+        fixes.append("use --holdout-by image (holdout_by='image')")
+    fixes.append("or pass --holdout 0 (holdout=0) to train without a held-out check")
+    fixes = ", ".join(fixes)
+    most = int(per_identity.max())
+    if len(held_idx) == 0:
+        raise FinetuneDataError(
+            f"Nothing could be held out: --holdout-by image holds out images of identities "
+            f"with 2 or more, and the most any identity has is {most}; {fixes}."
+        )
+    if len(held_names) < 2:
+        raise FinetuneDataError(
+            f"The held-out images belong to {len(held_names)} identity, so no "
+            f"different-identity pairs can be scored; {fixes}."
+        )
+    if held_counts.max() < 2:
+        what = (
+            f"the {len(held_names)} held-out identities have one image each"
+            if config.holdout_by == "identity"
+            else f"no identity has more than {most} images, so one of each is held out"
+        )
+        raise FinetuneDataError(f"No same-identity pair can be held out: {what}; {fixes}.")
+    if config.holdout_by == "identity":
+        asked = round(config.holdout * len(names))
+        why = (
+            ""
+            if asked == len(held_names)
+            else f" (holdout {config.holdout:g} of {len(names)} rounds to {asked}; at least 2 "
+            "are held out for different-identity pairs and at least 2 are kept for training)"
+        )
+        return (
+            f"held out {len(held_names)} of {len(names)} identities{why}, {len(held_idx)} "
+            f"images, never trained on; training on {len(train_names)} identities, "
+            f"{len(train_idx)} images"
+        )
+    return (
+        f"held out {len(held_idx)} images of {len(held_names)} identities (a share of each, "
+        f"--holdout-by image); training on {len(train_idx)} images of {len(train_names)} "
+        "identities"
+    )
 
 
 def verification_pairs(identities, max_pairs=200_000, seed=0):
@@ -204,77 +477,57 @@ def _augment(batch, rng, hflip, shift):
     return out
 
 
-_CLASSES = {}
+class TrainBatches(keras.utils.PyDataset):
+    """Shuffled full batches ((images, class ids), class ids); epoch `e` uses seed (seed, e).
 
+    With several processes (multi-host JAX), each yields its 1/process_count
+    share of every global batch.
+    """
 
-def _train_batches_class():
-    """`TrainBatches`, defined on first use (it subclasses `keras.utils.PyDataset`)."""
-    if "TrainBatches" in _CLASSES:
-        return _CLASSES["TrainBatches"]
-    import keras as keras_module
+    def __init__(
+        self,
+        images: ImageSet,
+        indices,
+        class_ids,
+        batch_size,
+        *,
+        seed=0,
+        augment=True,
+        hflip=True,
+        shift=None,
+        process_index=0,
+        process_count=1,
+    ):
+        super().__init__(workers=1, use_multiprocessing=False)
+        self.images = images
+        self.indices = np.asarray(indices)
+        self.class_ids = np.asarray(class_ids)
+        self.batch_size = int(batch_size)
+        self.seed = seed
+        self.augment = augment
+        self.hflip = hflip
+        self.shift = shift
+        self.process_index = process_index
+        self.process_count = process_count
+        self.set_epoch(0)
 
-    class TrainBatches(keras_module.utils.PyDataset):
-        """Shuffled full batches ((images, class ids), class ids); epoch `e` uses seed (seed, e).
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+        self._order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.indices))
 
-        With several processes (multi-host JAX), each yields its 1/process_count
-        share of every global batch.
-        """
+    def __len__(self):
+        return max(1, len(self.indices) // self.batch_size)
 
-        def __init__(
-            self,
-            images: ImageSet,
-            indices,
-            class_ids,
-            batch_size,
-            *,
-            seed=0,
-            augment=True,
-            hflip=True,
-            shift=None,
-            process_index=0,
-            process_count=1,
-        ):
-            super().__init__(workers=1, use_multiprocessing=False)
-            self.images = images
-            self.indices = np.asarray(indices)
-            self.class_ids = np.asarray(class_ids)
-            self.batch_size = int(batch_size)
-            self.seed = seed
-            self.augment = augment
-            self.hflip = hflip
-            self.shift = shift
-            self.process_index = process_index
-            self.process_count = process_count
-            self.set_epoch(0)
-
-        def set_epoch(self, epoch):
-            self.epoch = int(epoch)
-            self._order = np.random.default_rng([self.seed, self.epoch]).permutation(
-                len(self.indices)
-            )
-
-        def __len__(self):
-            return max(1, len(self.indices) // self.batch_size)
-
-        def __getitem__(self, step):
-            picks = self._order[step * self.batch_size : (step + 1) * self.batch_size]
-            picks = picks[self.process_index :: self.process_count]
-            x = self.images.load(self.indices[picks])
-            y = self.class_ids[picks].astype("int32")
-            if self.augment:
-                rng = np.random.default_rng([self.seed, self.epoch, step, self.process_index])
-                shift = self.shift if self.shift is not None else max(1, x.shape[1] // 16)
-                x = _augment(x, rng, self.hflip, shift)
-            return (x, y), y
-
-    _CLASSES["TrainBatches"] = TrainBatches
-    return TrainBatches
-
-
-def __getattr__(name):
-    if name == "TrainBatches":
-        return _train_batches_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    def __getitem__(self, step):
+        picks = self._order[step * self.batch_size : (step + 1) * self.batch_size]
+        picks = picks[self.process_index :: self.process_count]
+        x = self.images.load(self.indices[picks])
+        y = self.class_ids[picks].astype("int32")
+        if self.augment:
+            rng = np.random.default_rng([self.seed, self.epoch, step, self.process_index])
+            shift = self.shift if self.shift is not None else max(1, x.shape[1] // 16)
+            x = _augment(x, rng, self.hflip, shift)
+        return (x, y), y
 
 
 # ----------------------------------------------------------------------------
@@ -282,38 +535,10 @@ def __getattr__(name):
 # ----------------------------------------------------------------------------
 
 
-def as_embedding_model(model: keras.Model, embedding_dim: int | None = None) -> keras.Model:
-    """(B, H, W, 3) -> L2-normalised (B, D).
-
-    A feature-map output is average-pooled; an output that is not yet
-    L2-normalised gets `UnitNormalization`; `embedding_dim` inserts a Dense
-    projection (named "embedding_projection") before the normalisation.
-    """
-    cfg = getattr(model, "pretrained_cfg", None)
-    last = model.layers[-1]
-    normalized = isinstance(last, keras.layers.UnitNormalization)
-    if len(model.output_shape) == 2 and normalized and embedding_dim is None:
-        return model
-    features = last.input if normalized else model.output
-    if len(features.shape) == 4:
-        features = keras.layers.GlobalAveragePooling2D(name="embedding_pool")(features)
-    elif len(features.shape) != 2:
-        raise ValueError(f"Cannot make embeddings from an output of shape {features.shape}.")
-    if embedding_dim is not None:
-        features = keras.layers.Dense(int(embedding_dim), name=PROJECTION_NAME)(features)
-    out = keras.layers.UnitNormalization(axis=-1, name=NORMALIZE_NAME)(features)
-    result = keras.Model(model.input, out, name=model.name)
-    if cfg is not None:
-        result.pretrained_cfg = dict(cfg)
-    return result
-
-
 def build_training_model(
     embedding_model: keras.Model, num_classes: int, scale=30.0, margin=0.35, easy_margin=False
 ) -> keras.Model:
     """[images, class ids] -> ArcFace logits, with `embedding_model` nested inside."""
-    from embedding.arcface import ArcFace
-
     image = keras.Input(shape=embedding_model.input_shape[1:], name="image")
     label = keras.Input(shape=(), dtype="int32", name="label")
     embeddings = embedding_model(image)
@@ -332,24 +557,32 @@ def embedding_model_of(training_model: keras.Model) -> keras.Model:
 
 
 def set_backbone_trainable(embedding_model: keras.Model, trainable: bool) -> None:
-    """Freeze / unfreeze everything but the projection (ArcFace always trains)."""
+    """Freeze / unfreeze everything but the projection (ArcFace always trains): a
+    `ConvNeXt`'s `head_fc` (its projection in an embedding model), another model's
+    `embedding_projection`."""
+    projections = {PROJECTION_NAME, "head_fc"}
     for layer in embedding_model.layers:
-        layer.trainable = True if layer.name == PROJECTION_NAME else trainable
+        layer.trainable = True if layer.name in projections else trainable
 
 
 def save_model(model: keras.Model, path, meta: dict | None = None) -> None:
     """Atomically write `model` to `path` (.keras) and, beside it, the sidecar config
     (`weights_convert.sidecar_path`: pretrained_cfg, architecture, `meta`)."""
-    import weights_convert
-
     weights_convert.save_converted(model, path, extra=meta)
 
 
 def load_model(path) -> keras.Model:
-    """A model written by `save_model` / `finetune`, with its `pretrained_cfg` attribute."""
-    import weights_convert
+    """A model written by `save_model` / `finetune`, with its `pretrained_cfg` attribute.
 
+    Every custom layer is registered (this module's imports) before the load.
+    """
     return weights_convert.load_converted(path)
+
+
+def load_training_checkpoint(path) -> keras.Model:
+    """The compiled ArcFace training model of a checkpoint folder's `train.keras`."""
+    with keras.saving.custom_object_scope(checkpoint_custom_objects()):
+        return keras.saving.load_model(path)
 
 
 def _write_json(path, data):
@@ -378,7 +611,7 @@ def resolve_distribution(distribution="auto"):
     if distribution is None or hasattr(distribution, "device_mesh"):
         return distribution
     if distribution != "auto":
-        raise ValueError(
+        raise FinetuneConfigError(
             f"distribution must be None, 'auto' or a Distribution, got {distribution!r}"
         )
     if keras.backend.backend() != "jax":
@@ -427,9 +660,105 @@ def evaluate(model, images: ImageSet, indices, batch_size=64, max_pairs=200_000,
     from embedding.metrics import verification_metrics
 
     emb = embed_images(model, images, indices, batch_size)
+    if not np.all(np.isfinite(emb)):
+        raise FinetuneDataError(
+            "The model gives NaN or infinite embeddings on the held-out images (a diverged "
+            "run: lower the learning rate; or a broken checkpoint / normalisation)."
+        )
     i, j, same = verification_pairs(images.identities[indices], max_pairs, seed)
     scores = np.sum(emb[i] * emb[j], axis=1)
     return verification_metrics(scores, same, folds=None)
+
+
+# ----------------------------------------------------------------------------
+# Run identity: what a checkpoint must match to be resumed
+# ----------------------------------------------------------------------------
+
+
+def _hash_files(paths) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(os.path.basename(path).encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()[:20]
+
+
+def model_fingerprint(model) -> dict:
+    """{"model": what was given, "model_content": a hash of its content}.
+
+    A `keras.Model`: its weights (names are not used: they change with every
+    model built in a process). A local file or folder: its weights and config
+    files. A Hub id: the Hub cache's content hash (the id alone if not cached).
+    """
+    if isinstance(model, keras.Model):
+        digest = hashlib.sha256(json.dumps(list(model.input_shape)).encode())
+        for weight in model.get_weights():
+            array = np.ascontiguousarray(weight)
+            digest.update(f"{array.dtype}{array.shape}".encode())
+            digest.update(array.tobytes())
+        return {"model": f"<keras.Model {model.name}>", "model_content": digest.hexdigest()[:20]}
+    source = os.fspath(model)
+    if os.path.isdir(source):
+        files = [
+            os.path.join(source, name)
+            for name in ("model.safetensors", "config.json")
+            if os.path.isfile(os.path.join(source, name))
+        ]
+        return {"model": os.path.abspath(source), "model_content": _hash_files(files)}
+    if os.path.isfile(source):
+        files = [source]
+        sidecar = (
+            weights_convert.sidecar_path(source)
+            if source.endswith(".keras")
+            else os.path.join(os.path.dirname(os.path.abspath(source)), "config.json")
+        )
+        if os.path.isfile(sidecar):
+            files.append(sidecar)
+        return {"model": os.path.abspath(source), "model_content": _hash_files(files)}
+    fingerprint = embedding_model_module.source_fingerprint(source)
+    return {"model": source, "model_content": fingerprint or source}
+
+
+def run_identity(config: FinetuneConfig, model_id: dict, devices: int, images=None) -> dict:
+    """Everything a resumed run must share with the run that wrote the checkpoint
+    (without `images`: all but the data, to check before the data is read)."""
+    identity = {**config.to_dict(), **model_id, "devices": devices}
+    if images is not None:
+        identity["data"] = images.fingerprint
+        count = len(np.unique(images.identities))
+        identity["data_size"] = f"{len(images)} images of {count} identities"
+    return identity
+
+
+# what to call each entry of `run_identity` in a refusal (the CLI option in brackets)
+_DESCRIPTIONS = {
+    "data": "data (the images or the listing of the data folder)",
+    "model_content": "model content (the checkpoint's weights)",
+    "model": "model source",
+}
+
+
+def identity_differences(saved: dict, current: dict) -> list[str]:
+    """One "name: was X, now Y" line per entry of `run_identity` that differs."""
+    lines = []
+    for key in current:
+        if key in ("data_size", "model"):
+            continue
+        was, now = saved.get(key, "<not recorded>"), current[key]
+        if was == now or (key == "devices" and key not in saved):
+            continue
+        if key == "data":
+            was, now = saved.get("data_size", was), current["data_size"]
+            if was == now:
+                was, now = "other files of the same count", "these"
+        elif key == "model_content":
+            was, now = saved.get("model", was), current["model"]
+            if was == now:
+                was, now = f"{was} (other content)", "its current content"
+        lines.append(f"{_DESCRIPTIONS.get(key, key)}: was {was}, now {now}")
+    return lines
 
 
 # ----------------------------------------------------------------------------
@@ -445,6 +774,15 @@ class FinetuneResult:
     best_epoch: int  # 0: the untouched input model was best
     history: list = field(default_factory=list)  # one dict per epoch
     output: str | None = None
+    config: FinetuneConfig | None = None
+    split: str = ""  # what was held out, in words
+    skipped: list = field(default_factory=list)  # ImageLoadError of unreadable images
+    resumed_from: int = 0  # the epoch a resumed run continued after (0: a fresh run)
+
+    @property
+    def improved(self) -> bool:
+        """Whether training beat the input model on the held-out pairs."""
+        return self.best_epoch > 0
 
 
 def _load_source(model, *, input_shape, pooling, head_norm, cache, cache_dir, distribution):
@@ -458,18 +796,32 @@ def _load_source(model, *, input_shape, pooling, head_norm, cache, cache_dir, di
             clone.pretrained_cfg = dict(model.pretrained_cfg)
         return clone
     source = os.fspath(model)
-    if source.endswith(".keras"):
-        return load_model(source)
-    from embedding.model import build_model
-
-    return build_model(
-        source,
-        pooling=pooling,
-        head_norm=head_norm,
-        input_shape=input_shape,
-        cache=cache,
-        cache_dir=cache_dir,
-    )
+    try:
+        if source.endswith(".keras"):
+            loaded = load_model(source)
+            if len(loaded.inputs) != 1 or len(loaded.inputs[0].shape) != 4:
+                shapes = [tuple(i.shape) for i in loaded.inputs]
+                raise ValueError(
+                    f"not an image model (its inputs are {shapes});"
+                    " a fine-tuning checkpoint (train.keras) cannot be fine-tuned again, its -o "
+                    "output can"
+                )
+            return loaded
+        return embedding_model_module.build_model(
+            source,
+            pooling=pooling,
+            head_norm=head_norm,
+            input_shape=input_shape,
+            cache=cache,
+            cache_dir=cache_dir,
+        )
+    except (InputError, ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        reason = (
+            (error.strerror + f": {error.filename}")
+            if isinstance(error, OSError) and error.strerror
+            else str(error)
+        )
+        raise ModelSourceError(source, reason or type(error).__name__) from error
 
 
 def _phase_optimizer(lr, weight_decay, steps, warmup_steps, cosine):
@@ -495,13 +847,54 @@ def _exclude_from_decay(optimizer):
     optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "centers"])
 
 
-def _fingerprint(*parts) -> str:
-    return hashlib.sha1(json.dumps(parts, default=_json_default).encode()).hexdigest()[:16]
-
-
 def _say(verbose, text):
     if verbose:
         print(text, flush=True)
+
+
+def _check_source_exists(model):
+    if isinstance(model, keras.Model):
+        return
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(
+            f"model must be a keras.Model, a .keras file or a checkpoint source, got "
+            f"{type(model).__name__}."
+        )
+    source = os.fspath(model)
+    if weights_convert.hub_repo_id(source) is None and not os.path.exists(source):
+        raise ModelSourceError(source, "no such file or folder (nor a Hub id)")
+
+
+def _read_state(state_path, model_path, identity, checkpoint_dir):
+    """The checkpoint's state if it belongs to this run, else `ResumeMismatchError`."""
+    try:
+        with open(state_path) as f:
+            state = json.load(f)
+    except (OSError, ValueError) as error:
+        raise ResumeMismatchError(
+            f"Checkpoint {checkpoint_dir} cannot be read ({error}); pass resume=False "
+            "(--no-resume) to start over."
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise ResumeMismatchError(
+            f"Checkpoint {checkpoint_dir} is from a different run (written by another version "
+            "of this library); pass resume=False (--no-resume) to start over, or another "
+            "checkpoint folder."
+        )
+    differences = identity_differences(state.get("identity", {}), identity)
+    if differences:
+        raise ResumeMismatchError(
+            f"Checkpoint {checkpoint_dir} is from a different run; what differs: "
+            + "; ".join(differences)
+            + ". Pass resume=False (--no-resume) to start over, or another checkpoint folder "
+            "(--checkpoint-dir)."
+        )
+    if not os.path.isfile(model_path):
+        raise ResumeMismatchError(
+            f"Checkpoint {checkpoint_dir} has {CHECKPOINT_STATE} but no {CHECKPOINT_MODEL}; "
+            "pass resume=False (--no-resume) to start over."
+        )
+    return state
 
 
 def finetune(
@@ -509,33 +902,18 @@ def finetune(
     model,
     *,
     output=None,
-    epochs: int = 10,
-    batch_size: int = 32,
-    learning_rate: float = 1e-3,
-    weight_decay: float = 0.05,
-    warmup_steps: int | None = None,
-    freeze_epochs: int = 0,
-    holdout: float = 0.2,
-    holdout_by: str = "identity",
-    embedding_dim: int | None = None,
-    scale: float = 30.0,
-    margin: float = 0.35,
-    easy_margin: bool = False,
-    augment: bool = True,
-    hflip: bool = True,
-    image_size: int | None = None,
-    pooling: str = "avg",
-    head_norm: bool = True,
-    cache: bool = True,
-    cache_dir=None,
+    config: FinetuneConfig | None = None,
     checkpoint_dir=None,
     resume: bool = True,
     keep_checkpoint: bool = False,
     distribution="auto",
     eval_batch_size: int | None = None,
-    max_pairs: int = 200_000,
-    seed: int = 0,
+    cache: bool = True,
+    cache_dir=None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    workers: int | None = None,
     verbose: int = 1,
+    **settings,
 ) -> FinetuneResult:
     """Fine-tune `model` on `data` with ArcFace; see the module docstring.
 
@@ -546,120 +924,156 @@ def finetune(
             a `.keras` file, or a checkpoint source for `embedding.build_model`
             (Hub id, folder, .safetensors).
         output: where to write the best embedding model (.keras), or None.
-        epochs: total epochs, warm-up epochs included.
-        batch_size: global batch size (split over devices and processes).
-        learning_rate, weight_decay: AdamW; the rate follows a cosine schedule
-            (after `warmup_steps` linear warm-up, default 5% of the steps) from
-            the first unfrozen epoch to the end.
-        freeze_epochs: epochs at the start that train only the ArcFace centres
-            (and the projection), at a constant `learning_rate`.
-        holdout, holdout_by: share held out for verification, by "identity"
-            (open-set, default) or "image" (a share of every identity).
-        embedding_dim: add a Dense projection to this size before the L2 norm.
-        scale, margin, easy_margin: the `ArcFace` settings (s=30, m=0.35).
-        augment, hflip: random translations (1/16 of the side) and flips.
-        image_size: input side for checkpoint sources (default: the
-            checkpoint's own); folder images are resized to the model input.
-        pooling, head_norm, cache, cache_dir: passed to `build_model`.
+        config: the run's `FinetuneConfig`; `**settings` (its field names:
+            epochs=..., batch_size=..., ...) override single fields.
         checkpoint_dir: training state after every epoch (default
             `<output>.ckpt`, or none without `output`); `resume` continues from
-            it; removed at the end unless `keep_checkpoint`.
+            it (also in a new process) if it belongs to the same run (same
+            config, model content, data and device count), else raises
+            `ResumeMismatchError` naming what differs; removed at the end
+            unless `keep_checkpoint`.
         distribution: "auto" (DataParallel over all devices on JAX with more
             than one), None, or a `keras.distribution.Distribution`.
-        max_pairs: cap on the held-out pairs scored (all pairs below it).
-        seed: split, shuffling, augmentation and initialisation.
+        eval_batch_size: batch size of the held-out embedding.
+        cache, cache_dir: the converted-model cache of `build_model`.
+        max_pixels, workers: folder images: the decompression-bomb limit and
+            the decoding threads.
         verbose: 0 silent, 1 progress bars and a line per epoch, 2 lines only.
-    """
-    import weights_convert
 
-    if epochs < 1 or not 0 <= freeze_epochs <= epochs:
-        raise ValueError(
-            f"Need epochs >= 1 and 0 <= freeze_epochs <= epochs; got {epochs}, {freeze_epochs}."
+    Errors, all raised before any training: `FinetuneConfigError` (a setting
+    out of range), `OutputPathError` (an output that is not a writable
+    `.keras` path), `ModelSourceError` (a model that cannot be loaded),
+    `FinetuneDataError` (data that cannot train or be evaluated, saying why
+    and what to change), `ResumeMismatchError`.
+    """
+    config = (config or FinetuneConfig()).replace(**settings)
+    if output is not None:
+        output = check_output_path(output, option="output", suffixes=(".keras",))
+    if checkpoint_dir is None and output is not None:
+        checkpoint_dir = os.fspath(output) + ".ckpt"
+    if checkpoint_dir is not None:
+        check_output_path(os.path.join(checkpoint_dir, CHECKPOINT_STATE), option="checkpoint_dir")
+    _check_source_exists(model)
+    # data that cannot train is refused before the model is loaded (folders: from the listing)
+    if isinstance(data, (str, os.PathLike)):
+        files, _ = identity_folders(data)
+        labels = np.asarray([f.label for f in files])
+        check_split(
+            labels, *split_holdout(labels, config.holdout, config.holdout_by, config.seed), config
+        )
+        images = None
+    elif isinstance(data, ImageSet):
+        images = data
+    elif isinstance(data, (tuple, list)):
+        if len(data) != 2:
+            raise FinetuneDataError(
+                f"data as a tuple must be (images, labels), got {len(data)} items."
+            )
+        images = ImageSet.from_arrays(*data)
+    else:
+        raise TypeError(
+            "data must be a folder, an ImageSet or a tuple (images, labels), got "
+            f"{type(data).__name__}."
         )
     distribution = resolve_distribution(distribution)
     devices = _device_count(distribution)
     process_index, process_count = _process_info(distribution)
     is_chief = process_index == 0
-    if batch_size % (devices * process_count) and devices > 1:
-        raise ValueError(
-            f"batch_size {batch_size} must be a multiple of the {devices} devices "
+    if config.batch_size % (devices * process_count) and devices > 1:
+        raise FinetuneConfigError(
+            f"batch_size {config.batch_size} must be a multiple of the {devices} devices "
             "in the distribution."
         )
-    eval_batch_size = eval_batch_size or max(batch_size, 2 * devices)
+    eval_batch_size = eval_batch_size or max(config.batch_size, 2 * devices)
     eval_batch_size = -(-eval_batch_size // devices) * devices
-    if checkpoint_dir is None and output is not None:
-        checkpoint_dir = os.fspath(output) + ".ckpt"
+    model_id = model_fingerprint(model)
+    state = None
+    if checkpoint_dir is not None:
+        model_path = os.path.join(checkpoint_dir, CHECKPOINT_MODEL)
+        state_path = os.path.join(checkpoint_dir, CHECKPOINT_STATE)
+        if resume and os.path.exists(state_path):  # settings and model: checked before loading
+            state = _read_state(
+                state_path, model_path, run_identity(config, model_id, devices), checkpoint_dir
+            )
     scope = distribution.scope() if distribution is not None else contextlib.nullcontext()
-    keras.utils.set_random_seed(seed)
+    keras.utils.set_random_seed(config.seed)
     with scope:
-        input_shape = (image_size, image_size, 3) if image_size else None
+        size = config.image_size
         base = _load_source(
             model,
-            input_shape=input_shape,
-            pooling=pooling,
-            head_norm=head_norm,
+            input_shape=(size, size, 3) if size else None,
+            pooling=config.pooling,
+            head_norm=config.head_norm,
             cache=cache,
             cache_dir=cache_dir,
             distribution=distribution,
         )
-        embedding_model = as_embedding_model(base, embedding_dim)
+        embedding_model = as_embedding_model(base, config.embedding_dim)
         cfg = dict(getattr(base, "pretrained_cfg", None) or {})
         height, width = embedding_model.input_shape[1:3]
         if height is not None and width is not None:
             cfg["input_size"] = [3, int(height), int(width)]
         embedding_model.pretrained_cfg = cfg
 
-        if isinstance(data, ImageSet):
-            images = data
-        elif isinstance(data, (tuple, list)):
-            images = ImageSet.from_arrays(*data)
-        else:
-            from embedding.preprocess import Preprocessor
+        if images is None:  # a folder: decoded once now, at the model's input size
+            _say(verbose, f"reading the images of {data} (unreadable ones are skipped)")
+            images = ImageSet.from_folder(
+                data, Preprocessor(cfg, max_pixels=max_pixels), workers=workers
+            )
+        if images.loose:
+            _say(
+                verbose,
+                f"left out {len(images.loose)} image(s) lying directly in {data} (not in an "
+                "identity folder)",
+            )
+        if images.skipped:
+            _say(verbose, f"skipped {len(images.skipped)} unreadable image(s):")
+            for failure in images.skipped[:10]:
+                _say(verbose, f"  {failure}")
+            if len(images.skipped) > 10:
+                _say(verbose, f"  ... and {len(images.skipped) - 10} more")
 
-            images = ImageSet.from_folder(data, Preprocessor(cfg))
-
-        train_idx, held_idx = split_holdout(images.identities, holdout, holdout_by, seed)
+        train_idx, held_idx = split_holdout(
+            images.identities, config.holdout, config.holdout_by, config.seed
+        )
+        split = check_split(images.identities, train_idx, held_idx, config)
         classes = sorted(set(images.identities[train_idx].tolist()))
         class_of = {name: k for k, name in enumerate(classes)}
         class_ids = np.array([class_of.get(name, -1) for name in images.identities.tolist()])
-        if len(classes) < 2:
-            raise ValueError("Need at least 2 training identities.")
-        per_process = batch_size // process_count
-        batches = _train_batches_class()(
+        per_process = config.batch_size // process_count
+        batches = TrainBatches(
             images,
             train_idx,
             class_ids[train_idx],
             per_process,
-            seed=seed,
-            augment=augment,
-            hflip=hflip,
+            seed=config.seed,
+            augment=config.augment,
+            hflip=config.hflip,
             process_index=process_index,
             process_count=process_count,
         )
         steps_per_epoch = len(batches)
-        tuned_steps = (epochs - freeze_epochs) * steps_per_epoch
+        tuned_steps = (config.epochs - config.freeze_epochs) * steps_per_epoch
+        warmup_steps = config.warmup_steps
         if warmup_steps is None:
             warmup_steps = int(0.05 * tuned_steps)
-        run_id = _fingerprint(
-            len(images),
-            held_idx,
-            classes,
-            [epochs, batch_size, learning_rate, weight_decay, warmup_steps, freeze_epochs],
-            [embedding_dim, scale, margin, easy_margin, seed, holdout, holdout_by],
-        )
+        identity = run_identity(config, model_id, devices, images)
+        if state is not None:  # and the data, now that it is read
+            _read_state(state_path, model_path, identity, checkpoint_dir)
+        resumed_from = 0
 
         def evaluate_now(m):
             if len(held_idx) == 0:
                 return None
-            return evaluate(m, images, held_idx, eval_batch_size, max_pairs, seed)
+            return evaluate(m, images, held_idx, eval_batch_size, config.max_pairs, config.seed)
 
         def compile_phase(train_model, phase):
             frozen = phase == "frozen"
             set_backbone_trainable(embedding_model_of(train_model), not frozen)
             optimizer = _phase_optimizer(
-                learning_rate,
-                weight_decay,
-                freeze_epochs * steps_per_epoch if frozen else tuned_steps,
+                config.learning_rate,
+                config.weight_decay,
+                config.freeze_epochs * steps_per_epoch if frozen else tuned_steps,
                 0 if frozen else warmup_steps,
                 cosine=not frozen,
             )
@@ -668,21 +1082,6 @@ def finetune(
                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                 metrics=["accuracy"],
             )
-
-        state = None
-        model_path = state_path = None
-        if checkpoint_dir is not None:
-            model_path = os.path.join(checkpoint_dir, CHECKPOINT_MODEL)
-            state_path = os.path.join(checkpoint_dir, CHECKPOINT_STATE)
-            if resume and os.path.exists(state_path) and os.path.exists(model_path):
-                with open(state_path) as f:
-                    state = json.load(f)
-                if state.get("run_id") != run_id:
-                    raise ValueError(
-                        f"Checkpoint {checkpoint_dir} is from a different run (data, split or "
-                        "settings changed); pass resume=False (--no-resume) or another "
-                        "checkpoint folder."
-                    )
 
         from embedding.metrics import VerificationMetrics
 
@@ -695,34 +1094,52 @@ def finetune(
             return VerificationMetrics(**d)
 
         if state is not None:
-            train_model = keras.saving.load_model(model_path)
+            try:
+                train_model = load_training_checkpoint(model_path)
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+                raise ResumeMismatchError(
+                    f"Checkpoint {model_path} cannot be loaded ({error}); pass resume=False "
+                    "(--no-resume) to start over."
+                ) from error
             _exclude_from_decay(train_model.optimizer)
             embedding_model_trained = embedding_model_of(train_model)
             embedding_model_trained.pretrained_cfg = cfg
-            start_epoch = state["epoch"]
+            start_epoch = resumed_from = state["epoch"]
             phase = state["phase"]
             history = state["history"]
             best_eer, best_epoch = state["best_eer"], state["best_epoch"]
             metrics_before = metrics_from(state["metrics_before"])
             best_metrics = metrics_from(state["best_metrics"])
-            _say(verbose, f"Resuming from {checkpoint_dir} after epoch {start_epoch}/{epochs}.")
+            if output is not None and is_chief and not os.path.isfile(output):
+                raise ResumeMismatchError(
+                    f"Checkpoint {checkpoint_dir} belongs to {output}, which is gone (it holds "
+                    "the best model so far); pass resume=False (--no-resume) to start over."
+                )
+            _say(
+                verbose,
+                f"{split}\nResuming from {checkpoint_dir} after epoch {start_epoch}/"
+                f"{config.epochs}.",
+            )
             embedding_model = embedding_model_trained
         else:
             train_model = build_training_model(
-                embedding_model, len(classes), scale=scale, margin=margin, easy_margin=easy_margin
+                embedding_model,
+                len(classes),
+                scale=config.scale,
+                margin=config.margin,
+                easy_margin=config.easy_margin,
             )
             # centres from numpy, seeded: the same start on any device layout
             centers = train_model.get_layer("arcface").centers
             fan = sum(centers.shape)
             centers.assign(
-                np.random.default_rng(seed).uniform(-1, 1, centers.shape).astype("float32")
+                np.random.default_rng(config.seed).uniform(-1, 1, centers.shape).astype("float32")
                 * np.float32(math.sqrt(6.0 / fan))
             )
             start_epoch, phase, history = 0, None, []
             _say(
                 verbose,
-                f"{len(train_idx)} training images of {len(classes)} identities, "
-                f"{len(held_idx)} held out ({holdout_by}); {steps_per_epoch} steps per epoch"
+                f"{split}; {steps_per_epoch} steps per epoch"
                 + (f" on {devices} devices" if devices > 1 else ""),
             )
             metrics_before = evaluate_now(embedding_model)
@@ -734,8 +1151,8 @@ def finetune(
                 if output is not None and is_chief:
                     save_model(embedding_model, output, _meta(0, metrics_before, metrics_before))
 
-        for epoch in range(start_epoch, epochs):
-            wanted = "frozen" if epoch < freeze_epochs else "tuned"
+        for epoch in range(start_epoch, config.epochs):
+            wanted = "frozen" if epoch < config.freeze_epochs else "tuned"
             if wanted != phase:
                 compile_phase(train_model, wanted)
                 phase = wanted
@@ -762,7 +1179,8 @@ def finetune(
             history.append(record)
             _say(
                 verbose,
-                f"epoch {epoch + 1}/{epochs} ({phase}): loss {record.get('loss', float('nan')):.4f}"
+                f"epoch {epoch + 1}/{config.epochs} ({phase}): loss "
+                f"{record.get('loss', float('nan')):.4f}"
                 + (f", held-out EER {metrics.eer:.4f}" if metrics is not None else "")
                 + (
                     " (best, saved)"
@@ -773,7 +1191,8 @@ def finetune(
             if checkpoint_dir is not None and is_chief:
                 weights_convert.atomic_write(model_path, train_model.save)
                 state = {
-                    "run_id": run_id,
+                    "format": STATE_FORMAT,
+                    "identity": identity,
                     "epoch": epoch + 1,
                     "phase": phase,
                     "history": history,
@@ -790,8 +1209,8 @@ def finetune(
                 best_model = _load_source(
                     best_model,
                     input_shape=None,
-                    pooling=pooling,
-                    head_norm=head_norm,
+                    pooling=config.pooling,
+                    head_norm=config.head_norm,
                     cache=cache,
                     cache_dir=cache_dir,
                     distribution=distribution,
@@ -807,6 +1226,12 @@ def finetune(
             f"held-out EER: {metrics_before.eer:.4f} before, {best_metrics.eer:.4f} after "
             f"(epoch {best_epoch})" + (f"; wrote {output}" if output else ""),
         )
+        if best_epoch == 0:
+            _say(
+                verbose,
+                "training never beat the input model on the held-out pairs"
+                + (f": {output} holds the untouched input model" if output else ""),
+            )
     return FinetuneResult(
         model=best_model,
         metrics_before=metrics_before,
@@ -814,6 +1239,10 @@ def finetune(
         best_epoch=best_epoch,
         history=history,
         output=os.fspath(output) if output is not None else None,
+        config=config,
+        split=split,
+        skipped=list(images.skipped),
+        resumed_from=resumed_from,
     )
 
 
@@ -831,107 +1260,3 @@ def _meta(epoch, before, after):
         "heldout_eer_before": None if before is None else before.eer,
         "heldout_eer": None if after is None else after.eer,
     }
-
-
-# ----------------------------------------------------------------------------
-# Command line: python -m embedding finetune DATA_DIR --model SOURCE -o tuned.keras
-# ----------------------------------------------------------------------------
-
-
-def add_finetune_parser(subparsers):
-    from embedding.cli import add_model_options
-
-    p = subparsers.add_parser(
-        "finetune",
-        help="fine-tune with ArcFace on a folder of identities",
-        description="Fine-tune an embedding model with ArcFace on DATA_DIR (one folder per "
-        "identity), report held-out verification metrics before and after, and write the "
-        "model with the best held-out EER. Rerun the same command to resume after an "
-        "interruption.",
-    )
-    p.add_argument("data_dir", metavar="DATA_DIR")
-    p.add_argument("-o", "--output", required=True, help="output .keras (best held-out EER)")
-    add_model_options(p)
-    t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=int, default=10)
-    t.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate")
-    t.add_argument("--weight-decay", type=float, default=0.05)
-    t.add_argument("--freeze-epochs", type=int, default=0, help="warm-up epochs, backbone frozen")
-    t.add_argument("--holdout", type=float, default=0.2, help="share held out (default 0.2)")
-    t.add_argument(
-        "--holdout-by",
-        choices=("identity", "image"),
-        default="identity",
-        help="hold out whole identities (open-set, default) or a share of each one's images",
-    )
-    t.add_argument("--embedding-dim", type=int, default=None, help="add a Dense projection")
-    t.add_argument("--scale", type=float, default=30.0, help="ArcFace s (default 30)")
-    t.add_argument("--margin", type=float, default=0.35, help="ArcFace m in radians (0.35)")
-    t.add_argument("--easy-margin", action="store_true")
-    t.add_argument("--image-size", type=int, default=None, help="input side (default: model's)")
-    t.add_argument("--no-augment", action="store_true")
-    t.add_argument("--no-flip", action="store_true", help="no horizontal flips")
-    t.add_argument("--checkpoint-dir", default=None, help="default OUTPUT.ckpt")
-    t.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
-    t.add_argument("--keep-checkpoint", action="store_true")
-    t.add_argument(
-        "--distribute",
-        choices=("auto", "none"),
-        default="auto",
-        help="auto: data-parallel over all local devices (JAX, >1 device)",
-    )
-    t.add_argument("--seed", type=int, default=0)
-    p.set_defaults(handler=run_finetune)
-
-
-def run_finetune(args):
-    from embedding.cli import CommandError
-
-    if not os.path.isdir(args.data_dir):
-        raise CommandError(f"{args.data_dir}: no such folder")
-    if not args.model:
-        from embedding.model import DEFAULT_MODEL
-
-        args.model = DEFAULT_MODEL
-    try:
-        result = finetune(
-            args.data_dir,
-            args.model,
-            output=args.output,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            learning_rate=args.lr,
-            weight_decay=args.weight_decay,
-            freeze_epochs=args.freeze_epochs,
-            holdout=args.holdout,
-            holdout_by=args.holdout_by,
-            embedding_dim=args.embedding_dim,
-            scale=args.scale,
-            margin=args.margin,
-            easy_margin=args.easy_margin,
-            augment=not args.no_augment,
-            hflip=not args.no_flip,
-            image_size=args.image_size,
-            pooling=args.pooling,
-            head_norm=not args.no_head_norm,
-            cache=not args.no_cache,
-            cache_dir=args.cache_dir,
-            checkpoint_dir=args.checkpoint_dir,
-            resume=not args.no_resume,
-            keep_checkpoint=args.keep_checkpoint,
-            distribution="auto" if args.distribute == "auto" else None,
-            seed=args.seed,
-            verbose=2 if args.no_progress else 1,
-        )
-    except KeyboardInterrupt:
-        ckpt = args.checkpoint_dir or args.output + ".ckpt"
-        print(f"\ninterrupted; run the same command again to resume from {ckpt}", file=sys.stderr)
-        return 130
-    except ValueError as error:
-        raise CommandError(str(error)) from error
-    if result.metrics_before is not None:
-        print("held-out before:\n  " + result.metrics_before.summary().replace("\n", "\n  "))
-        print(f"held-out after (epoch {result.best_epoch}):")
-        print("  " + result.metrics_after.summary().replace("\n", "\n  "))
-    print(f"wrote {args.output}")
-    return 0

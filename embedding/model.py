@@ -107,32 +107,72 @@ def embedding_model_from_state(
     return weights_convert.build_ported(build, state_dict)
 
 
-def as_embedding_model(model, *, pooling="avg", head_norm=True, gem_p=3.0):
-    """An embedding model from a saved or built one: a `ConvNeXt` that already ends in
-    L2-normalised vectors is used as it is (its head was trained that way); any other
-    `ConvNeXt` gets the embedding head (pre-logits, L2), keeping its weights; a model
-    from an older file must already end in a `UnitNormalization`."""
+PROJECTION_NAME = "embedding_projection"  # the Dense projection given to other Keras models
+NORMALIZE_NAME = "embedding_l2"
+
+
+def as_embedding_model(
+    model: keras.Model,
+    embedding_dim: int | None = None,
+    *,
+    pooling: str = "avg",
+    head_norm: bool = True,
+    gem_p: float = 3.0,
+) -> keras.Model:
+    """An embedding model (B, H, W, 3) -> L2-normalised (B, D) from any image model.
+
+    - A `ConvNeXt` that already ends in L2-normalised vectors is used as it is (its
+      head was trained that way) unless `embedding_dim` asks for another projection.
+      Any other `ConvNeXt` (a converted classifier, a backbone) gets the embedding
+      head with its weights kept (`ConvNeXt.with_head`): timm's pre-logits (pooling,
+      head norm), then, with `embedding_dim`, a fresh Dense projection (`head_fc`),
+      then L2.
+    - Another Keras model (e.g. one loaded from an older file, or your own
+      backbone): a classifier (`head_fc`) gives its input, a feature map is
+      average-pooled, `embedding_dim` adds a Dense projection (`embedding_projection`),
+      then `UnitNormalization`.
+    Raises ValueError for a model that does not take one (B, H, W, C) image input.
+    """
+    inputs = model.inputs
+    if len(inputs) != 1 or len(inputs[0].shape) != 4:
+        raise ValueError(
+            f"{model.name!r} is not an image model (its inputs are "
+            f"{[tuple(i.shape) for i in inputs]}); a fine-tuning checkpoint (train.keras) is "
+            "not a model to embed with, the finished fine-tuning output is"
+        )
     if isinstance(model, ConvNeXt):
-        if model.normalize and model.include_top:
+        if model.normalize and model.include_top and embedding_dim is None:
             return model
         return model.with_head(
             include_top=True,
-            num_classes=0,
-            pooling=pooling,
+            num_classes=int(embedding_dim or 0),
+            pooling=pooling if not model.include_top else (model.pooling or pooling),
             head_norm=head_norm,
             normalize=True,
             gem_p=gem_p,
             output_stages=None,
+            classifier_activation=None,
             name=f"{model.timm_architecture or model.name}_embedding",
         )
-    last = model.layers[-1] if model.layers else None
-    if len(model.output_shape) == 2 and isinstance(last, keras.layers.UnitNormalization):
+    cfg = getattr(model, "pretrained_cfg", None)
+    arch = getattr(model, "timm_architecture", None)
+    last = model.layers[-1]
+    normalized = isinstance(last, keras.layers.UnitNormalization)
+    if len(model.output_shape) == 2 and normalized and embedding_dim is None:
         return model
-    raise ValueError(
-        f"{model.name!r} is not an embedding model (it does not end in L2-normalised vectors) "
-        "and is not a ConvNeXt model that could be given one; convert the checkpoint again "
-        "with this version."
-    )
+    # L2's input, or the classifier's (pre-logits), else the output itself
+    features = last.input if normalized or last.name == "head_fc" else model.output
+    if len(features.shape) == 4:
+        features = keras.layers.GlobalAveragePooling2D(name="embedding_pool")(features)
+    elif len(features.shape) != 2:
+        raise ValueError(f"Cannot make embeddings from an output of shape {features.shape}.")
+    if embedding_dim is not None:
+        features = keras.layers.Dense(int(embedding_dim), name=PROJECTION_NAME)(features)
+    out = keras.layers.UnitNormalization(axis=-1, name=NORMALIZE_NAME)(features)
+    result = keras.Model(model.input, out, name=model.name)
+    object.__setattr__(result, "pretrained_cfg", dict(cfg or {}))
+    object.__setattr__(result, "timm_architecture", arch)
+    return result
 
 
 def embedding_dim(model: keras.Model) -> int:

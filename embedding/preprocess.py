@@ -17,13 +17,36 @@ The output is channels-last (H, W, 3) float32, ready for the Keras models.
 
 Inputs (`load_image`): a path (str or `pathlib.Path`), raw encoded bytes, a
 binary file object, a PIL image, or a numpy array (H, W), (H, W, 1), (H, W, 3)
-or (H, W, 4) of uint8 (0..255), bool, or float in [0, 1]. Grey, palette, RGBA
-and other PIL modes go through `Image.convert("RGB")` (alpha is dropped, exactly
-as timm's dataset loader does). Numpy arrays are RGB unless
-`channel_order="bgr"` is given (OpenCV frames). uint8 arrays take the exact
-PIL path; float arrays are resized per channel in PIL's 32-bit float mode, so
-they are not quantised to 8 bits first. EXIF orientation is not applied (timm
-does not either).
+or (H, W, 4) of uint8 (0..255), uint16 (0..65535), bool, or float in [0, 1].
+Grey, palette, RGBA and other PIL modes go through `Image.convert("RGB")` (alpha
+is dropped, exactly as timm's dataset loader does); 16-bit images (PIL modes
+I;16*, I, and F) are first scaled to 8 bits (`round(v / 257)`), where PIL alone
+would clip them to white. Numpy arrays are RGB unless `channel_order="bgr"` is
+given (OpenCV frames). uint8 arrays take the exact PIL path; float arrays are
+resized per channel in PIL's 32-bit float mode, so they are not quantised to 8
+bits first. EXIF orientation is not applied (timm does not either).
+
+Channels-first arrays (C, H, W) are recognised when only the first axis can be
+channels; when both could be (a (3, 512, 4) array is a 3x512 RGBA image or a
+512x4 RGB one) the array is refused unless `data_format="channels_last"` or
+`"channels_first"` says which.
+
+Bounded resources, whatever the input:
+
+* images with more than `max_pixels` pixels (default `DEFAULT_MAX_PIXELS`, PIL's
+  own decompression-bomb limit) are refused before they are decoded (an
+  `ImageLoadError`, so `on_error="skip"` skips them); PIL's own
+  `DecompressionBombError` becomes the same error;
+* when the full resize would be large (an extreme aspect ratio: a 20000x1 image
+  would become 5,120,000x256 before the crop) only the region the centre crop
+  keeps is resized, with the same filter taps as the full resize (equal to it
+  on every case the tests try), so memory stays of the order of the output;
+* JPEGs above `DRAFT_ABOVE_PIXELS` are decoded at a reduced DCT scale
+  (`Image.draft`) that still leaves at least twice the resize target, which is
+  not bit-equal to timm (it decodes at full size) but needs a fraction of the
+  memory;
+* a file that fails to load is closed at once, and a kept error holds no
+  traceback, so thousands of bad files do not exhaust the open-file limit.
 """
 
 from __future__ import annotations
@@ -38,6 +61,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from embedding.errors import ImageLoadError, UnsupportedInputError, without_traceback
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_CROP_PCT = 0.875  # timm's default when a config has none
@@ -51,26 +76,28 @@ _FILTERS = {
     "lanczos": Image.Resampling.LANCZOS,
 }
 CHANNEL_ORDERS = ("rgb", "bgr")
-
-
-class ImageLoadError(ValueError):
-    """An input could not be read as an image.
-
-    `index` is its position in the batch (None for a single image), `name` a
-    short description of the input (its path, or its type and shape), `reason`
-    what went wrong.
-    """
-
-    def __init__(self, name: str, reason: str, index: int | None = None):
-        self.name = name
-        self.reason = reason
-        self.index = index
-        where = f"input #{index} ({name})" if index is not None else f"input {name}"
-        super().__init__(f"Cannot use {where} as an image: {reason}")
+DATA_FORMATS = (None, "channels_last", "channels_first")
+# PIL's own warning limit; above twice this PIL refuses to open an image at all
+DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+# JPEGs larger than this are decoded at a reduced DCT scale (see the module docstring)
+DRAFT_ABOVE_PIXELS = 24_000_000
+# A full resize to more than this many times the crop's pixels resizes only the crop region
+REGION_RESIZE_FACTOR = 8
+# float images may exceed [0, 1] by this much (rounding), and are clipped; beyond it, refused
+FLOAT_TOLERANCE = 1e-3
+# half-width of each PIL filter's kernel, in output pixels (PIL's Resample.c)
+_FILTER_SUPPORT = {0: 0.5, 1: 3.0, 2: 1.0, 3: 2.0, 4: 0.5, 5: 1.0}  # by Image.Resampling value
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+ACCEPTED_INPUTS = (
+    "a path (str or pathlib.Path), encoded bytes, a binary file object, a PIL image, "
+    "or an (H, W[, C]) numpy array"
+)
 
 
 def describe_input(item) -> str:
     """A short human-readable name for an input: its path, or its type and shape."""
+    if item is None or isinstance(item, (bool, int, float, complex)):
+        return repr(item)
     if isinstance(item, (str, pathlib.PurePath)):
         return str(item)
     if isinstance(item, (bytes, bytearray, memoryview)):
@@ -161,27 +188,116 @@ class PreprocessConfig:
 # ----------------------------------------------------------------------------
 
 
-def _open_pil(source) -> Image.Image:
-    image = Image.open(source)
-    image.load()  # decode now, so a truncated file fails here and not later
+def _check_pixels(width: int, height: int, max_pixels: int | None) -> None:
+    if width < 1 or height < 1:
+        raise ValueError(f"empty image ({width}x{height})")
+    if max_pixels is not None and width * height > max_pixels:
+        raise ValueError(
+            f"{width}x{height} = {width * height:,} pixels is more than max_pixels="
+            f"{max_pixels:,} (a decompression bomb?); raise max_pixels (--max-pixels) "
+            "to accept larger images"
+        )
+
+
+def _decode(source, max_pixels: int | None, draft_size) -> Image.Image:
+    """Open and decode an encoded image; the file is closed whatever happens.
+
+    The pixel count is checked from the header, before anything is decoded.
+    `draft_size` (width, height): for a JPEG above `DRAFT_ABOVE_PIXELS`, decode
+    at the smallest DCT scale that keeps at least this size.
+    """
+    with Image.open(source) as image:  # __exit__ closes the file, keeps decoded pixels
+        _check_pixels(image.width, image.height, max_pixels)
+        if (
+            draft_size is not None
+            and image.format == "JPEG"
+            and image.width * image.height > DRAFT_ABOVE_PIXELS
+        ):
+            image.draft(None, (max(1, draft_size[0]), max(1, draft_size[1])))
+        try:
+            image.load()  # decode now, so a truncated file fails here and not later
+        except (OSError, SyntaxError, EOFError, ValueError) as error:
+            image.close()  # also releases a memory map of the file
+            reason = str(error) or type(error).__name__
+            raise ValueError(f"corrupt or truncated {image.format} image data ({reason})") from None
+        except BaseException:
+            image.close()
+            raise
     return image
 
 
-def _array_to_image(array: np.ndarray, channel_order: str):
-    """uint8/bool arrays -> PIL RGB image; float arrays -> float32 (H, W, 3) in [0, 1]."""
+def _sixteen_bit_to_8(image: Image.Image) -> Image.Image:
+    """16-bit grey (I;16*, I: 0..65535) or float (F) PIL image -> 8-bit "L", round(v / 257).
+
+    Mode F holds no bit depth: values within [0, 1] are taken as [0, 1], within
+    [0, 255] as 8-bit and larger ones as 16-bit.
+    """
+    values = np.asarray(image)
+    if image.mode == "F":
+        values = values.astype(np.float64)
+        if not np.all(np.isfinite(values)):
+            raise ValueError("float (mode F) image contains NaN or infinity")
+        top = float(values.max(initial=0.0))
+        scale = 1.0 if top <= 1.0 + FLOAT_TOLERANCE else 255.0 if top <= 255.0 else 65535.0
+        scaled = np.rint(np.clip(values / scale, 0.0, 1.0) * 255.0)
+    else:
+        values = np.clip(values.astype(np.int64), 0, 65535)
+        scaled = (values * 255 + 32767) // 65535  # round(v * 255 / 65535), in integers
+    return Image.fromarray(scaled.astype(np.uint8), mode="L")
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode == "F":
+        image = _sixteen_bit_to_8(image)
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _channels_last(array: np.ndarray, data_format: str | None) -> np.ndarray:
+    """A 3-D array in (H, W, C) layout, following `data_format` (None: detect)."""
+    if array.ndim != 3:
+        return array
+    channels = (1, 3, 4)
+    first, last = array.shape[0] in channels, array.shape[2] in channels
+    if data_format is None:
+        if first and last:
+            raise ValueError(
+                f"shape {array.shape} is ambiguous: a {array.shape[0]}x{array.shape[1]} image "
+                f"with {array.shape[2]} channels, or a {array.shape[1]}x{array.shape[2]} one "
+                f"with {array.shape[0]} channels first; pass data_format='channels_last' or "
+                "'channels_first'"
+            )
+        data_format = "channels_first" if first else "channels_last"
+    if data_format == "channels_first":
+        if not first:
+            raise ValueError(
+                f"data_format='channels_first' needs 1, 3 or 4 channels on the first axis, "
+                f"got shape {array.shape}"
+            )
+        return np.moveaxis(array, 0, -1)
+    return array
+
+
+def _array_to_image(
+    array: np.ndarray, channel_order: str, data_format: str | None = None, max_pixels=None
+):
+    """uint8/uint16/bool arrays -> PIL RGB image; float arrays -> float32 (H, W, 3) in [0, 1]."""
+    array = _channels_last(array, data_format)
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
         raise ValueError(
-            f"expected an (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) array, got shape "
-            f"{array.shape} (channels-first arrays must be transposed to HWC first)"
+            f"expected an (H, W) array or (H, W, C) / (C, H, W) with 1, 3 or 4 channels, "
+            f"got shape {array.shape}"
         )
     if array.shape[0] < 1 or array.shape[1] < 1:
         raise ValueError(f"empty image of shape {array.shape}")
+    _check_pixels(array.shape[1], array.shape[0], max_pixels)
     if array.ndim == 3 and channel_order == "bgr":
         array = array[:, :, [2, 1, 0, 3][: array.shape[2]]]
     if array.dtype == np.bool_:
         array = array.astype(np.uint8) * 255
+    if array.dtype == np.uint16:  # 16-bit (OpenCV's IMREAD_UNCHANGED): as 16-bit PIL images
+        array = ((array.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
     if array.dtype == np.uint8:
         image = Image.fromarray(np.ascontiguousarray(array))
         return image if image.mode == "RGB" else image.convert("RGB")
@@ -190,55 +306,117 @@ def _array_to_image(array: np.ndarray, channel_order: str):
         if not np.all(np.isfinite(array)):
             raise ValueError("float image contains NaN or infinity")
         lo, hi = float(array.min()), float(array.max())
-        if lo < 0.0 or hi > 1.0:
+        if lo < -FLOAT_TOLERANCE or hi > 1.0 + FLOAT_TOLERANCE:
             raise ValueError(
-                f"float images must lie in [0, 1], found values in [{lo:.4g}, {hi:.4g}] "
+                f"float images must lie in [0, 1], found values in [{lo:.6g}, {hi:.6g}] "
                 "(pass uint8 for 0..255 data)"
             )
+        if lo < 0.0 or hi > 1.0:  # rounding error within FLOAT_TOLERANCE
+            array = np.clip(array, 0.0, 1.0)
         if array.ndim == 2:
             return np.repeat(array[:, :, None], 3, axis=2)
         return np.ascontiguousarray(array[:, :, :3])  # alpha dropped, as convert("RGB")
-    raise ValueError(f"unsupported array dtype {array.dtype} (use uint8, bool or float in [0, 1])")
+    raise ValueError(
+        f"unsupported array dtype {array.dtype} (use uint8, uint16, bool or float in [0, 1])"
+    )
 
 
-def load_image(item, channel_order: str = "rgb", index: int | None = None):
+def check_input_kind(item, index: int | None = None) -> None:
+    """Raise `UnsupportedInputError` (a `TypeError`) unless `item` is a kind of image input."""
+    if isinstance(
+        item, (Image.Image, np.ndarray, str, os.PathLike, bytes, bytearray, memoryview)
+    ) or hasattr(item, "read"):
+        return
+    raise UnsupportedInputError(
+        describe_input(item),
+        f"unsupported input type {type(item).__name__}; use {ACCEPTED_INPUTS}",
+        index,
+    )
+
+
+def _load(item, channel_order, data_format, max_pixels, draft_size):
+    check_input_kind(item)
+    if isinstance(item, np.ndarray):
+        return _array_to_image(item, channel_order, data_format, max_pixels)
+    if isinstance(item, Image.Image):
+        _check_pixels(item.width, item.height, max_pixels)
+        if getattr(item, "tile", None):  # opened but not decoded yet: decode it here
+            item.load()
+        return _to_rgb(item)
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        item = io.BytesIO(bytes(item))
+    elif not hasattr(item, "read"):
+        item = os.fspath(item)
+    return _to_rgb(_decode(item, max_pixels, draft_size))
+
+
+def _failure_reason(error: BaseException) -> str:
+    if isinstance(error, FileNotFoundError):
+        return "file not found"
+    if isinstance(error, IsADirectoryError):
+        return "is a folder, not an image file"
+    if isinstance(error, UnidentifiedImageError):
+        return "not a readable image file (corrupt or unknown format)"
+    if isinstance(error, Image.DecompressionBombError):
+        return (
+            f"{error} (refused by PIL; raise PIL.Image.MAX_IMAGE_PIXELS as well as max_pixels "
+            "to accept it)"
+        )
+    if isinstance(error, PermissionError):
+        return "permission denied"
+    if isinstance(error, MemoryError):
+        return "out of memory while decoding"
+    if isinstance(error, (OSError, SyntaxError, EOFError)):  # PIL, reading a damaged file
+        return f"corrupt or truncated image file ({str(error) or type(error).__name__})"
+    return str(error) or type(error).__name__
+
+
+def load_image(
+    item,
+    channel_order: str = "rgb",
+    index: int | None = None,
+    *,
+    data_format: str | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    draft_size=None,
+):
     """Read one input as an RGB PIL image (or a float (H, W, 3) array in [0, 1]).
 
-    Raises `ImageLoadError` naming the input (and `index`, if given) when it is
-    unreadable or of an unsupported kind.
+    Args:
+        item: see the module docstring for the accepted kinds.
+        channel_order: "rgb", or "bgr" for OpenCV arrays (numpy inputs only).
+        index: the input's position in a batch, for the error message.
+        data_format: layout of a 3-D array: None (detect; ambiguous shapes are
+            refused), "channels_last" (H, W, C) or "channels_first" (C, H, W).
+        max_pixels: refuse larger images before decoding them (None: no limit
+            but PIL's own).
+        draft_size: (width, height) a JPEG above `DRAFT_ABOVE_PIXELS` may be
+            decoded down to (never below).
+
+    Raises `ImageLoadError` naming the input (and `index`) when it cannot be
+    read, and `UnsupportedInputError` (an `ImageLoadError` and a `TypeError`)
+    when it is no kind of image input at all. The error carries no traceback
+    and no chained exception, and every file opened for it is closed.
     """
     if channel_order not in CHANNEL_ORDERS:
         raise ValueError(f"channel_order must be 'rgb' or 'bgr', got {channel_order!r}.")
-    try:
-        if isinstance(item, Image.Image):
-            image = item
-        elif isinstance(item, np.ndarray):
-            return _array_to_image(item, channel_order)
-        elif isinstance(item, (str, os.PathLike)):
-            image = _open_pil(os.fspath(item))
-        elif isinstance(item, (bytes, bytearray, memoryview)):
-            image = _open_pil(io.BytesIO(bytes(item)))
-        elif hasattr(item, "read"):
-            image = _open_pil(item)
-        else:
-            raise TypeError(
-                "unsupported input type; use a path, bytes, a PIL image or an (H, W, C) numpy array"
-            )
-        if image.width < 1 or image.height < 1:
-            raise ValueError("empty image")
-        return image if image.mode == "RGB" else image.convert("RGB")
-    except ImageLoadError:
-        raise
-    except FileNotFoundError:
-        raise ImageLoadError(describe_input(item), "file not found", index) from None
-    except UnidentifiedImageError:
-        raise ImageLoadError(
-            describe_input(item), "not a readable image file (corrupt or unknown format)", index
-        ) from None
-    except (OSError, ValueError, TypeError, SyntaxError) as error:  # PIL raises all of these
-        raise ImageLoadError(describe_input(item), str(error) or type(error).__name__, index) from (
-            error
+    if data_format not in DATA_FORMATS:
+        raise ValueError(
+            f"data_format must be None, 'channels_last' or 'channels_first', got {data_format!r}."
         )
+    try:
+        return _load(item, channel_order, data_format, max_pixels, draft_size)
+    except ImageLoadError as error:
+        failure = error
+        if failure.index is None and index is not None:
+            failure = type(error)(error.name, error.reason, index)
+    except (OSError, ValueError, TypeError, SyntaxError, EOFError, MemoryError) as error:
+        # PIL raises all of these for corrupt data
+        failure = ImageLoadError(describe_input(item), _failure_reason(error), index)
+    except Image.DecompressionBombError as error:
+        failure = ImageLoadError(describe_input(item), _failure_reason(error), index)
+    # raised outside the except blocks: no __context__ keeps the failed frames (and files) alive
+    raise without_traceback(failure)
 
 
 # ----------------------------------------------------------------------------
@@ -261,17 +439,86 @@ def _center_crop(array: np.ndarray, height: int, width: int) -> np.ndarray:
     return array[top : top + height, left : left + width]
 
 
+def _kept_span(resized: int, target: int) -> tuple[int, int]:
+    """(start, length) along one axis of the resized image that the centre crop keeps."""
+    if resized > target:
+        return int(round((resized - target) / 2.0)), target
+    return 0, resized  # padded, not cropped: everything is kept
+
+
+def _resize_region(image: Image.Image, new_w: int, new_h: int, span_x, span_y, resample):
+    """The part of `image.resize((new_w, new_h))` that the centre crop keeps.
+
+    PIL resizes in two passes, horizontal then vertical, and so does this: the
+    short axis is resized whole (exactly as the full resize) and then cropped;
+    the long axis is resized only over the kept span, with PIL's `box=`
+    argument, reading only the source rows its kernel reaches. The box
+    coordinates are rounded floats, so along the long axis a value can differ
+    from the full resize by the rounding of one 8-bit step (smooth filters), or
+    a nearest / box filter can take the neighbouring source pixel. Memory is of
+    the order of the short side times the crop, whatever the aspect ratio.
+    `span_x`, `span_y`: (start, length) from `_kept_span`.
+    """
+    width, height = image.size
+    (x_start, x_len), (y_start, y_len) = span_x, span_y
+    wide = new_w > new_h  # the long axis is x: resize x over the span only
+    # source rows the vertical pass reads (all of them when y is resized whole)
+    if wide or new_h == height:
+        r0, r1 = 0, height
+        if new_h == height:
+            r0, r1 = y_start, y_start + y_len
+    else:
+        scale_y = height / new_h
+        reach = _FILTER_SUPPORT[int(resample)] * max(1.0, scale_y) + 2
+        r0 = max(0, math.floor(y_start * scale_y - reach))
+        r1 = min(height, math.ceil((y_start + y_len) * scale_y + reach))
+    strip = image.crop((0, r0, width, r1)) if (r0, r1) != (0, height) else image
+    rows = r1 - r0
+    if new_w == width:
+        strip = strip.crop((x_start, 0, x_start + x_len, rows))
+    elif wide:
+        x0, x1 = x_start * width / new_w, (x_start + x_len) * width / new_w
+        strip = strip.resize((x_len, rows), resample, box=(x0, 0, x1, rows))
+    else:
+        strip = strip.resize((new_w, rows), resample).crop((x_start, 0, x_start + x_len, rows))
+    if new_h == height:
+        return strip
+    if not wide:
+        y0, y1 = y_start * height / new_h - r0, (y_start + y_len) * height / new_h - r0
+        return strip.resize((x_len, y_len), resample, box=(0, y0, x_len, y1))
+    return strip.resize((x_len, new_h), resample).crop((0, y_start, x_len, y_start + y_len))
+
+
 class Preprocessor:
     """Callable: one input -> float32 (H, W, 3) array, normalised as timm evaluates.
 
     Built from a timm `pretrained_cfg` dict (or a `PreprocessConfig`).
+    `max_pixels`: larger images are refused before decoding (None: no limit
+    but PIL's own); `data_format`: the default layout of 3-D arrays (None:
+    detect, see `load_image`).
     """
 
-    def __init__(self, pretrained_cfg=None, use_test_size: bool = False):
+    def __init__(
+        self,
+        pretrained_cfg=None,
+        *,
+        use_test_size: bool = False,
+        max_pixels=DEFAULT_MAX_PIXELS,
+        data_format=None,
+    ):
         if isinstance(pretrained_cfg, PreprocessConfig):
             self.config = pretrained_cfg
         else:
             self.config = PreprocessConfig.from_pretrained_cfg(pretrained_cfg, use_test_size)
+        if max_pixels is not None and (isinstance(max_pixels, bool) or int(max_pixels) < 1):
+            raise ValueError(f"max_pixels must be a positive int or None, got {max_pixels!r}.")
+        if data_format not in DATA_FORMATS:
+            raise ValueError(
+                "data_format must be None, 'channels_last' or 'channels_first', "
+                f"got {data_format!r}."
+            )
+        self.max_pixels = None if max_pixels is None else int(max_pixels)
+        self.data_format = data_format
         self._mean = np.asarray(self.config.mean, dtype=np.float32)
         self._std = np.asarray(self.config.std, dtype=np.float32)
         self._filter = _FILTERS[self.config.interpolation]
@@ -283,32 +530,36 @@ class Preprocessor:
     def __repr__(self):
         return f"Preprocessor({self.config})"
 
+    def _resize_crop_pil(self, image: Image.Image) -> np.ndarray:
+        """Resize + centre crop of a PIL image (RGB or F), as an array before padding."""
+        height, width = image.height, image.width
+        new_h, new_w = self.config.resized_size(height, width)
+        target_h, target_w = self.config.input_size
+        if (new_h, new_w) == (height, width):
+            return np.asarray(image)
+        if new_h * new_w <= REGION_RESIZE_FACTOR * target_h * target_w:
+            return np.asarray(image.resize((new_w, new_h), self._filter))  # timm's exact path
+        spans = _kept_span(new_w, target_w), _kept_span(new_h, target_h)
+        return np.asarray(_resize_region(image, new_w, new_h, *spans, self._filter))
+
     def resize_crop(self, image):
         """Resize + centre crop, still in 0..255 (uint8 for PIL input, float32 otherwise)."""
         if isinstance(image, Image.Image):
-            height, width = image.height, image.width
-            new_h, new_w = self.config.resized_size(height, width)
-            if (new_h, new_w) != (height, width):
-                image = image.resize((new_w, new_h), self._filter)
-            array = np.asarray(image, dtype=np.uint8)
+            array = np.asarray(self._resize_crop_pil(image), dtype=np.uint8)
         else:  # float (H, W, 3) in [0, 1]: resize each channel in PIL's float mode
-            height, width = image.shape[:2]
-            new_h, new_w = self.config.resized_size(height, width)
             channels = image * np.float32(255.0)
-            if (new_h, new_w) != (height, width):
-                channels = np.stack(
-                    [
-                        np.asarray(
-                            Image.fromarray(
-                                np.ascontiguousarray(channels[:, :, c]), mode="F"
-                            ).resize((new_w, new_h), self._filter),
-                            dtype=np.float32,
-                        )
-                        for c in range(3)
-                    ],
-                    axis=2,
-                )
-            array = channels
+            array = np.stack(
+                [
+                    np.asarray(
+                        self._resize_crop_pil(
+                            Image.fromarray(np.ascontiguousarray(channels[:, :, c]), mode="F")
+                        ),
+                        dtype=np.float32,
+                    )
+                    for c in range(3)
+                ],
+                axis=2,
+            )
         return _center_crop(array, *self.config.input_size)
 
     def normalize(self, array: np.ndarray) -> np.ndarray:
@@ -316,6 +567,24 @@ class Preprocessor:
         x = array.astype(np.float32) / np.float32(255.0)
         return (x - self._mean) / self._std
 
-    def __call__(self, item, channel_order: str = "rgb", index: int | None = None) -> np.ndarray:
-        image = load_image(item, channel_order=channel_order, index=index)
+    def draft_size(self) -> tuple[int, int]:
+        """(width, height) a huge JPEG may be decoded down to: twice the resize target."""
+        scale_h, scale_w = self.config.scale_size
+        return 2 * scale_w, 2 * scale_h
+
+    def load(self, item, channel_order: str = "rgb", index=None, data_format=None):
+        """`load_image` with this preprocessor's limits and layout."""
+        return load_image(
+            item,
+            channel_order,
+            index,
+            data_format=data_format or self.data_format,
+            max_pixels=self.max_pixels,
+            draft_size=self.draft_size(),
+        )
+
+    def __call__(
+        self, item, channel_order: str = "rgb", index: int | None = None, data_format=None
+    ) -> np.ndarray:
+        image = self.load(item, channel_order, index, data_format)
         return np.ascontiguousarray(self.normalize(self.resize_crop(image)), dtype=np.float32)

@@ -142,7 +142,7 @@ def test_bad_inputs_name_the_input(tmp_path):
         (str(tmp_path / "missing.jpg"), "missing.jpg"),
         (b"garbage", "bytes"),
         (12345, "int"),
-        (np.zeros((3, 32, 32), np.uint8), "shape"),  # channels-first
+        (np.zeros((3, 32, 4), np.uint8), "ambiguous"),  # 3x32 RGBA or channels-first 32x4
         (np.full((8, 8, 3), 2.0), "[0, 1]"),
         (np.zeros((8, 8, 3), np.int64), "dtype"),
     ]
@@ -307,7 +307,8 @@ def test_embedder_inputs_batches_and_errors(small_embedder, tmp_path):
         emb.embed(mixed)
     with pytest.warns(UserWarning, match="Skipped 2"):
         assert emb.embed(mixed, on_error="skip").shape == (3, emb.dim)
-    assert emb.embed([]).shape == (0, emb.dim)
+    with pytest.raises(ValueError, match="empty"):
+        emb.embed([])
 
 
 def test_verify_similarity_and_calibration(small_checkpoint):
@@ -420,9 +421,10 @@ def test_cli_errors_are_clear(tmp_path, capsys):
 
 def test_read_pairs_lfw_format(tmp_path):
     path = tmp_path / "pairs.txt"
-    path.write_text("10 300\nAbel_Pacheco 1 4\nAbdel_Madi_Shabneh 1 Dean_Barker 1\n")
+    lines = ["Abel_Pacheco 1 4", "Abdel_Madi_Shabneh 1 Dean_Barker 1"]
+    path.write_text("\n".join(["2 1", *lines, *lines]) + "\n")
     pairs, labels, folds = embedding_cli.read_pairs(path, "/lfw")
-    assert folds == 10 and labels == [1, 0]
+    assert folds == 2 and labels == [1, 0, 1, 0]
     assert pairs[0] == (
         "/lfw/Abel_Pacheco/Abel_Pacheco_0001.jpg",
         "/lfw/Abel_Pacheco/Abel_Pacheco_0004.jpg",
