@@ -200,10 +200,17 @@ def run_demo(model=None, offline=False) -> int:
     print(f"Keras {keras.__version__}, backend {keras.backend.backend()}")
     embedder = _pretrained(source, offline)
     if embedder is not None:
+        from weights_convert.pretrained import license_notice
+
         vectors = embedder.embed([image for _, image in images])
+        license_name = embedder.pretrained_cfg.get("license", "unknown")
+        print(f"Pretrained {source} (licence {license_name})")
+        notice = license_notice(embedder.pretrained_cfg)
+        if notice:
+            print(f"note: {notice}")
         print(
-            f"Pretrained {source}: {embedder.dim}-dim embeddings, cosine similarity "
-            "of scikit-image's sample photographs:"
+            f"{embedder.dim}-dim embeddings, cosine similarity of scikit-image's sample "
+            "photographs:"
         )
         print(similarity_table([name for name, _ in images], vectors))
         return 0
