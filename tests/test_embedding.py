@@ -509,3 +509,12 @@ def test_compilation_cache_keeps_executables_for_the_next_process(tmp_path):
     assert first.returncode == 0, first.stderr
     assert first.stdout.strip() == str(tmp_path / "xla")
     assert os.listdir(tmp_path / "xla")  # the executable is on disk for the next process
+
+
+def test_non_commercial_licence_is_called_out(timm_v2_atto_checkpoint, tmp_path, capsys):
+    folder, _ = timm_v2_atto_checkpoint  # timm's convnextv2 pretrained_cfg: cc-by-nc-4.0
+    Image.fromarray(photo("coffee")).save(tmp_path / "coffee.png")
+    argv = ["embed", str(tmp_path / "coffee.png"), "-o", str(tmp_path / "v.npz")]
+    assert embedding_cli.main([*argv, "--model", folder, "--no-cache", "--no-progress"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "cc-by-nc-4.0" in notes[0] and "not for commercial use" in notes[0]
