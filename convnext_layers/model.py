@@ -404,16 +404,26 @@ class ConvNeXt(keras.Model):
         }
 
     @classmethod
-    def from_config(cls, config, custom_objects=None):
+    def from_config(cls, config, custom_objects=None, weights=None):
+        """The model of a `get_config` dict. `weights` ({variable path: array}, e.g.
+        read from a safetensors file) initialises every variable straight from its
+        array instead of its random initializer; a missing or mis-shaped one is a
+        ValueError listing them."""
         config = dict(config)
         activation = config.get("classifier_activation")
         if isinstance(activation, dict):
             config["classifier_activation"] = keras.activations.deserialize(
                 activation, custom_objects=custom_objects
             )
+        if weights is not None:
+            return _build_deferred(cls, config, weights)
         if _FAST_LOAD.active:  # the weights are read from the file next: skip random init
             return _build_deferred(cls, config)
         return cls(**config)
+
+    def weights_by_path(self) -> dict:
+        """{variable path: numpy array} of every weight (what `from_config(weights=...)` takes)."""
+        return {v.path: keras.ops.convert_to_numpy(v) for v in self.weights}
 
 
 def _weights_by_name(model) -> dict:
@@ -455,19 +465,52 @@ class _FastLoad:
 _FAST_LOAD = _FastLoad()
 
 
-def _build_deferred(cls, config):
+def _check_weights(variables, weights):
+    problems = []
+    for variable in variables:
+        array = weights.get(variable.path)
+        if array is None:
+            problems.append(f"missing {variable.path}")
+        elif tuple(np.shape(array)) != tuple(variable.shape):
+            problems.append(
+                f"{variable.path}: expected {tuple(variable.shape)}, found {np.shape(array)}"
+            )
+    extra = set(weights) - {v.path for v in variables}
+    problems += [f"unexpected {path}" for path in sorted(extra)]
+    if problems:
+        raise ValueError("The weights do not fit the model: " + "; ".join(problems[:10]))
+
+
+def _build_deferred(cls, config, weights=None):
+    """`cls(**config)` with its variables initialised from `weights` ({path: array}), or
+    with zeros when `weights` is None (their values are loaded right after), never
+    with their random initializers (on JAX, one compiled kernel per weight shape)."""
     if not fast_ops.supports_deferred_variables():
-        return cls(**config)
+        model = cls(**config)
+        if weights is not None:
+            _check_weights(model.weights, weights)
+            for variable in model.weights:
+                variable.assign(np.asarray(weights[variable.path]))
+        return model
     with keras.StatelessScope(initialize_variables=False):
         model = cls(**config)
     variables = list(model.weights)
     if not fast_ops.variables_are_deferred(variables):  # pragma: no cover - other Keras
         return model
+    if weights is not None:
+        try:
+            _check_weights(variables, weights)
+        except ValueError:
+            fast_ops.forget_deferred(variables)
+            raise
 
-    def zeros(variable):
-        return lambda shape, dtype=None: np.zeros(shape, dtype=dtype or "float32")
+    def value_of(variable):
+        if weights is None:
+            return lambda shape, dtype=None: np.zeros(shape, dtype=dtype or "float32")
+        array = weights[variable.path]
+        return lambda shape, dtype=None: np.asarray(array, dtype=dtype or array.dtype)
 
-    fast_ops.initialize_deferred(variables, zeros)
+    fast_ops.initialize_deferred(variables, value_of)
     return model
 
 

@@ -43,7 +43,7 @@ __all__ = [
 
 DEFAULT_MODEL = weights_convert.DEFAULT_MODEL
 CACHE_ENV = "KERAS_CONVNEXT_CACHE"
-CACHE_FORMAT = 2  # bump when the cached model layout changes (2: ConvNeXt models)
+CACHE_FORMAT = 3  # bump when the cached model layout changes (3: safetensors + config)
 
 
 # ----------------------------------------------------------------------------
@@ -226,14 +226,17 @@ def source_fingerprint(source) -> str | None:
 
 
 class ModelCache:
-    """Converted embedding models as `.keras` files, keyed by source, content and options.
+    """Converted embedding models on disk, keyed by source, content and options.
 
     Directory: `cache_dir`, else `$KERAS_CONVNEXT_CACHE`, else
-    `~/.cache/keras-convnext`. Each entry is `<key>.keras` (a `ConvNeXt`, which
-    knows its architecture and preprocessing) + `<key>.json` (the source and
-    options it was made from), both written atomically. A Hub id whose
-    file is gone from the Hub cache still finds its entry through a per-source
-    alias, so a converted model keeps working offline.
+    `~/.cache/keras-convnext`. Each entry is `<key>.safetensors` (the model's
+    weights in Keras' own layout, by variable path) + `<key>.json` (the model's
+    `get_config`, and the source and options it was made from), both written
+    atomically. Loading one is cheaper than converting the checkpoint again: the
+    tensors are memory-mapped and need no transposing, the config needs no
+    inference, and no variable is randomly initialised first. A Hub id whose file
+    is gone from the Hub cache still finds its entry through a per-source alias,
+    so a converted model keeps working offline.
     """
 
     def __init__(self, cache_dir=None):
@@ -267,25 +270,31 @@ class ModelCache:
                 return None
         else:
             return None
-        ok = all(os.path.exists(os.path.join(self.dir, key + e)) for e in (".keras", ".json"))
-        return key if ok else None
+        found = (os.path.exists(os.path.join(self.dir, key + e)) for e in (".safetensors", ".json"))
+        return key if all(found) else None
 
-    def load(self, key) -> keras.Model:
-        # load_converted skips the random initialisation the saved weights replace
-        return weights_convert.load_converted(os.path.join(self.dir, key + ".keras"))
+    def load(self, key) -> ConvNeXt:
+        with open(os.path.join(self.dir, key + ".json"), encoding="utf-8") as f:
+            meta = json.load(f)
+        weights, _ = weights_convert.read_safetensors(os.path.join(self.dir, key + ".safetensors"))
+        return ConvNeXt.from_config(meta["model"], weights=weights)
 
     def store(self, source, options, model) -> str | None:
         fingerprint = source_fingerprint(source)
         if fingerprint is None:
             return None
         key = self.key(source, options, fingerprint)
+        from safetensors.numpy import save_file
+
         meta = {
             "source": os.fspath(source),
             "options": options,
-            "architecture": model.timm_architecture,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "model": model.get_config(),
         }
-        weights_convert.save_converted(model, os.path.join(self.dir, key + ".keras"))
+        weights = model.weights_by_path()
+        with weights_convert.atomic_path(os.path.join(self.dir, key + ".safetensors")) as tmp:
+            save_file(weights, tmp)
         weights_convert.atomic_write_text(
             os.path.join(self.dir, key + ".json"), json.dumps(meta, indent=1)
         )

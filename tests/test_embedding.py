@@ -227,13 +227,14 @@ def test_model_cache_skips_conversion(small_checkpoint, tmp_path, monkeypatch):
     folder = small_checkpoint[0]
     cache = tmp_path / "cache"
     first = build_model(folder, cache_dir=cache)
-    assert len(list(cache.glob("*.keras"))) == 1 and not list(cache.glob(".tmp-*"))
+    assert len(list(cache.glob("*.safetensors"))) == 1 and not list(cache.glob(".*.tmp-*"))
 
     def no_conversion(source):
         raise AssertionError("converted again")
 
     monkeypatch.setattr(model_module, "load_checkpoint", no_conversion)
     second = build_model(folder, cache_dir=cache)
+    assert type(second).__name__ == "ConvNeXt" and second.timm_architecture == "convnext_atto"
     assert second.pretrained_cfg["input_size"] == [3, SMALL_SIZE, SMALL_SIZE] or tuple(
         second.pretrained_cfg["input_size"]
     ) == (3, SMALL_SIZE, SMALL_SIZE)
