@@ -1,4 +1,4 @@
-"""Command line: `python -m embedding {demo,embed,verify,evaluate} ...`.
+"""Command line: `python -m embedding {demo,embed,merge,verify,evaluate,finetune} ...`.
 
 Each subcommand is a function `add_parser(subparsers)` that adds its parser and
 sets `handler=` to the function that runs it. `SUBCOMMANDS` lists them as
@@ -17,6 +17,7 @@ import sys
 SUBCOMMANDS = [
     "embedding.cli:add_demo_parser",
     "embedding.cli:add_embed_parser",
+    "embedding.cli:add_merge_parser",
     "embedding.cli:add_verify_parser",
     "embedding.cli:add_evaluate_parser",
     "embedding.finetune:add_finetune_parser",
@@ -105,42 +106,127 @@ def find_images(paths) -> list[str]:
 def add_embed_parser(subparsers):
     p = subparsers.add_parser(
         "embed",
-        help="embed images (files or folders) into an .npz",
+        help="embed images (files or folders) into an .npz, resumably",
         description="Embed images into an .npz with arrays embeddings (N, D) float32, "
         "paths (N,), labels (N,) (each image's folder name; the file loads as an "
-        "embedding.Gallery) and skipped (paths that could not be read).",
+        "embedding.Gallery), skipped (paths that could not be read) and their reasons. "
+        "Finished chunks of files are kept in a hidden .OUT.parts folder next to the "
+        "output: after an interruption, the same command continues from them.",
     )
     p.add_argument("inputs", nargs="+", metavar="DIR_OR_FILE")
     p.add_argument("-o", "--output", required=True, help="output .npz")
+    group = p.add_argument_group("jobs")
+    group.add_argument(
+        "--chunk-size",
+        type=int,
+        default=1024,
+        metavar="N",
+        help="files per chunk written as it goes (the unit of resumption; default 1024)",
+    )
+    group.add_argument(
+        "--shard-index",
+        type=int,
+        default=None,
+        metavar="I",
+        help="embed only shard I of --num-shards (0-based); join the parts with `merge`",
+    )
+    group.add_argument("--num-shards", type=int, default=None, metavar="N")
+    group.add_argument(
+        "--restart", action="store_true", help="discard chunks of an earlier run of this output"
+    )
+    group.add_argument(
+        "--distribute",
+        choices=("auto", "none"),
+        default="auto",
+        help="auto: on JAX with several devices, split every batch over them (DataParallel)",
+    )
     add_model_options(p)
     p.set_defaults(handler=run_embed)
 
 
+def _shard_arguments(args):
+    if (args.shard_index is None) != (args.num_shards is None):
+        raise CommandError("--shard-index and --num-shards go together")
+    index, count = args.shard_index or 0, args.num_shards or 1
+    if count < 1 or not 0 <= index < count:
+        raise CommandError(
+            f"--shard-index must be in 0..{count - 1} and --num-shards >= 1 "
+            f"(got {index} of {count})"
+        )
+    if args.chunk_size < 1:
+        raise CommandError(f"--chunk-size must be >= 1, got {args.chunk_size}")
+    return index, count
+
+
 def run_embed(args):
-    import numpy as np
+    from embedding.jobs import JobError, embed_files
 
-    from embedding.gallery import _atomic_savez
-
+    shard_index, num_shards = _shard_arguments(args)
     paths = find_images(args.inputs)
     if not paths:
         raise CommandError("no image files found in " + ", ".join(args.inputs))
     embedder = make_embedder(args)
-    result = embedder.embed_many(paths, on_error="skip")
-    for failure in result.failures:
-        print(f"skipped: {failure}", file=sys.stderr)
-    kept = [paths[i] for i in result.indices]
-    labels = [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in kept]
-    _atomic_savez(
-        args.output,
-        embeddings=result.vectors.astype(np.float32),
-        paths=np.asarray(kept, dtype=str),
-        labels=np.asarray(labels, dtype=str),
-        skipped=np.asarray([f.name for f in result.failures], dtype=str),
-        model=np.asarray(str(embedder.source)),
-    )
+    try:
+        result = embed_files(
+            embedder,
+            paths,
+            args.output,
+            chunk_size=args.chunk_size,
+            shard_index=shard_index,
+            num_shards=num_shards,
+            restart=args.restart,
+            progress=not args.no_progress,
+            distribution="auto" if args.distribute == "auto" else None,
+            log=lambda message: print(message, file=sys.stderr),
+        )
+    except JobError as error:
+        raise CommandError(str(error)) from None
+    _report_skipped(args.output)
+    shard = f" (shard {shard_index} of {num_shards})" if num_shards > 1 else ""
     print(
-        f"wrote {args.output}: {len(kept)} embeddings of dim {embedder.dim}"
-        + (f", {len(result.failures)} skipped" if result.failures else "")
+        f"wrote {args.output}{shard}: {result.count} embeddings of dim {embedder.dim}"
+        + (f", {result.skipped} skipped" if result.skipped else "")
+    )
+    return 0
+
+
+def _report_skipped(output):
+    import numpy as np
+
+    with np.load(output, allow_pickle=False) as data:
+        for name, reason in zip(
+            data["skipped"].tolist(), data["skipped_reason"].tolist(), strict=True
+        ):
+            print(f"skipped: {name}: {reason}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------
+# merge
+# ----------------------------------------------------------------------------
+
+
+def add_merge_parser(subparsers):
+    p = subparsers.add_parser(
+        "merge",
+        help="join the parts of a sharded `embed` run into one .npz",
+        description="Join the outputs of `embed --shard-index I --num-shards N` (every "
+        "shard once, same files and model) into one .npz equal to an unsharded run's.",
+    )
+    p.add_argument("parts", nargs="+", metavar="PART")
+    p.add_argument("-o", "--output", required=True, help="output .npz")
+    p.set_defaults(handler=run_merge)
+
+
+def run_merge(args):
+    from embedding.jobs import JobError, merge_parts
+
+    try:
+        result = merge_parts(args.parts, args.output)
+    except JobError as error:
+        raise CommandError(str(error)) from None
+    print(
+        f"wrote {args.output}: {result.count} embeddings from {len(args.parts)} parts"
+        + (f", {result.skipped} skipped" if result.skipped else "")
     )
     return 0
 
@@ -156,25 +242,54 @@ def add_verify_parser(subparsers):
     )
     p.add_argument("image1")
     p.add_argument("image2")
-    p.add_argument(
+    choice = p.add_mutually_exclusive_group()
+    choice.add_argument(
         "--threshold",
         type=float,
         default=None,
         help="accept when similarity >= T (default: 0.5, uncalibrated; "
         "`evaluate` prints calibrated thresholds)",
     )
+    choice.add_argument(
+        "--calibration",
+        default=None,
+        metavar="FILE",
+        help="take the threshold from a calibration JSON (`evaluate --target-far F "
+        "--save-calibration FILE`)",
+    )
     add_model_options(p)
     p.set_defaults(handler=run_verify)
 
 
 def run_verify(args):
-    embedder = make_embedder(args)
-    result = embedder.verify(args.image1, args.image2, threshold=args.threshold)
+    import math
+
+    from embedding.metrics import Calibration, CalibrationError
+
+    if args.threshold is not None and not math.isfinite(args.threshold):
+        raise CommandError(f"--threshold must be a finite number, got {args.threshold}")
+    calibration = None
+    if args.calibration is not None:
+        try:
+            calibration = Calibration.load(args.calibration)
+        except CalibrationError as error:
+            raise CommandError(str(error)) from None
+    embedder = make_embedder(args, calibration=calibration)
+    try:
+        result = embedder.verify(args.image1, args.image2, threshold=args.threshold)
+    except ValueError as error:  # NaN/Inf embeddings: no verdict
+        raise CommandError(str(error)) from None
     note = {
         "given": "",
         "calibrated": " (calibrated)",
         "default": " (uncalibrated default; calibrate with `evaluate` and pass --threshold)",
     }[result.threshold_source]
+    if result.calibration is not None:
+        c = result.calibration
+        note = (
+            f" (calibrated at FAR <= {c.target_far:g}: FAR {c.far:.2g}, FRR {c.frr:.4f} on "
+            f"{c.n_genuine} genuine / {c.n_impostor} impostor pairs; {args.calibration})"
+        )
     print(f"similarity: {result.similarity:.6f}")
     print(f"threshold:  {result.threshold:.6f}{note}")
     print(f"verdict:    {'SAME' if result.verified else 'DIFFERENT'}")
@@ -237,6 +352,26 @@ def add_evaluate_parser(subparsers):
         "--folds", type=int, default=None, help="k for k-fold accuracy (default: from header, 10)"
     )
     p.add_argument("--json", default=None, metavar="FILE", help="also write the metrics as JSON")
+    group = p.add_argument_group("operating point")
+    group.add_argument(
+        "--target-far",
+        type=float,
+        default=None,
+        metavar="F",
+        help="also choose the threshold whose false-accept rate is at most F (e.g. 1e-3), "
+        "with bootstrap confidence intervals",
+    )
+    group.add_argument(
+        "--bootstrap", type=int, default=1000, metavar="N", help="resamples (default 1000)"
+    )
+    group.add_argument("--confidence", type=float, default=0.95, help="interval level")
+    group.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    group.add_argument(
+        "--save-calibration",
+        default=None,
+        metavar="FILE",
+        help="write the operating point as JSON, for `verify --calibration FILE`",
+    )
     add_model_options(p)
     p.set_defaults(handler=run_evaluate)
 
@@ -248,6 +383,12 @@ def run_evaluate(args):
 
     from embedding.metrics import verification_metrics
 
+    if args.save_calibration and args.target_far is None:
+        raise CommandError("--save-calibration needs --target-far")
+    if args.target_far is not None and not 0.0 <= args.target_far <= 1.0:
+        raise CommandError(f"--target-far must lie in [0, 1], got {args.target_far}")
+    if args.bootstrap < 0 or not 0.0 < args.confidence < 1.0:
+        raise CommandError("--bootstrap must be >= 0 and --confidence in (0, 1)")
     pairs, labels, header_folds = read_pairs(args.pairs, args.root, args.ext)
     folds = args.folds or header_folds or 10
     embedder = make_embedder(args)
@@ -264,9 +405,33 @@ def run_evaluate(args):
     metrics = verification_metrics(scores[valid], labels, folds=folds)
     print(f"model: {embedder.source}  (dim {embedder.dim})")
     print(metrics.summary())
+    record = metrics.to_dict()
+    if args.target_far is not None:
+        from embedding.metrics import calibrate
+
+        try:
+            calibration = calibrate(
+                scores[valid],
+                labels,
+                args.target_far,
+                n_bootstrap=args.bootstrap,
+                confidence=args.confidence,
+                seed=args.seed,
+                model=str(embedder.source),
+            )
+        except ValueError as error:
+            raise CommandError(str(error)) from None
+        print(calibration.summary())
+        record["calibration"] = calibration.to_dict()
+        if args.save_calibration:
+            try:
+                calibration.save(args.save_calibration)
+            except OSError as error:
+                raise CommandError(f"cannot write {args.save_calibration}: {error}") from None
+            print(f"wrote {args.save_calibration}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(metrics.to_dict(), f, indent=2)
+            json.dump(record, f, indent=2)
     return 0
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
-from conftest import random_timm_model, save_timm_checkpoint
+from conftest import SMALL_SIZE
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
@@ -27,8 +27,6 @@ from embedding import (
 from embedding import cli as embedding_cli
 from embedding import model as model_module
 from embedding.model import padded_size
-
-SMALL_SIZE = 64  # input side of the fast checkpoints
 
 
 def photo(name):
@@ -49,15 +47,6 @@ def model_cache(tmp_path_factory):
         os.environ.pop(model_module.CACHE_ENV, None)
     else:
         os.environ[model_module.CACHE_ENV] = saved
-
-
-@pytest.fixture(scope="session")
-def small_checkpoint(tmp_path_factory):
-    """Random convnext_atto whose pretrained_cfg asks for 64x64 inputs: (folder, timm model)."""
-    model = random_timm_model("convnext_atto", seed=3)
-    folder = tmp_path_factory.mktemp("atto64")
-    cfg = {"input_size": (3, SMALL_SIZE, SMALL_SIZE), "crop_pct": 0.875}
-    return str(save_timm_checkpoint(model, folder, "convnext_atto", pretrained_cfg=cfg)), model
 
 
 @pytest.fixture(scope="session")
