@@ -158,10 +158,22 @@ def _shard_arguments(args):
     return index, count
 
 
+def _check_output(path):
+    """Refuse an output that cannot be written before any work is done."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise CommandError(f"-o {path} is a folder; give a file name such as {path}/vectors.npz")
+    if not os.path.isdir(folder):
+        raise CommandError(f"-o {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise CommandError(f"-o {path}: the folder {folder} is not writable")
+
+
 def run_embed(args):
     from embedding.jobs import JobError, embed_files
 
     shard_index, num_shards = _shard_arguments(args)
+    _check_output(args.output)
     paths = find_images(args.inputs)
     if not paths:
         raise CommandError("no image files found in " + ", ".join(args.inputs))
@@ -220,6 +232,7 @@ def add_merge_parser(subparsers):
 def run_merge(args):
     from embedding.jobs import JobError, merge_parts
 
+    _check_output(args.output)
     try:
         result = merge_parts(args.parts, args.output)
     except JobError as error:
