@@ -151,16 +151,19 @@ def test_exact_search_equals_numpy_sort_across_chunks(monkeypatch, dtype):
     scaled +-basis vectors (normalised exactly, in float16 too), so every score is
     exactly a query coordinate and rows of one direction tie exactly: the order must
     be a stable sort's (ties keep insertion order), id for id."""
-    monkeypatch.setattr(indexes, "_CHUNK_BYTES", 4 * 8 * 7)  # 7 gallery rows per chunk
+    monkeypatch.setattr(indexes, "_CHUNK_BYTES", 4 * 8 * 100)  # 100 gallery rows per chunk
     monkeypatch.setattr(indexes, "_QUERY_BLOCK", 5)
     rng = np.random.default_rng(1)
-    axis, sign = rng.integers(0, 8, 53), rng.choice([-1.0, 1.0], 53)
-    vectors = np.zeros((53, 8))
-    vectors[np.arange(53), axis] = sign * rng.uniform(0.5, 3.0, 53)
+    n = 530
+    axis, sign = rng.integers(0, 8, n), rng.choice([-1.0, 1.0], n)
+    vectors = np.zeros((n, 8))
+    vectors[np.arange(n), axis] = sign * rng.uniform(0.5, 3.0, n)
     queries = rng.standard_normal((12, 8))
     gallery = build("exact", vectors, dtype=dtype)
     assert gallery.embeddings.dtype == np.dtype(dtype)
-    for k in (1, 3, 7, 20, 53):
+    # k <= 3: the grouped prefilter (3 groups of 32 a chunk); 7, 20: the partition
+    # fallback; 100, 530: whole chunks sorted
+    for k in (1, 3, 7, 20, 100, n):
         ids, scores = gallery.search_ids(queries, k=k)
         expected_ids, expected_scores = numpy_top_k(vectors, queries, k)
         np.testing.assert_array_equal(ids, expected_ids)
