@@ -268,7 +268,7 @@ def add_verify_parser(subparsers):
         default=None,
         metavar="FILE",
         help="take the threshold from a calibration JSON (`evaluate --target-far F "
-        "--save-calibration FILE`)",
+        "--save-calibration FILE`) or from a gallery .npz saved with one",
     )
     add_model_options(p)
     p.set_defaults(handler=run_verify)

@@ -565,11 +565,14 @@ def merge_parts(parts: Sequence, output) -> JobResult:
         arrays = _read_small(path, small, "part ")
         try:
             identity = json.loads(str(arrays["job"]))
-            assert isinstance(identity, dict) and "shard_index" in identity
-        except (ValueError, AssertionError):
-            raise JobError(
-                f"{path} was not written by a sharded `embed` run (no job record)."
-            ) from None
+        except ValueError:
+            identity = None
+        fields = ("shard_index", "num_shards", "dim", "chunk_size")
+        if not isinstance(identity, dict) or not all(
+            isinstance(identity.get(f), int) and not isinstance(identity.get(f), bool)
+            for f in fields
+        ):
+            raise JobError(f"{path} was not written by `embed` (no valid job record).")
         infos.append((path, identity, arrays))
     first_path, first, _ = infos[0]
     for path, identity, _ in infos[1:]:
@@ -610,9 +613,17 @@ def merge_parts(parts: Sequence, output) -> JobResult:
             name: [NpyMemberReader(a, name, p) for a, p in zip(archives, parts, strict=True)]
             for name in ("embeddings", "paths", "labels")
         }
-        for k, reader in enumerate(readers["embeddings"]):
-            if reader.shape != (infos[k][2]["index"].size, dim):
-                raise JobError(f"{parts[k]}: embeddings {reader.shape} do not match its index.")
+        for k, (_, _, arrays) in enumerate(infos):
+            rows = arrays["index"].size
+            expected = {"embeddings": ((rows, dim), "f"), "paths": ((rows,), "U"),
+                        "labels": ((rows,), "U")}  # fmt: skip
+            for name, (shape, kind) in expected.items():
+                reader = readers[name][k]
+                if reader.shape != shape or reader.dtype.kind != kind:
+                    raise JobError(
+                        f"{parts[k]}: {name} is {reader.dtype} {reader.shape}, expected "
+                        f"{shape} to match its index."
+                    )
         runs = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]]) if owner.size else []
         bounds = list(zip(runs, [*runs[1:], owner.size], strict=True))
 

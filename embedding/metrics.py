@@ -40,6 +40,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import zipfile
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -397,8 +398,11 @@ class Calibration:
 
     @classmethod
     def load(cls, path) -> Calibration:
-        """Read a JSON file written by `save` (a `CalibrationError` if it is not one)."""
+        """Read a JSON file written by `save`, or the calibration saved in a gallery
+        `.npz` (`Gallery.calibration`); a `CalibrationError` if there is none."""
         path = os.fspath(path)
+        if zipfile.is_zipfile(path):
+            return cls._from_gallery_file(path)
         try:
             with open(path, encoding="utf-8") as f:
                 record = json.load(f)
@@ -406,6 +410,22 @@ class Calibration:
             raise CalibrationError(f"{path}: not a calibration JSON file ({error}).") from None
         except IsADirectoryError:
             raise CalibrationError(f"{path} is a folder, not a calibration JSON file.") from None
+        try:
+            return cls.from_dict(record)
+        except CalibrationError as error:
+            raise CalibrationError(f"{path}: {error}") from None
+
+    @classmethod
+    def _from_gallery_file(cls, path) -> Calibration:
+        from embedding.gallery import read_npz
+
+        meta = read_npz(path, error=CalibrationError, names=["meta"]).get("meta")
+        try:
+            record = json.loads(str(meta))["calibration"] if meta is not None else None
+        except (ValueError, KeyError, TypeError):
+            record = None
+        if record is None:
+            raise CalibrationError(f"{path}: the gallery file holds no calibration.")
         try:
             return cls.from_dict(record)
         except CalibrationError as error:

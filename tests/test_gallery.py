@@ -11,7 +11,7 @@ from conftest import BACKEND
 
 from embedding import Gallery, GalleryFileError, cosine_similarity
 from embedding.gallery import INDEX_TYPES, UnknownIdError, indexes
-from embedding.metrics import calibrate
+from embedding.metrics import Calibration, CalibrationError, calibrate
 
 HAS_FAISS = importlib.util.find_spec("faiss") is not None
 FAISS_INDEXES = ("flat", "hnsw", "ivfpq")
@@ -402,6 +402,10 @@ def test_calibration_travels_with_the_gallery(tmp_path):
     gallery.save(tmp_path / "g.npz")
     assert Gallery.load(tmp_path / "g.npz").calibration == calibration
     assert sorted(os.listdir(tmp_path)) == ["g.npz"]  # no temporary file left
+    assert Calibration.load(tmp_path / "g.npz") == calibration  # what verify --calibration reads
+    Gallery().add(np.eye(3), ["a", "b", "c"]).save(tmp_path / "bare.npz")
+    with pytest.raises(CalibrationError, match="holds no calibration"):
+        Calibration.load(tmp_path / "bare.npz")
     meta = json.loads(str(np.load(tmp_path / "g.npz")["meta"]))
     meta["calibration"]["threshold"] = float("nan")
     rewrite(tmp_path / "g.npz", tmp_path / "nan.npz", meta=np.asarray(json.dumps(meta)))
