@@ -11,8 +11,9 @@ cosine ~0.89 to its source: a planted near-duplicate).
 For every index (`embedding.Gallery(index=...)` with its default parameters):
   build s        `Gallery(index=...).add(vectors, labels)` (IVF-PQ: training included)
   index MB       the index's own bytes (the exact matrix; FAISS's serialised index)
-  RSS MB         growth of the process's resident memory over the build (index plus
-                 the gallery's ids and labels, about 100 bytes per vector)
+  RSS MB         growth of the process's resident memory over the build: the index plus
+                 the gallery's bookkeeping (a list of ids and of references to the
+                 labels, which exist before the build: ~70 bytes per vector)
   queries/s      `search_ids(queries, k=10)` on all Q queries at once (one warm-up call first)
   planted@1      fraction of queries whose planted source comes first
   recall@1, @10  agreement with the exact index's top 1 / top 10 (exact indexes: 1 by definition)
@@ -148,8 +149,8 @@ def markdown(report) -> str:
     lines = [
         f"# Gallery benchmark ({report['date']})",
         "",
-        f"{report['machine']}; numpy {report['numpy']}, faiss {report['faiss']} "
-        f"({report['faiss_threads']} threads); dimension {report['dim']}, {report['queries']} "
+        f"{report['machine']}; numpy {report['numpy']}, faiss {report['faiss']}; "
+        f"{report['faiss_threads']} thread(s); dimension {report['dim']}, {report['queries']} "
         f"planted queries, k={report['k']}; load average {report['load_start']} at the start, "
         f"{report['load_end']} at the end.",
         "",
@@ -194,6 +195,13 @@ def main(argv=None):
     parser.add_argument("--naive-sample", type=int, default=20000, metavar="N")
     parser.add_argument("--naive-queries", type=int, default=3, metavar="Q")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="threads for FAISS (OpenMP) and numpy's BLAS (default: theirs); 1 avoids "
+        "OpenMP's slowdowns on a machine whose cores other processes also use",
+    )
     parser.add_argument("--output", default=os.path.join(HERE, "results", "gallery_cpu"))
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (CI)")
     args = parser.parse_args(argv)
@@ -203,9 +211,15 @@ def main(argv=None):
     unknown = sorted(set(names) - set(INDEXES))
     if unknown:
         parser.error(f"unknown index {unknown}; choose from {', '.join(INDEXES)}")
+    if args.threads:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(args.threads)  # numpy's BLAS, for the exact index
     try:
         import faiss
 
+        if args.threads:
+            faiss.omp_set_num_threads(args.threads)
         faiss_version, threads = faiss.__version__, faiss.omp_get_max_threads()
     except ImportError:
         faiss_version, threads = None, 0

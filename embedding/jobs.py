@@ -343,7 +343,7 @@ def _check_chunk(path, key, start, stop, dim):
     return arrays
 
 
-def _prepare_folder(folder, identity, restart, log):
+def _prepare_folder(folder, identity, restart):
     """Create the parts folder, or check an existing one belongs to this job."""
     job_file = os.path.join(folder, JOB_FILE)
     if restart and os.path.isdir(folder):
@@ -404,7 +404,9 @@ def embed_files(
         log: called with one-line notes (resuming, a damaged chunk redone).
     """
     paths = [os.fspath(p) for p in paths]
-    labels = folder_labels(paths) if labels is None else [str(label) for label in labels]
+    labels = folder_labels(paths) if labels is None else list(labels)
+    if not all(isinstance(label, str) for label in labels):
+        raise TypeError("labels must be str (one per path).")
     if len(labels) != len(paths):
         raise ValueError(f"{len(paths)} paths but {len(labels)} labels.")
     chunk_size = _int_setting("chunk_size", chunk_size, 1)
@@ -417,7 +419,7 @@ def embed_files(
     identity = job_identity(embedder, paths, chunk_size, shard_index, num_shards)
     key = _digest([json.dumps(identity, sort_keys=True)])
     folder = parts_folder(output)
-    _prepare_folder(folder, identity, restart, log)
+    _prepare_folder(folder, identity, restart)
 
     chunks = shard_chunks(len(paths), chunk_size, shard_index, num_shards)
     done = {}

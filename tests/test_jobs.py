@@ -66,10 +66,10 @@ def assert_same_output(a, b):
 
 def test_interrupted_job_resumes_to_the_same_output(embedder, photo_folder, tmp_path):
     _, paths = photo_folder
-    paths = paths[200:260]  # two folders, and the unreadable file
+    paths = paths[210:240]  # two folders, and the unreadable file
     reference = tmp_path / "reference.npz"
-    result = embed_files(embedder, paths, reference, chunk_size=8, progress=False)
-    assert (result.count, result.skipped, result.chunks, result.resumed) == (59, 1, 8, 0)
+    result = embed_files(embedder, paths, reference, chunk_size=4, progress=False)
+    assert (result.count, result.skipped, result.chunks, result.resumed) == (29, 1, 8, 0)
     assert not os.path.exists(parts_folder(reference))  # removed at the end
 
     output = tmp_path / "out.npz"
@@ -84,7 +84,7 @@ def test_interrupted_job_resumes_to_the_same_output(embedder, photo_folder, tmp_
     jobs._embed_chunk = interrupted
     try:
         with pytest.raises(KeyboardInterrupt):
-            embed_files(embedder, paths, output, chunk_size=8, progress=False)
+            embed_files(embedder, paths, output, chunk_size=4, progress=False)
     finally:
         jobs._embed_chunk = real_embed_chunk
     assert not output.exists()
@@ -101,11 +101,11 @@ def test_interrupted_job_resumes_to_the_same_output(embedder, photo_folder, tmp_
     jobs._embed_chunk = counting
     try:
         result = embed_files(
-            embedder, paths, output, chunk_size=8, progress=False, log=notes.append
+            embedder, paths, output, chunk_size=4, progress=False, log=notes.append
         )
     finally:
         jobs._embed_chunk = real_embed_chunk
-    assert redone == [24, 32, 40, 48, 56]  # only the chunks that were missing
+    assert redone == [12, 16, 20, 24, 28]  # only the chunks that were missing
     assert result.resumed == 3 and "resuming: 3 of 8 chunks already done" in notes[0]
     assert_same_output(reference, output)
     data = contents(output)
