@@ -18,6 +18,9 @@ For every index (`embedding.Gallery(index=...)` with its default parameters):
   planted@1      fraction of queries whose planted source comes first
   recall@1, @10  agreement with the exact index's top 1 / top 10 (exact indexes: 1 by definition)
 
+With --sweep, the built HNSW and IVF-PQ indexes are also searched with larger
+`ef_search` / `nprobe` (no rebuild): the speed/recall trade-off.
+
 The naive loop is what a user writes without an index (as deepface's `find` did):
 for each query, a Python loop computing the cosine with every stored vector, then a
 sort. It is timed on a subsample of the gallery and extrapolated linearly to N
@@ -45,6 +48,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from embedding.gallery import Gallery  # noqa: E402
 
+# search-time settings also measured on the same built index (--sweep): speed against recall
+SWEEPS = {"hnsw": ("ef_search", (256, 512)), "ivfpq": ("nprobe", (64, 128))}
 INDEXES = {  # name in the table -> Gallery arguments
     "exact": {"index": "exact"},
     "exact float16": {"index": "exact", "dtype": "float16"},
@@ -113,24 +118,14 @@ def measure_naive(vectors, queries, n, sample, sample_queries):
     }
 
 
-def measure(name, args, vectors, queries, source, exact_top, k):
-    labels = [f"p{i}" for i in range(len(vectors))]
-    gc.collect()
-    before = rss_mb()
-    start = time.perf_counter()
-    gallery = Gallery(**args).add(vectors, labels)
-    build = time.perf_counter() - start
-    grown = rss_mb() - before
+def search_row(gallery, queries, source, exact_top, k):
+    """Queries/s, planted@1 and recall against exact of `gallery` as it is set now."""
     gallery.search_ids(queries[:10], k=k)  # warm-up
     start = time.perf_counter()
     ids, _ = gallery.search_ids(queries, k=k)
     search = time.perf_counter() - start
     row = {
-        "index": name,
         "params": gallery.index_params,
-        "build_s": build,
-        "index_mb": index_bytes(gallery) / 2**20,
-        "rss_growth_mb": grown,
         "queries_per_s": len(queries) / search,
         "planted_at_1": float(np.mean(ids[:, 0] == source)),
         "load_after": load_average(),
@@ -140,9 +135,37 @@ def measure(name, args, vectors, queries, source, exact_top, k):
         row["recall_at_10"] = float(
             np.mean([np.intersect1d(a, b).size / k for a, b in zip(ids, exact_top, strict=True)])
         )
+    return row, ids
+
+
+def measure(name, args, vectors, queries, source, exact_top, k, sweep=False):
+    """[row of the default settings, rows of the --sweep settings], top-k ids (defaults)."""
+    labels = [f"p{i}" for i in range(len(vectors))]
+    gc.collect()
+    before = rss_mb()
+    start = time.perf_counter()
+    gallery = Gallery(**args).add(vectors, labels)
+    build = time.perf_counter() - start
+    grown = rss_mb() - before
+    row, ids = search_row(gallery, queries, source, exact_top, k)
+    rows = [
+        {
+            "index": name,
+            "build_s": build,
+            "index_mb": index_bytes(gallery) / 2**20,
+            "rss_growth_mb": grown,
+            **row,
+        }
+    ]
+    if sweep and name in SWEEPS:
+        key, values = SWEEPS[name]
+        for value in values:
+            gallery.set_search_params(**{key: value})
+            extra, _ = search_row(gallery, queries, source, exact_top, k)
+            rows.append({"index": f"{name}, {key}={value} (same index)", **extra})
     del gallery
     gc.collect()
-    return row, ids
+    return rows, ids
 
 
 def markdown(report) -> str:
@@ -169,16 +192,19 @@ def markdown(report) -> str:
                 continue
             recall1 = f"{row['recall_at_1']:.4f}" if "recall_at_1" in row else "-"
             recall10 = f"{row['recall_at_10']:.4f}" if "recall_at_10" in row else "-"
+            built = (
+                f"{row['build_s']:.1f} | {row['index_mb']:.0f} | {row['rss_growth_mb']:.0f}"
+                if "build_s" in row
+                else "- | - | -"
+            )
             lines.append(
-                f"| {size['n']:,} | {row['index']} | {row['build_s']:.1f} | "
-                f"{row['index_mb']:.0f} | {row['rss_growth_mb']:.0f} | "
-                f"{row['queries_per_s']:,.0f} | {row['planted_at_1']:.4f} | {recall1} | "
-                f"{recall10} |"
+                f"| {size['n']:,} | {row['index']} | {built} | {row['queries_per_s']:,.0f} | "
+                f"{row['planted_at_1']:.4f} | {recall1} | {recall10} |"
             )
     lines += ["", "Parameters (defaults; IVF-PQ's nlist is chosen at training):", ""]
     for size in report["sizes"]:
         for row in size["rows"]:
-            if row["params"]:
+            if row["params"] and "build_s" in row:
                 lines.append(f"- {size['n']:,} {row['index']}: `{row['params']}`")
     return "\n".join(lines) + "\n"
 
@@ -204,6 +230,11 @@ def main(argv=None):
     )
     parser.add_argument("--output", default=os.path.join(HERE, "results", "gallery_cpu"))
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (CI)")
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="also search the built hnsw / ivfpq index with larger ef_search / nprobe",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes, args.dim, args.queries, args.naive_sample = "3000", 32, 50, 500
@@ -240,13 +271,20 @@ def main(argv=None):
     for n in (int(s) for s in args.sizes.split(",")):
         vectors, queries, source = planted_data(n, args.dim, args.queries, args.seed)
         rows, exact_top = [], None
+        if "exact" not in names and len(names):  # the reference for recall, not timed
+            reference = Gallery().add(vectors, ["x"] * n)
+            exact_top = reference.search_ids(queries, k=args.k)[0]
+            del reference
         for name in names:
-            row, ids = measure(name, INDEXES[name], vectors, queries, source, exact_top, args.k)
+            measured, ids = measure(
+                name, INDEXES[name], vectors, queries, source, exact_top, args.k, args.sweep
+            )
             if name == "exact":
                 exact_top = ids
-                row["recall_at_1"] = row["recall_at_10"] = 1.0
-            rows.append(row)
-            print(json.dumps({"n": n, **row}), flush=True)
+                measured[0]["recall_at_1"] = measured[0]["recall_at_10"] = 1.0
+            rows.extend(measured)
+            for row in measured:
+                print(json.dumps({"n": n, **row}), flush=True)
         naive = measure_naive(vectors, queries, n, args.naive_sample, args.naive_queries)
         rows.append(naive)
         print(json.dumps({"n": n, **naive}), flush=True)
