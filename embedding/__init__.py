@@ -45,6 +45,8 @@ _EXPORTS = {
     "cosine_similarity": "embedding.gallery",
     "l2_normalize": "embedding.gallery",
     "Gallery": "embedding.gallery",
+    "GalleryFileError": "embedding.gallery",
+    "INDEX_TYPES": "embedding.gallery",
     "verification_metrics": "embedding.metrics",
     "VerificationMetrics": "embedding.metrics",
     "roc_curve": "embedding.metrics",
@@ -53,6 +55,11 @@ _EXPORTS = {
     "tar_at_far": "embedding.metrics",
     "best_accuracy_threshold": "embedding.metrics",
     "kfold_accuracy": "embedding.metrics",
+    "calibrate": "embedding.metrics",
+    "Calibration": "embedding.metrics",
+    "CalibrationError": "embedding.metrics",
+    "identification_metrics": "embedding.metrics",
+    "IdentificationMetrics": "embedding.metrics",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,5 +1,5 @@
 """Command line: `python -m embedding COMMAND ...` (demo, embed, verify, evaluate, finetune,
-enroll, identify, export, ...).
+enroll, identify, export, merge, ...).
 
 Each subcommand is a function `add_parser(subparsers)` that adds its parser and
 sets `handler=` to the function that runs it. `SUBCOMMANDS` lists them as
@@ -32,6 +32,7 @@ from embedding.files import IMAGE_EXTENSIONS, check_output_path, find_image_file
 SUBCOMMANDS = [
     "embedding.cli:add_demo_parser",
     "embedding.cli:add_embed_parser",
+    "embedding.cli:add_merge_parser",
     "embedding.cli:add_verify_parser",
     "embedding.cli:add_evaluate_parser",
     "embedding.finetune_cli:add_finetune_parser",
@@ -221,21 +222,63 @@ def find_images(paths) -> list[str]:
 def add_embed_parser(subparsers):
     p = subparsers.add_parser(
         "embed",
-        help="embed images (files or folders) into an .npz",
+        help="embed images (files or folders) into an .npz, resumably",
         description="Embed images into an .npz with arrays embeddings (N, D) float32, "
         "paths (N,), labels (N,) (for an image found in a folder given here, the top-level "
         "sub-folder it lies in; for a file given by name, its folder's name; the file loads "
-        "as an embedding.Gallery) and skipped (paths that could not be read).",
+        "as an embedding.Gallery), skipped (paths that could not be read) and their reasons. "
+        "Finished chunks of files are kept in a hidden .OUT.parts folder next to the "
+        "output: after an interruption, the same command continues from them.",
     )
     p.add_argument("inputs", nargs="+", metavar="DIR_OR_FILE")
     p.add_argument("-o", "--output", required=True, help="output .npz")
+    group = p.add_argument_group("jobs")
+    group.add_argument(
+        "--chunk-size",
+        type=int,
+        default=1024,
+        metavar="N",
+        help="files per chunk written as it goes (the unit of resumption; default 1024)",
+    )
+    group.add_argument(
+        "--shard-index",
+        type=int,
+        default=None,
+        metavar="I",
+        help="embed only shard I of --num-shards (0-based); join the parts with `merge`",
+    )
+    group.add_argument("--num-shards", type=int, default=None, metavar="N")
+    group.add_argument(
+        "--restart", action="store_true", help="discard chunks of an earlier run of this output"
+    )
+    group.add_argument(
+        "--distribute",
+        choices=("auto", "none"),
+        default="auto",
+        help="auto: on JAX with several devices, split every batch over them (DataParallel)",
+    )
     add_model_options(p)
     p.set_defaults(handler=run_embed)
 
 
-def run_embed(args):
-    import numpy as np
+def _shard_arguments(args):
+    if (args.shard_index is None) != (args.num_shards is None):
+        raise CommandError("--shard-index and --num-shards go together")
+    index, count = args.shard_index or 0, args.num_shards or 1
+    if count < 1 or not 0 <= index < count:
+        raise CommandError(
+            f"--shard-index must be in 0..{count - 1} and --num-shards >= 1 "
+            f"(got {index} of {count})"
+        )
+    if args.chunk_size < 1:
+        raise CommandError(f"--chunk-size must be >= 1, got {args.chunk_size}")
+    return index, count
 
+
+def run_embed(args):
+    from embedding.jobs import JobError, embed_files
+
+    shard_index, num_shards = _shard_arguments(args)
     check_output_path(args.output, option="-o")
     try:
         files = find_image_files(args.inputs)
@@ -246,28 +289,70 @@ def run_embed(args):
             "no image files found in " + ", ".join(args.inputs) + " (image names end in "
             f"{', '.join(IMAGE_EXTENSIONS)})"
         )
-    paths = [f.path for f in files]
     embedder = make_embedder(args)
-    result = embedder.embed_many(paths, on_error="skip")
-    for failure in result.failures:
-        print(f"skipped: {failure}", file=sys.stderr)
-    if not len(result.indices):
-        raise CommandError(f"none of the {len(paths)} images could be read; nothing written")
-    kept = [paths[i] for i in result.indices]
-    labels = [files[i].label for i in result.indices]
-    from embedding.gallery import _atomic_savez
-
-    _atomic_savez(
-        args.output,
-        embeddings=result.vectors.astype(np.float32),
-        paths=np.asarray(kept, dtype=str),
-        labels=np.asarray(labels, dtype=str),
-        skipped=np.asarray([f.name for f in result.failures], dtype=str),
-        model=np.asarray(str(embedder.source)),
-    )
+    try:
+        result = embed_files(
+            embedder,
+            [f.path for f in files],
+            args.output,
+            labels=[f.label for f in files],
+            chunk_size=args.chunk_size,
+            shard_index=shard_index,
+            num_shards=num_shards,
+            restart=args.restart,
+            progress=not args.no_progress,
+            distribution="auto" if args.distribute == "auto" else None,
+            log=lambda message: print(message, file=sys.stderr),
+        )
+    except JobError as error:
+        raise CommandError(str(error)) from None
+    _report_skipped(args.output)
+    shard = f" (shard {shard_index} of {num_shards})" if num_shards > 1 else ""
     print(
-        f"wrote {args.output}: {len(kept)} embeddings of dim {embedder.dim}"
-        + (f", {len(result.failures)} skipped" if result.failures else "")
+        f"wrote {args.output}{shard}: {result.count} embeddings of dim {embedder.dim}"
+        + (f", {result.skipped} skipped" if result.skipped else "")
+    )
+    return 0
+
+
+def _report_skipped(output):
+    import numpy as np
+
+    with np.load(output, allow_pickle=False) as data:
+        for name, reason in zip(
+            data["skipped"].tolist(), data["skipped_reason"].tolist(), strict=True
+        ):
+            print(f"skipped: {name}: {reason}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------
+# merge
+# ----------------------------------------------------------------------------
+
+
+def add_merge_parser(subparsers):
+    p = subparsers.add_parser(
+        "merge",
+        help="join the parts of a sharded `embed` run into one .npz",
+        description="Join the outputs of `embed --shard-index I --num-shards N` (every "
+        "shard once, same files and model) into one .npz equal to an unsharded run's.",
+    )
+    p.add_argument("parts", nargs="+", metavar="PART")
+    p.add_argument("-o", "--output", required=True, help="output .npz")
+    p.set_defaults(handler=run_merge)
+
+
+def run_merge(args):
+    from embedding.jobs import JobError, merge_parts
+
+    check_output_path(args.output, option="-o")
+    try:
+        result = merge_parts(args.parts, args.output)
+    except JobError as error:
+        raise CommandError(str(error)) from None
+    print(
+        f"wrote {args.output}: {result.count} embeddings from {len(args.parts)} parts"
+        + (f", {result.skipped} skipped" if result.skipped else "")
     )
     return 0
 
@@ -283,29 +368,51 @@ def add_verify_parser(subparsers):
     )
     p.add_argument("image1")
     p.add_argument("image2")
-    p.add_argument(
+    choice = p.add_mutually_exclusive_group()
+    choice.add_argument(
         "--threshold",
         type=finite_float,
         default=None,
         help="accept when similarity >= T (default: 0.5, uncalibrated; "
         "`evaluate` prints calibrated thresholds)",
     )
+    choice.add_argument(
+        "--calibration",
+        default=None,
+        metavar="FILE",
+        help="take the threshold from a calibration JSON (`evaluate --target-far F "
+        "--save-calibration FILE`) or from a gallery .npz saved with one",
+    )
     add_model_options(p)
     p.set_defaults(handler=run_verify)
 
 
 def run_verify(args):
+    from embedding.metrics import Calibration, CalibrationError
+
     for name, path in (("image1", args.image1), ("image2", args.image2)):
         if not os.path.isfile(path):
             what = "a folder, not an image file" if os.path.isdir(path) else "no such file"
             raise CommandError(f"{name} {path}: {what}")
-    embedder = make_embedder(args)
+    calibration = None
+    if args.calibration is not None:
+        try:
+            calibration = Calibration.load(args.calibration)
+        except CalibrationError as error:
+            raise CommandError(f"--calibration {args.calibration}: {error}") from None
+    embedder = make_embedder(args, calibration=calibration)
     result = embedder.verify(args.image1, args.image2, threshold=args.threshold)
     note = {
         "given": "",
         "calibrated": " (calibrated)",
         "default": " (uncalibrated default; calibrate with `evaluate` and pass --threshold)",
     }[result.threshold_source]
+    if result.calibration is not None:
+        c = result.calibration
+        note = (
+            f" (calibrated at FAR <= {c.target_far:g}: FAR {c.far:.2g}, FRR {c.frr:.4f} on "
+            f"{c.n_genuine} genuine / {c.n_impostor} impostor pairs; {args.calibration})"
+        )
     print(f"similarity: {result.similarity:.6f}")
     print(f"threshold:  {result.threshold:.6f}{note}")
     print(f"verdict:    {'SAME' if result.verified else 'DIFFERENT'}")
@@ -422,6 +529,26 @@ def add_evaluate_parser(subparsers):
         help="drop the pairs whose images are missing instead of refusing the file",
     )
     p.add_argument("--json", default=None, metavar="FILE", help="also write the metrics as JSON")
+    group = p.add_argument_group("operating point")
+    group.add_argument(
+        "--target-far",
+        type=float,
+        default=None,
+        metavar="F",
+        help="also choose the threshold whose false-accept rate is at most F (e.g. 1e-3), "
+        "with bootstrap confidence intervals",
+    )
+    group.add_argument(
+        "--bootstrap", type=int, default=1000, metavar="N", help="resamples (default 1000)"
+    )
+    group.add_argument("--confidence", type=float, default=0.95, help="interval level")
+    group.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    group.add_argument(
+        "--save-calibration",
+        default=None,
+        metavar="FILE",
+        help="write the operating point as JSON, for `verify --calibration FILE`",
+    )
     add_model_options(p)
     p.set_defaults(handler=run_evaluate)
 
@@ -438,6 +565,14 @@ def run_evaluate(args):
         raise CommandError(f"--folds {args.folds}: k-fold accuracy needs at least 2 folds")
     if args.json:
         check_output_path(args.json, option="--json")
+    if args.save_calibration:
+        if args.target_far is None:
+            raise CommandError("--save-calibration needs --target-far")
+        check_output_path(args.save_calibration, option="--save-calibration")
+    if args.target_far is not None and not 0.0 <= args.target_far <= 1.0:
+        raise CommandError(f"--target-far must lie in [0, 1], got {args.target_far}")
+    if args.bootstrap < 0 or not 0.0 < args.confidence < 1.0:
+        raise CommandError("--bootstrap must be >= 0 and --confidence in (0, 1)")
     pairs, labels, header_folds = read_pairs(args.pairs, args.root, args.ext.lstrip("."))
     folds = args.folds or header_folds or 10
     missing = missing_images(pairs)
@@ -477,14 +612,34 @@ def run_evaluate(args):
         raise PairsFileError(f"{args.pairs}: {error}") from error
     print(f"model: {embedder.source}  (dim {embedder.dim})")
     print(metrics.summary())
+    record = metrics.to_dict()
+    if args.target_far is not None:
+        from embedding.metrics import calibrate
+
+        try:
+            calibration = calibrate(
+                scores[valid],
+                labels,
+                args.target_far,
+                n_bootstrap=args.bootstrap,
+                confidence=args.confidence,
+                seed=args.seed,
+                model=str(embedder.source),
+            )
+        except ValueError as error:
+            raise CommandError(str(error)) from None
+        print(calibration.summary())
+        record["calibration"] = calibration.to_dict()
+        if args.save_calibration:
+            try:
+                calibration.save(args.save_calibration)
+            except OSError as error:
+                raise CommandError(f"cannot write {args.save_calibration}: {error}") from None
+            print(f"wrote {args.save_calibration}")
     if args.json:
         import weights_convert
 
-        def write(tmp):
-            with open(tmp, "w") as f:
-                json.dump(metrics.to_dict(), f, indent=2)
-
-        weights_convert.atomic_write(args.json, write)
+        weights_convert.atomic_write_text(args.json, json.dumps(record, indent=2))
     return 0
 
 
@@ -811,3 +966,17 @@ def main(argv=None) -> int:
             raise
         print(f"error: {error_message(error)}", file=sys.stderr)
         return 2
+    except MemoryError:
+        if args.debug:
+            raise
+        print("error: out of memory (try a smaller --batch-size)", file=sys.stderr)
+        return 1
+    except Exception as error:  # a bug: still one line; the traceback with --debug
+        if args.debug:
+            raise
+        print(
+            f"error: unexpected {type(error).__name__}: {error_message(error)} (a bug; rerun "
+            "with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1

@@ -32,7 +32,7 @@ from embedding.errors import (
     without_traceback,
 )
 from embedding.gallery import cosine_similarity
-from embedding.metrics import verification_metrics
+from embedding.metrics import Calibration, calibrate, verification_metrics
 from embedding.model import DEFAULT_MODEL, build_model, embedding_dim, predict_padded
 from embedding.preprocess import ACCEPTED_INPUTS, DEFAULT_MAX_PIXELS, Preprocessor, describe_input
 
@@ -50,6 +50,7 @@ class VerifyResult:
     threshold: float
     verified: bool
     threshold_source: str  # "given", "calibrated" or "default"
+    calibration: Calibration | None = None  # where a calibrated threshold came from
 
     def __bool__(self):
         return self.verified
@@ -131,6 +132,8 @@ class Embedder:
         use_test_size: preprocess at the checkpoint's `test_input_size` /
             `test_crop_pct` (timm's `use_test_size`; off by default, as in timm);
             the model takes any size.
+        calibration: an `embedding.metrics.Calibration` (or its dict, or the path
+            of its JSON file) whose threshold `verify` uses instead.
         channel_order: "rgb", or "bgr" for OpenCV arrays (numpy inputs only).
         data_format: layout of 3-D arrays: None (detect; ambiguous shapes are
             refused), "channels_last" (H, W, C) or "channels_first" (C, H, W).
@@ -152,6 +155,7 @@ class Embedder:
         num_workers: int | None = None,
         threshold: float | None = None,
         use_test_size: bool = False,
+        calibration=None,
         channel_order: str = "rgb",
         data_format: str | None = None,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
@@ -193,8 +197,13 @@ class Embedder:
             )
         self.batch_size = int(batch_size)
         self.num_workers = num_workers or min(4, os.cpu_count() or 1)
-        self.threshold = threshold
+        self.threshold = check_threshold(threshold) if threshold is not None else None
         self.threshold_source = "given" if threshold is not None else "default"
+        self.calibration = None
+        if calibration is not None:
+            if threshold is not None:
+                raise ValueError("Give either threshold or calibration, not both.")
+            self.use_calibration(calibration)
         self.channel_order = channel_order
         self.progress = progress
 
@@ -355,21 +364,57 @@ class Embedder:
         Threshold: the argument, else the calibrated / constructor one, else
         `DEFAULT_THRESHOLD` (0.5, uncalibrated; `threshold_source="default"`).
         """
+        calibration = None
         if threshold is not None:
             used, source = check_threshold(threshold), "given"
         elif self.threshold is not None:
             used, source = float(self.threshold), self.threshold_source
+            calibration = self.calibration
         else:
             used, source = DEFAULT_THRESHOLD, "default"
-        score = self.similarity(a, b)
-        return VerifyResult(score, used, bool(score >= used), source)
+        score = self.similarity(a, b)  # NaN/Inf embeddings are refused (ValueError)
+        return VerifyResult(score, used, bool(score >= used), source, calibration)
 
-    def calibrate(self, scores, labels, criterion: str = "eer"):
-        """Set `threshold` from labelled pair scores; returns the `VerificationMetrics`.
+    def use_calibration(self, calibration) -> Calibration:
+        """Take `verify`'s threshold from a `Calibration` (or its dict, or a JSON file)."""
+        if isinstance(calibration, dict):
+            calibration = Calibration.from_dict(calibration)
+        elif isinstance(calibration, (str, os.PathLike)):
+            calibration = Calibration.load(calibration)
+        elif not isinstance(calibration, Calibration):
+            raise TypeError(
+                "calibration must be a Calibration, its dict or a JSON file path; got "
+                f"{type(calibration).__name__}."
+            )
+        own = str(self.source) if self.source is not None else None
+        if calibration.model is not None and own is not None and calibration.model != own:
+            warnings.warn(
+                f"The calibration was made with model {calibration.model!r}, this embedder "
+                f"uses {own!r}: its threshold may not mean the same here.",
+                stacklevel=2,
+            )
+        self.calibration = calibration
+        self.threshold = calibration.threshold
+        self.threshold_source = "calibrated"
+        return calibration
 
-        criterion "eer": the equal-error-rate threshold; "accuracy": the
-        best-accuracy threshold.
+    def calibrate(self, scores, labels, criterion: str = "eer", *, target_far=None, **options):
+        """Set `threshold` from labelled pair scores.
+
+        With `target_far` (e.g. 1e-3): the threshold whose false-accept rate on
+        these pairs is at most the target (`embedding.metrics.calibrate`,
+        `options` are its `n_bootstrap`, `confidence`, `seed`); returns the
+        `Calibration`, kept as `self.calibration`. Without: criterion "eer" (the
+        equal-error-rate threshold) or "accuracy" (the best-accuracy threshold);
+        returns the `VerificationMetrics`.
         """
+        if target_far is not None:
+            model = str(self.source) if self.source is not None else None
+            return self.use_calibration(
+                calibrate(scores, labels, target_far, model=model, **options)
+            )
+        if options:
+            raise TypeError(f"{', '.join(options)}: only with target_far.")
         metrics = verification_metrics(scores, labels, folds=None)
         if criterion == "eer":
             self.threshold = metrics.eer_threshold
@@ -378,6 +423,7 @@ class Embedder:
         else:
             raise ValueError(f"criterion must be 'eer' or 'accuracy', got {criterion!r}.")
         self.threshold_source = "calibrated"
+        self.calibration = None
         return metrics
 
     def pair_scores(self, pairs, *, progress: bool | None = None, on_error: str = "raise"):

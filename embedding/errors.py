@@ -5,7 +5,8 @@ data folder) is an `InputError` subclass, which is also the builtin type a
 Python caller expects (`ValueError`, `TypeError`, `FileNotFoundError`, ...).
 The command line reports an `InputError` -- and the few foreign types listed by
 `embedding.cli.expected_errors` -- as one `error: ...` line and a non-zero exit
-status, never as a traceback; anything else is a bug and keeps its traceback.
+status, never as a traceback; anything else is a bug, reported as one `error:
+unexpected ...` line too (`--debug` shows its traceback).
 
 To report a new kind of problem: subclass `InputError` and the builtin type
 that fits, raise it with a message naming the input, what is wrong with it and

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from weights_convert import randomize_timm_parameters
 
 BACKEND = keras.backend.backend()
+SMALL_SIZE = 64  # input side of the fast checkpoints (`small_checkpoint`)
 
 
 def random_timm_model(arch: str, seed: int = 0, **kwargs) -> torch.nn.Module:
@@ -99,3 +100,12 @@ def timm_v2_atto_checkpoint(tmp_path_factory):
     model = random_timm_model("convnextv2_atto", seed=2)
     folder = tmp_path_factory.mktemp("convnextv2_atto")
     return save_timm_checkpoint(model, folder, "convnextv2_atto"), model
+
+
+@pytest.fixture(scope="session")
+def small_checkpoint(tmp_path_factory):
+    """Random convnext_atto whose pretrained_cfg asks for 64x64 inputs: (folder, timm model)."""
+    model = random_timm_model("convnext_atto", seed=3)
+    folder = tmp_path_factory.mktemp("atto64")
+    cfg = {"input_size": (3, SMALL_SIZE, SMALL_SIZE), "crop_pct": 0.875}
+    return str(save_timm_checkpoint(model, folder, "convnext_atto", pretrained_cfg=cfg)), model

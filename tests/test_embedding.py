@@ -2,6 +2,7 @@
 test_embedding_metrics.py; cross-backend and README: test_embedding_backends.py)."""
 
 import io
+import json
 import os
 import pathlib
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
-from conftest import random_timm_model, save_timm_checkpoint
+from conftest import SMALL_SIZE
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
@@ -27,8 +28,6 @@ from embedding import (
 from embedding import cli as embedding_cli
 from embedding import model as model_module
 from embedding.model import padded_size
-
-SMALL_SIZE = 64  # input side of the fast checkpoints
 
 
 def photo(name):
@@ -49,15 +48,6 @@ def model_cache(tmp_path_factory):
         os.environ.pop(model_module.CACHE_ENV, None)
     else:
         os.environ[model_module.CACHE_ENV] = saved
-
-
-@pytest.fixture(scope="session")
-def small_checkpoint(tmp_path_factory):
-    """Random convnext_atto whose pretrained_cfg asks for 64x64 inputs: (folder, timm model)."""
-    model = random_timm_model("convnext_atto", seed=3)
-    folder = tmp_path_factory.mktemp("atto64")
-    cfg = {"input_size": (3, SMALL_SIZE, SMALL_SIZE), "crop_pct": 0.875}
-    return str(save_timm_checkpoint(model, folder, "convnext_atto", pretrained_cfg=cfg)), model
 
 
 @pytest.fixture(scope="session")
@@ -331,6 +321,48 @@ def test_verify_similarity_and_calibration(small_checkpoint):
     assert emb.verify(va, vb).threshold_source == "calibrated"
 
 
+def test_verify_at_a_target_far_and_refusals(small_embedder, small_checkpoint, tmp_path):
+    rng = np.random.default_rng(0)
+    labels = rng.random(2000) < 0.5
+    scores = np.clip(rng.normal(0.3, 0.1, 2000) + 0.35 * labels, -1, 1)
+    emb = Embedder(model=small_embedder.model, batch_size=2)
+    calibration = emb.calibrate(scores, labels, target_far=1e-2, n_bootstrap=100)
+    assert isinstance(calibration, embedding.Calibration) and emb.calibration is calibration
+    assert emb.threshold == calibration.threshold and calibration.far <= 1e-2
+    a, b = emb.embed([photo("chelsea"), photo("coffee")])
+    result = emb.verify(a, b)
+    assert result.threshold_source == "calibrated" and result.calibration is calibration
+    assert result.verified == (result.similarity >= calibration.threshold)
+
+    path = calibration.save(tmp_path / "cal.json")
+    from_file = Embedder(model=small_embedder.model, calibration=path)
+    assert from_file.verify(a, b).threshold == calibration.threshold
+    from_dict = Embedder(model=small_embedder.model, calibration=calibration.to_dict())
+    assert from_dict.verify(a, b).calibration == calibration
+    other = embedding.Calibration(**{**calibration.__dict__, "model": "another/model"})
+    with pytest.warns(UserWarning, match="made with model 'another/model'"):
+        Embedder(small_checkpoint[0], cache=False, calibration=other)
+
+    nan_vector = a.copy()
+    nan_vector[3] = np.nan
+    for call, kind, message in [
+        (lambda: emb.verify(a, b, threshold=float("nan")), ValueError, "finite"),
+        (lambda: emb.verify(a, b, threshold=float("inf")), ValueError, "finite"),
+        (lambda: emb.verify(a, b, threshold="0.5"), TypeError, "number"),
+        (lambda: emb.verify(nan_vector, b), ValueError, "NaN or infinity"),
+        (lambda: Embedder(model=emb.model, threshold=float("nan")), ValueError, "finite"),
+        (
+            lambda: Embedder(model=emb.model, threshold=0.3, calibration=path),
+            ValueError,
+            "not both",
+        ),
+        (lambda: Embedder(model=emb.model, calibration=3), TypeError, "Calibration"),
+        (lambda: emb.calibrate(scores, labels, n_bootstrap=5), TypeError, "only with target_far"),
+    ]:
+        with pytest.raises(kind, match=message):
+            call()
+
+
 # ----------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------
@@ -401,14 +433,31 @@ def test_cli_embed_verify_evaluate(small_checkpoint, lfw_like, tmp_path, capsys)
     assert code == 0 and "uncalibrated" in capsys.readouterr().out
 
     report = tmp_path / "metrics.json"
+    calibration = tmp_path / "cal.json"
     code = embedding_cli.main(
-        ["evaluate", str(pairs), "--root", str(root), "--json", str(report), *common]
-    )
+        ["evaluate", str(pairs), "--root", str(root), "--json", str(report), "--target-far", "0.5",
+         "--bootstrap", "50", "--save-calibration", str(calibration), *common]
+    )  # fmt: skip
     text = capsys.readouterr().out
     assert code == 0
     for fragment in ("EER:", "ROC AUC:", "TAR@FAR=0.01", "TAR@FAR=0.0001", "2-fold accuracy"):
         assert fragment in text
-    assert report.exists()
+    assert "operating point at FAR <= 0.5" in text and "threshold:" in text
+    saved = embedding.Calibration.load(calibration)
+    assert json.loads(report.read_text())["calibration"]["threshold"] == saved.threshold
+    assert saved.n_genuine == 6 and saved.n_impostor == 6 and saved.far <= 0.5
+    code = embedding_cli.main(["verify", image, image, *common, "--calibration", str(calibration)])
+    text = capsys.readouterr().out
+    assert code == 0 and "calibrated at FAR <= 0.5" in text and "SAME" in text
+    assert f"threshold:  {saved.threshold:.6f}" in text
+    calibration.write_text('{"kind": "keras-convnext-calibration", "format": 1, "threshold": NaN}')
+    for extra, message in [
+        (["--calibration", str(calibration)], "threshold must be finite"),
+        (["--threshold", "nan"], "--threshold must be a finite number"),
+    ]:
+        code = embedding_cli.main(["verify", image, image, *common, *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):

@@ -1,7 +1,7 @@
-"""embedding.metrics against scikit-learn, and embedding.gallery (numpy only, fast)."""
+"""embedding.metrics against scikit-learn and direct numpy computations (numpy only, fast)."""
 
+import json
 import math
-import os
 
 import numpy as np
 import pytest
@@ -9,10 +9,12 @@ from sklearn.metrics import roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
 from embedding import (
-    Gallery,
+    Calibration,
+    CalibrationError,
     best_accuracy_threshold,
-    cosine_similarity,
+    calibrate,
     eer,
+    identification_metrics,
     kfold_accuracy,
     roc_auc,
     roc_curve,
@@ -118,66 +120,201 @@ def test_degenerate_inputs_are_rejected(scores, labels, message):
         verification_metrics(scores, labels)
 
 
-def test_cosine_similarity_shapes():
-    rng = np.random.default_rng(0)
-    a, b = rng.normal(size=(3, 8)), rng.normal(size=(5, 8))
-    full = cosine_similarity(a, b)
-    assert full.shape == (3, 5)
-    expected = (a / np.linalg.norm(a, axis=1, keepdims=True)) @ (
-        b / np.linalg.norm(b, axis=1, keepdims=True)
-    ).T
-    np.testing.assert_allclose(full, expected, atol=1e-6)
-    assert isinstance(cosine_similarity(a[0], b[0]), float)
-    np.testing.assert_allclose(cosine_similarity(a[0], b), full[0], atol=1e-6)
-    np.testing.assert_allclose(cosine_similarity(a, b[1]), full[:, 1], atol=1e-6)
-    assert cosine_similarity(np.zeros(8), b[0]) == 0.0
-    with pytest.raises(ValueError, match="mismatch"):
-        cosine_similarity(a, np.ones(4))
+# ----------------------------------------------------------------------------
+# Operating point at a target FAR
+# ----------------------------------------------------------------------------
 
 
-def test_gallery_search_save_load(tmp_path):
-    rng = np.random.default_rng(0)
-    vectors = rng.normal(size=(6, 16)).astype(np.float32)
-    gallery = Gallery().add(vectors[:4], ["ann", "bob", "ann", "cy"]).add(vectors[4], "dee")
-    assert len(gallery) == 5 and gallery.dim == 16
-    labels, scores = gallery.search(vectors[2] * 3.0, k=3)
-    assert labels[0] == "ann" and scores[0] == pytest.approx(1.0, abs=1e-6)
-    assert np.all(np.diff(scores) <= 0)
-    many_labels, many_scores = gallery.search(vectors[:2], k=10)  # k capped
-    assert many_labels.shape == (2, 5) and many_scores.shape == (2, 5)
-    assert many_labels[1, 0] == "bob"
-    tied = Gallery().add(np.ones((3, 4)), ["x", "y", "z"])
-    assert tied.search(np.ones(4), k=3)[0] == ["x", "y", "z"]  # ties keep insertion order
-
-    path = tmp_path / "g.npz"
-    gallery.save(path)
-    assert sorted(os.listdir(tmp_path)) == ["g.npz"]  # no temp file left behind
-    loaded = Gallery.load(path)
-    assert loaded.labels == gallery.labels
-    np.testing.assert_allclose(loaded.embeddings, gallery.embeddings, atol=1e-6)
-
-    with pytest.raises(ValueError, match="16-dim"):
-        gallery.add(np.ones((1, 8)), ["bad"])
-    with pytest.raises(ValueError, match="labels"):
-        gallery.add(np.ones((2, 16)), ["one"])
-    with pytest.raises(ValueError, match=r"\(16,\)"):
-        gallery.search(np.ones(8))
+def sklearn_operating_point(scores, labels, target_far):
+    """From scikit-learn's ROC: the highest TPR with FPR <= target, the lowest FPR among
+    equal TPRs; (threshold, fpr, tpr)."""
+    fpr, tpr, thresholds = sk_roc_curve(labels, scores)
+    allowed = fpr <= target_far
+    best = tpr[allowed].max()
+    i = int(np.flatnonzero(allowed & (tpr == best))[0])
+    return thresholds[i], fpr[i], tpr[i]
 
 
-def test_gallery_load_rejects_bad_files(tmp_path):
-    pickled = tmp_path / "pickled.npz"
-    np.savez(pickled, embeddings=np.ones((2, 4)), labels=np.array(["a", None], dtype=object))
-    with pytest.raises(ValueError, match="not a valid gallery"):
-        Gallery.load(pickled)  # object arrays need pickle: refused
-    mismatch = tmp_path / "mismatch.npz"
-    np.savez(mismatch, embeddings=np.ones((3, 4)), labels=np.array(["a", "b"]))
-    with pytest.raises(ValueError, match="3 embeddings but 2 labels"):
-        Gallery.load(mismatch)
-    wrong = tmp_path / "wrong.npz"
-    np.savez(wrong, embeddings=np.ones((3,)), labels=np.array(["a", "b", "c"]))
-    with pytest.raises(ValueError, match="2-D float"):
-        Gallery.load(wrong)
-    missing = tmp_path / "missing.npz"
-    np.savez(missing, vectors=np.ones((3, 4)))
-    with pytest.raises(ValueError, match="missing arrays"):
-        Gallery.load(missing)
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_far_threshold_matches_sklearn(seed, ties):
+    scores, labels = random_case(seed, n=3000, ties=ties)
+    if ties:
+        scores = np.round(scores * 4) / 4 + 3  # ~25 distinct values: big ties at every point
+    for target in (1e-3, 1e-2, 0.05, 0.2, 0.5):
+        threshold, fpr, tpr = sklearn_operating_point(scores, labels, target)
+        if not np.isfinite(threshold):  # the top scores are impostors: refused
+            with pytest.raises(ValueError, match="No threshold accepts any genuine pair"):
+                calibrate(scores, labels, target, n_bootstrap=0)
+            continue
+        c = calibrate(scores, labels, target, n_bootstrap=0)
+        assert c.threshold == threshold and c.far == fpr and c.tar == pytest.approx(tpr)
+        accepted = scores >= c.threshold  # what `verify` does with it
+        assert accepted[~labels].mean() == c.far <= target
+        assert accepted[labels].mean() == pytest.approx(1 - c.frr, abs=1e-12)
+        tar, thr = tar_at_far(scores, labels, [target])[target]
+        assert (tar, thr) == (pytest.approx(tpr), threshold)
+
+
+def test_unreachable_target_is_refused():
+    scores = np.array([0.9, 0.8, 0.7, 0.1])
+    labels = np.array([0, 1, 1, 0])  # the best score is an impostor
+    with pytest.raises(ValueError, match="No threshold accepts any genuine pair at FAR <= 0.1"):
+        calibrate(scores, labels, 0.1)
+    assert calibrate(scores, labels, 0.5, n_bootstrap=0).threshold == 0.7
+
+
+def test_bootstrap_replicates_equal_a_direct_computation():
+    """Each resample's statistics, computed in O(n) from the scores sorted once, equal
+    scikit-learn's ROC and `eer` on that resample built explicitly."""
+    from embedding.metrics import bootstrap_statistics
+
+    scores, labels = random_case(5, n=800, ties=True)
+    stats = bootstrap_statistics(scores, labels, 0.05, n_bootstrap=6, seed=11)
+    rng = np.random.default_rng(11)
+    for row in stats:
+        draw = rng.integers(0, scores.size, scores.size)
+        threshold, _, tpr = sklearn_operating_point(scores[draw], labels[draw], 0.05)
+        assert row[1] == pytest.approx(tpr, abs=1e-12) and row[2] == threshold
+        assert row[0] == pytest.approx(eer(scores[draw], labels[draw])[0], abs=1e-12)
+
+
+def test_bootstrap_intervals_contain_the_estimate_and_shrink():
+    widths = {}
+    for n in (400, 4000):
+        rng = np.random.default_rng(n)
+        labels = rng.random(n) < 0.5
+        scores = rng.normal(size=n) + 2.0 * labels
+        c = calibrate(scores, labels, 0.05, n_bootstrap=400, seed=1)
+        point = {"threshold": c.threshold, "tar": c.tar, "frr": c.frr, "eer": c.eer}
+        for name, value in point.items():
+            low, high = c.intervals[name]
+            assert low <= value <= high, (n, name, low, value, high)
+        widths[n] = {k: v[1] - v[0] for k, v in c.intervals.items()}
+    for name in ("threshold", "tar", "eer"):  # ~1/sqrt(n): 10x the pairs, ~0.32x the width
+        assert widths[4000][name] < 0.6 * widths[400][name], (name, widths)
+
+
+def test_calibration_record_round_trip_and_refusals(tmp_path):
+    scores, labels = random_case(6, n=1000)
+    c = calibrate(scores, labels, 0.01, n_bootstrap=50, model="my_model")
+    path = tmp_path / "cal.json"
+    c.save(path)
+    assert Calibration.load(path) == c and json.loads(path.read_text())["threshold"] == c.threshold
+    assert "FAR <= 0.01" in c.summary() and "95% bootstrap" in c.summary()
+    record = c.to_dict()
+    bad = {
+        "threshold": ({**record, "threshold": float("nan")}, "threshold must be finite"),
+        "inf": ({**record, "threshold": float("inf")}, "threshold must be finite"),
+        "text": ({**record, "threshold": "0.5"}, "threshold must be a number"),
+        "kind": ({**record, "kind": "other"}, "not a calibration record"),
+        "missing": ({k: v for k, v in record.items() if k != "far"}, "far must be a number"),
+        "far": ({**record, "far": 0.5}, "exceeds target_far"),
+        "counts": ({**record, "n_impostor": 0}, "genuine and impostor"),
+        "interval": ({**record, "intervals": {"eer": [0.3, 0.1]}}, "low <= high"),
+    }
+    for name, (value, message) in bad.items():
+        with pytest.raises(CalibrationError, match=message):
+            Calibration.from_dict(value)
+        (tmp_path / f"{name}.json").write_text(json.dumps(value))
+        with pytest.raises(CalibrationError, match=f"{name}.json: "):
+            Calibration.load(tmp_path / f"{name}.json")
+    (tmp_path / "junk.json").write_bytes(b"\x00\xff not json")
+    with pytest.raises(CalibrationError, match="not a calibration JSON file"):
+        Calibration.load(tmp_path / "junk.json")
+    with pytest.raises(ValueError, match="threshold must be finite"):
+        Calibration(**{**c.__dict__, "threshold": float("nan")})
+    for kwargs, kind, message in [
+        ({"target_far": float("nan")}, ValueError, "target_far must lie in"),
+        ({"target_far": 2.0}, ValueError, "target_far must lie in"),
+        ({"target_far": True}, TypeError, "target_far must be a number"),
+        ({"n_bootstrap": -1}, ValueError, "n_bootstrap must be >= 0"),
+        ({"confidence": 1.0}, ValueError, "strictly between 0 and 1"),
+    ]:
+        with pytest.raises(kind, match=message):
+            calibrate(scores, labels, **kwargs)
+
+
+# ----------------------------------------------------------------------------
+# Identification (1:N)
+# ----------------------------------------------------------------------------
+
+
+def labelled_search(seed=0):
+    """40 enrolled identities with 1-3 gallery vectors each; 120 mated probes (noisy views
+    of enrolled identities) and 60 non-mated probes (identities not enrolled)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(70, 16))
+    counts = rng.integers(1, 4, 40)
+    gallery_id = np.repeat(np.arange(40), counts)
+    gallery = centres[gallery_id] + 0.9 * rng.normal(size=(gallery_id.size, 16))
+    probe_id = np.r_[rng.integers(0, 40, 120), rng.integers(40, 70, 60)]
+    probes = centres[probe_id] + 0.9 * rng.normal(size=(probe_id.size, 16))
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    scores = unit(probes) @ unit(gallery).T
+    names = np.array([f"id{i:02d}" for i in range(70)])
+    return scores, names[gallery_id], names[probe_id]
+
+
+def brute_identification(scores, gallery_labels, probe_labels, rank, fpir):
+    """Loops over probes and identities, and over every candidate threshold."""
+    enrolled = set(gallery_labels.tolist())
+    ranks, mate_scores, nonmated_top = [], [], []
+    for p, label in enumerate(probe_labels):
+        best = {}
+        for g, identity in enumerate(gallery_labels):
+            best[identity] = max(best.get(identity, -np.inf), scores[p, g])
+        if label in enrolled:
+            others = [s for identity, s in best.items() if identity != label]
+            ranks.append(1 + sum(s >= best[label] for s in others))
+            mate_scores.append(best[label])
+        else:
+            nonmated_top.append(max(best.values()))
+    ranks, mate_scores, nonmated_top = map(np.array, (ranks, mate_scores, nonmated_top))
+    rank1 = np.mean(ranks == 1)
+    best_fnir, best_threshold = None, None
+    for t in np.r_[np.unique(scores), np.inf]:
+        if np.mean(nonmated_top >= t) > fpir:
+            continue
+        fnir = np.mean(~((ranks <= rank) & (mate_scores >= t)))
+        if best_fnir is None or fnir < best_fnir or (fnir == best_fnir and t > best_threshold):
+            best_fnir, best_threshold = fnir, t
+    rank5 = np.mean(ranks <= 5)
+    return rank1, rank5, best_fnir, best_threshold
+
+
+@pytest.mark.parametrize(("seed", "ties"), [(0, False), (1, False), (2, True)])
+def test_identification_matches_direct_numpy(seed, ties):
+    scores, gallery_labels, probe_labels = labelled_search(seed)
+    if ties:
+        scores = np.round(scores * 8) / 8  # many equal scores: ties count against the probe
+    else:  # no ties: rank 1 is simply "the best gallery vector has the probe's label"
+        enrolled = np.isin(probe_labels, gallery_labels)
+        top = gallery_labels[np.argmax(scores, axis=1)]
+        expected = np.mean(top[enrolled] == probe_labels[enrolled])
+        assert identification_metrics(scores, gallery_labels, probe_labels).rank_rates[
+            1
+        ] == pytest.approx(expected)
+    m = identification_metrics(scores, gallery_labels, probe_labels, fpirs=(0.05, 0.2))
+    assert (m.n_mated, m.n_nonmated) == (120, 60)
+    for fpir in (0.05, 0.2):
+        rank1, rank5, fnir, threshold = brute_identification(
+            scores, gallery_labels, probe_labels, 1, fpir
+        )
+        assert m.rank_rates[1] == pytest.approx(rank1) and m.rank_rates[5] == pytest.approx(rank5)
+        assert m.fnir_at_fpir[fpir] == pytest.approx(fnir)
+        assert m.threshold_at_fpir[fpir] == threshold
+    assert 0 < m.rank_rates[1] < m.rank_rates[5] <= 1
+    wide = identification_metrics(scores, gallery_labels, probe_labels, fpirs=(0.2,), fnir_rank=5)
+    _, _, fnir5, _ = brute_identification(scores, gallery_labels, probe_labels, 5, 0.2)
+    assert wide.fnir_at_fpir[0.2] == pytest.approx(fnir5) and "rank-5" in wide.summary()
+
+
+def test_identification_rejects_bad_input():
+    scores, gallery_labels, probe_labels = labelled_search()
+    with pytest.raises(ValueError, match=r"scores must be \(probes, gallery\)"):
+        identification_metrics(scores[:, :5], gallery_labels, probe_labels)
+    bad = scores.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        identification_metrics(bad, gallery_labels, probe_labels)
