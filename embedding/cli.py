@@ -276,7 +276,7 @@ def _shard_arguments(args):
 
 
 def run_embed(args):
-    from embedding.jobs import JobError, embed_files
+    from embedding.jobs import JobError, NothingReadableError, embed_files
 
     shard_index, num_shards = _shard_arguments(args)
     check_output_path(args.output, option="-o")
@@ -304,6 +304,10 @@ def run_embed(args):
             distribution="auto" if args.distribute == "auto" else None,
             log=lambda message: print(message, file=sys.stderr),
         )
+    except NothingReadableError as error:
+        for name, reason in error.skipped:
+            print(f"skipped: {name}: {reason}", file=sys.stderr)
+        raise CommandError(str(error)) from None
     except JobError as error:
         raise CommandError(str(error)) from None
     _report_skipped(args.output)
@@ -942,7 +946,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(None if argv is None else [os.fspath(a) for a in argv])
+    try:  # usage errors: argparse's usage line and one "error:" line, then exit status 2
+        args = build_parser().parse_args(None if argv is None else [os.fspath(a) for a in argv])
+    except SystemExit as stop:  # returned, not raised, so `main` is callable as a function
+        return stop.code if isinstance(stop.code, int) else 0
     if args.backend:
         if "keras" in sys.modules and os.environ.get("KERAS_BACKEND") != args.backend:
             print("error: --backend must be chosen before Keras is imported", file=sys.stderr)

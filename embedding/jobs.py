@@ -77,6 +77,17 @@ class JobError(InputError, ValueError):
     """An embedding job that cannot go on: changed settings, damaged or mismatched parts."""
 
 
+class NothingReadableError(JobError):
+    """Not one image of an (unsharded) job could be read: no output is written.
+
+    `skipped` holds (path, reason) for every image, for the caller to report.
+    """
+
+    def __init__(self, message: str, skipped: list[tuple[str, str]]):
+        super().__init__(message)
+        self.skipped = skipped
+
+
 @dataclass
 class JobResult:
     output: str
@@ -299,7 +310,7 @@ def _embed_chunk(embedder, model, distribution, paths, start, bar):
     from embedding.preprocess import ImageLoadError
 
     vectors, index, skipped, reasons = [], [], [], []
-    for offset, prepared in embedder._batches(paths, "rgb"):  # decoding threads ahead
+    for offset, prepared in embedder._batches(paths, "rgb", None):  # decoding threads ahead
         good = []
         for i, value in enumerate(prepared):
             if isinstance(value, ImageLoadError):
@@ -406,6 +417,8 @@ def embed_files(
         log: called with one-line notes (resuming, a damaged chunk redone).
     """
     paths = [os.fspath(p) for p in paths]
+    if not paths:
+        raise JobError("no image files to embed (the list of paths is empty)")
     labels = folder_labels(paths) if labels is None else list(labels)
     if not all(isinstance(label, str) for label in labels):
         raise TypeError("labels must be str (one per path).")
@@ -481,6 +494,14 @@ def _assemble(folder, chunks, key, output, paths, labels, identity, embedder, at
     index = np.concatenate(index_parts) if index_parts else np.zeros(0, np.int64)
     skipped = np.concatenate(skipped_parts) if skipped_parts else np.zeros(0, np.int64)
     reasons = np.concatenate(reason_parts) if reason_parts else np.zeros(0, str)
+
+    if len(index) == 0 and identity["num_shards"] == 1:
+        # An empty output would look like success; a shard may be empty and is merged later.
+        shutil.rmtree(folder, ignore_errors=True)
+        raise NothingReadableError(
+            f"none of the {len(skipped)} images could be read; nothing written to {output}",
+            [(paths[i], str(r)) for i, r in zip(skipped.tolist(), reasons.tolist(), strict=True)],
+        )
 
     def vectors():
         for chunk, _, _ in chunks:

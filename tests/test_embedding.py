@@ -453,7 +453,7 @@ def test_cli_embed_verify_evaluate(small_checkpoint, lfw_like, tmp_path, capsys)
     calibration.write_text('{"kind": "keras-convnext-calibration", "format": 1, "threshold": NaN}')
     for extra, message in [
         (["--calibration", str(calibration)], "threshold must be finite"),
-        (["--threshold", "nan"], "--threshold must be a finite number"),
+        (["--threshold", "nan"], "--threshold: must be a finite number"),
     ]:
         code = embedding_cli.main(["verify", image, image, *common, *extra])
         err = capsys.readouterr().err

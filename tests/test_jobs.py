@@ -195,8 +195,9 @@ def test_command_line_checks_shard_options_first(tmp_path, capsys):
         (["--shard-index", "0"], "--shard-index and --num-shards go together"),
         (["--chunk-size", "0"], "--chunk-size must be >= 1"),
         (["-o", str(tmp_path)], "is a folder"),
-        (["-o", str(tmp_path / "no" / "o.npz")], "does not exist"),
+        (["-o", str(tmp_path / "a-file" / "o.npz")], "is a file, not a folder"),
     ]
+    (tmp_path / "a-file").write_text("not a folder")
     for extra, message in cases:
         code = embedding_cli.main(["embed", str(tmp_path), "-o", str(tmp_path / "o.npz"), *extra])
         err = capsys.readouterr().err
