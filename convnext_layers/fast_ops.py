@@ -48,6 +48,7 @@ test patches to simulate its failure.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import os
@@ -277,12 +278,16 @@ def _keras_flatten_layers(model):
 def flatten_layers(model):
     """Every layer inside `model`, nested models' layers included (not the model)."""
 
-    def walk():
-        found, stack = [], list(getattr(model, "layers", []))[::-1]
-        while stack:
-            layer = stack.pop()
+    def walk():  # the same order as keras' walk, through the public `.layers`
+        found, seen = [], set()
+        queue = collections.deque(getattr(model, "layers", []))
+        while queue:
+            layer = queue.popleft()
+            if id(layer) in seen:
+                continue
+            seen.add(id(layer))
             found.append(layer)
-            stack.extend(list(getattr(layer, "layers", []) or [])[::-1])
+            queue.extendleft(getattr(layer, "layers", None) or [])
         return found
 
     if fast_paths_allowed("flatten_layers"):
