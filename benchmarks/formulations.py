@@ -27,14 +27,14 @@ import keras
 import numpy as np
 from keras import ops
 
-from convnext_layers import _depthwise_shifted_sum
+from convnext_layers.layers import depthwise_shifted_sum
 
 BACKEND = keras.backend.backend()
 
 
 def shifted_sum(x, kernel, bias):
     """49 shifted multiply-adds in keras.ops (the models' JAX path)."""
-    return _depthwise_shifted_sum(x, kernel, bias)
+    return depthwise_shifted_sum(x, kernel, bias)
 
 
 def keras_depthwise(x, kernel, bias):
