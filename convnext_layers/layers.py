@@ -113,10 +113,12 @@ class DepthwiseConv(keras.layers.DepthwiseConv2D):
         return fast_ops.guarded(name, functools.partial(fast, inputs), portable_call)
 
     def _torch_call(self, inputs):
-        kernel = ops.cast(self.kernel, inputs.dtype)
-        bias = ops.cast(self.bias, inputs.dtype) if self.use_bias else None
-        k, channels = kernel.shape[0], kernel.shape[2]
-        weight = kernel.permute(2, 3, 0, 1)  # (k, k, C, 1) -> (C, 1, k, k)
+        # (k, k, C, 1) -> (C, 1, k, k), contiguous as conv2d wants it
+        weight = fast_ops.torch_prepared(
+            self, self.kernel, inputs.dtype, lambda k: k.permute(2, 3, 0, 1).contiguous()
+        )
+        bias = fast_ops.torch_value(self.bias, inputs.dtype) if self.use_bias else None
+        k, channels = weight.shape[2], weight.shape[0]
         outputs = fast_ops.torch_conv2d_nhwc(inputs, weight, bias, padding=k // 2, groups=channels)
         return outputs if self.activation is None else self.activation(outputs)
 
@@ -195,9 +197,11 @@ class DownsampleConv(keras.layers.Conv2D):
         return portable_call()
 
     def _torch_call(self, inputs):
-        # (k, k, I, O) -> (O, I, k, k)
-        kernel = ops.cast(self.kernel, inputs.dtype).permute(3, 2, 0, 1)
-        bias = ops.cast(self.bias, inputs.dtype) if self.use_bias else None
+        # (k, k, I, O) -> (O, I, k, k), laid out channels_last as the input is
+        kernel = fast_ops.torch_prepared(
+            self, self.kernel, inputs.dtype, fast_ops.torch_conv_weight_channels_last
+        )
+        bias = fast_ops.torch_value(self.bias, inputs.dtype) if self.use_bias else None
         outputs = fast_ops.torch_conv2d_nhwc(
             inputs, kernel, bias, stride=self.strides, padding=self.explicit_padding
         )
@@ -251,8 +255,8 @@ class PointwiseDense(keras.layers.Dense):
         return fast_ops.tensorflow_dense(inputs, kernel, bias, self.activation)
 
     def _torch_call(self, inputs):
-        kernel = ops.cast(self.kernel, inputs.dtype)
-        bias = None if self.bias is None else ops.cast(self.bias, inputs.dtype)
+        kernel = fast_ops.torch_value(self.kernel, inputs.dtype)
+        bias = None if self.bias is None else fast_ops.torch_value(self.bias, inputs.dtype)
         # kernel (in, out) -> weight (out, in): a transposed view, no copy
         x, fused = fast_ops.torch_linear(
             inputs, kernel.t(), bias, fuse_gelu=self.activation is exact_gelu

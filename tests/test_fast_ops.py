@@ -254,11 +254,12 @@ def test_layerwise_call_fallback_equals_it(small_v2_weights, mode, monkeypatch):
         spy = Spy(patch, model_module.LayerPlan, "run", fail=mode == "failure")
         with _switched_off(mode, patch, "layerwise_call"):
             fallback = keras.ops.convert_to_numpy(model(x))
-    assert spy.calls == (1 if mode == "failure" else 0)
     if mode == "failure":  # the functional call, with the same layer kernels
+        assert spy.calls >= 1
         np.testing.assert_array_equal(fallback, fast)
-        assert "layerwise_call" in fast_ops.disabled_fast_paths()
+        assert list(fast_ops.disabled_fast_paths()) == ["layerwise_call"]
     else:
+        assert spy.calls == 0
         np.testing.assert_allclose(fallback, fast, atol=1e-5, rtol=1e-5)
 
 
@@ -341,14 +342,40 @@ def _raise(*args):
     raise RuntimeError("simulated failure of a compiled inference function")
 
 
-def test_predict_batch_sees_new_weights(small_v2_weights):
+@pytest.mark.parametrize(
+    "layer,weight",
+    [("head_fc", "bias"), ("stage2_downsample_conv", "kernel"), ("stage1_block1_dwconv", "kernel")],
+)
+def test_predict_batch_sees_new_weights(small_v2_weights, layer, weight):
+    """Weights assigned after a call are used by the next one (the compiled function
+    takes them as arguments; torch's re-laid-out conv weights are rebuilt)."""
     weights, x = small_v2_weights
     model = _fresh_v2(weights)
     before = model.predict_batch(x)
-    model.get_layer("head_fc").bias.assign(np.full((5,), 3.0, "float32"))
+    variable = getattr(model.get_layer(layer), weight)
+    variable.assign(np.full(variable.shape, 0.3, "float32"))
     after = model.predict_batch(x)
-    np.testing.assert_allclose(after, model.predict_on_batch(x), atol=1e-6)
-    assert not np.allclose(after, before)
+    reference = _fresh_v2(model.get_weights())
+    np.testing.assert_allclose(after, reference.predict_on_batch(x), atol=1e-5, rtol=1e-5)
+    assert not np.allclose(after, before, atol=1e-3)
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="torch kernels")
+def test_torch_kernels_equal_the_layers_own_calls(rng):
+    import torch
+
+    norm = keras.layers.LayerNormalization(epsilon=1e-6)
+    norm.build((None, 5, 6, 8))
+    norm.set_weights([rng.standard_normal(8).astype("float32") for _ in range(2)])
+    add = keras.layers.Add()
+    add.build([(None, 5, 6, 8)] * 2)
+    a, b = (torch.from_numpy(rng.standard_normal((2, 5, 6, 8)).astype("float32")) for _ in "ab")
+    with torch.inference_mode():
+        assert torch.equal(fast_ops.torch_apply(norm, a), norm.call(a))
+        assert torch.equal(fast_ops.torch_apply(add, [a, b]), add.call([a, b]))
+        rms = keras.layers.LayerNormalization(epsilon=1e-6, rms_scaling=True)
+        rms.build((None, 5, 6, 8))
+        assert torch.equal(fast_ops.torch_apply(rms, a), rms.call(a))  # not the kernel's case
 
 
 # ----------------------------------------------------------------------------
