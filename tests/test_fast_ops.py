@@ -361,6 +361,30 @@ def test_predict_batch_sees_new_weights(small_v2_weights, layer, weight):
 
 
 @pytest.mark.skipif(BACKEND != "torch", reason="torch kernels")
+@pytest.mark.parametrize("mode", MODES)
+def test_torch_kernels_fallback_equals_them(small_v2_weights, mode, monkeypatch):
+    import torch
+
+    weights, x = small_v2_weights
+    model = _fresh_v2(weights)
+    with monkeypatch.context() as patch, torch.inference_mode():
+        spy = Spy(patch, fast_ops, "torch_apply")
+        fast = keras.ops.convert_to_numpy(model(x))
+    assert spy.calls > 50
+    with monkeypatch.context() as patch, torch.inference_mode():
+        spy = Spy(patch, fast_ops, "torch_apply", fail=mode == "failure")
+        if mode == "off_cpu":
+            patch.setattr(fast_ops, "on_cpu", lambda x=None: False)
+        with _switched_off(mode, patch, "torch_kernels"):
+            fallback = keras.ops.convert_to_numpy(model(x))
+    np.testing.assert_allclose(fallback, fast, atol=1e-5, rtol=1e-5)
+    if mode == "failure":
+        assert spy.calls == 1 and list(fast_ops.disabled_fast_paths()) == ["torch_kernels"]
+    else:
+        assert spy.calls == 0 and fast_ops.disabled_fast_paths() == {}
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="torch kernels")
 def test_torch_kernels_equal_the_layers_own_calls(rng):
     import torch
 
