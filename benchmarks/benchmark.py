@@ -1,7 +1,11 @@
-"""Inference speed of the Keras ConvNeXt models against timm (PyTorch eager).
+"""Inference speed and memory of the Keras ConvNeXt models against timm (PyTorch eager).
 
     python benchmarks/benchmark.py --variant convnext_atto,convnextv2_atto,convnext_tiny \\
-        --backend all --batch-size 32 --resolution 224
+        --backend all --batch-size 1,8,32 --resolution 224 \\
+        --call predict_batch,predict_on_batch --xla-flags auto
+
+(the README's tables: every variant at batch 1, 8 and 32, both Keras inference
+entry points, and JAX once more with the XLA CPU flags measured to help it.)
 
 For every variant it times our model on each requested Keras backend and timm's
 model, each side in its own worker subprocess (one framework per process: a
@@ -14,9 +18,18 @@ achieved GFLOP/s and the worker's peak resident memory. The table is printed and
 written as JSON and Markdown to benchmarks/results/ (or --output).
 
 What is timed
-  keras: `model.predict_on_batch(x)` on a NumPy batch (the public inference
-         path; it runs a compiled function on JAX and TensorFlow, and eager ops
-         under no_grad on torch), or `model(x, training=False)` with --call call.
+  keras: per --call, on a NumPy batch:
+         predict_batch     `ConvNeXt.predict_batch(x)`, the light inference entry
+                           point `Embedder` uses (a cached jit on JAX, a
+                           tf.function per shape on TensorFlow, the eager call
+                           under inference_mode on torch);
+         predict_on_batch  Keras' `model.predict_on_batch(x)`;
+         call              `model(x, training=False)` on a backend tensor.
+         With several --call values each is its own worker and row.
+  XLA flags: --xla-flags FLAGS adds a row "keras-jax +XLA_FLAGS": a JAX worker
+         whose environment has XLA_FLAGS=FLAGS (process-wide XLA CPU options a
+         user can set; the library never sets them). "auto": the flags
+         documented in the README (XLA_FLAGS_MEASURED below).
   timm:  `model(x)` on a torch tensor under `torch.inference_mode()`, eager,
          NCHW, i.e. timm used as shipped.
   Both get the same batch (same values; NHWC for Keras, NCHW for timm), the
@@ -32,7 +45,13 @@ FLOPs
 
 Peak memory
   `ru_maxrss` of the worker process (RSS high-water mark: framework, model,
-  compilation and activations together).
+  compilation and activations together); each (variant, batch size) gets fresh
+  workers, so it is the peak of that batch size. The ratio to timm's worker is
+  reported too.
+
+Batch sizes
+  --batch-size 1,8,32 runs the whole comparison once per batch size (fresh
+  workers each time); batch 1 is single-image latency (the median pass).
 
 Cold-start mode (--cold-start): a whole process that embeds one image, as a user or
 a service start pays it: interpreter start, imports, loading the checkpoint, the
@@ -68,6 +87,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PROTOCOL = "@@BENCH "
 BACKENDS = ("jax", "tensorflow", "torch")
+CALLS = ("predict_batch", "predict_on_batch", "call")
+# XLA CPU options measured to help the JAX backend on this project's models (README,
+# "Performance"); `--xla-flags auto` benchmarks JAX with them as an extra row.
+XLA_FLAGS_MEASURED = ""
 
 # (depths, widths) of every variant, as timm's convnext_<v> / convnextv2_<v>. A copy of
 # convnext_v1/v2.VARIANTS (tests/test_benchmark.py checks they agree): the parent process
@@ -157,7 +180,12 @@ def _keras_forward(args):
 
         x = x.astype(ml_dtypes.bfloat16)
 
-    if args.call == "predict_on_batch":
+    if args.call == "predict_batch":
+
+        def forward():
+            return model.predict_batch(x)
+
+    elif args.call == "predict_on_batch":
 
         def forward():
             return model.predict_on_batch(x)
@@ -555,8 +583,35 @@ def worker_main(args):
 # ----------------------------------------------------------------------------
 
 
+class Side:
+    """One timed implementation: a worker kind, its backend, Keras call and extra
+    environment (XLA_FLAGS), and the row name it gets."""
+
+    def __init__(self, side, backend, call="predict_batch", env=None, name=None):
+        self.side, self.backend, self.call = side, backend, call
+        self.env = dict(env or {})
+        self.name = name or ("timm" if side.startswith("timm") else f"keras-{backend}")
+
+    def key(self):
+        return self.name
+
+
+def sides_for(backends, calls, xla_flags):
+    """timm first, then every backend x call, then JAX with `xla_flags` (if any)."""
+    sides = [Side("timm", "torch")]
+    for backend in backends:
+        for call in calls:
+            name = f"keras-{backend}" + (f" {call}" if len(calls) > 1 else "")
+            sides.append(Side("keras", backend, call, name=name))
+    if xla_flags and "jax" in backends:
+        sides.append(
+            Side("keras", "jax", calls[0], {"XLA_FLAGS": xla_flags}, name="keras-jax +XLA_FLAGS")
+        )
+    return sides
+
+
 class Worker:
-    def __init__(self, side, backend, args):
+    def __init__(self, side, backend, args, call=None, extra_env=None):
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -565,6 +620,7 @@ class Worker:
         if args.device == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""
             env["JAX_PLATFORMS"] = "cpu"
+        env.update(extra_env or {})
         self.side, self.backend = side, backend
         cmd = [
             sys.executable,
@@ -584,7 +640,7 @@ class Worker:
             "--warmup",
             str(args.warmup),
             "--call",
-            args.call,
+            call or args.call,
             "--backend",
             backend,
         ]
@@ -650,6 +706,7 @@ def _summarise(name, info, times, loads, peak_rss_mb, batch, flops):
         "framework": info["framework"],
         "backend_version": info["backend_version"],
         "params": info["params"],
+        "batch_size": batch,
         "build_s": round(info["build_s"], 2),
         "warmup_s": round(info["warmup_s"], 2),
         "runs": len(times),
@@ -664,17 +721,15 @@ def _summarise(name, info, times, loads, peak_rss_mb, batch, flops):
     }
 
 
-def bench_variant(variant, backends, args):
-    """Alternate keras backends and timm round by round; returns the table rows."""
-    sub = argparse.Namespace(**{**vars(args), "variant": variant})
+def bench_variant(variant, batch, sides, args):
+    """Alternate the sides (timm first) round by round at one batch size; the rows."""
+    sub = argparse.Namespace(**{**vars(args), "variant": variant, "batch_size": batch})
     flops = 2 * macs(variant, args.resolution)
-    sides = [("timm", "torch")] + [("keras", b) for b in backends]
-    rows = []
     workers = {}
     try:
         # Build one at a time (each builds and warms up alone on the machine).
-        for side, backend in sides:
-            workers[(side, backend)] = Worker(side, backend, sub)
+        for side in sides:
+            workers[side.key()] = Worker(side.side, side.backend, sub, side.call, side.env)
         times = {key: [] for key in workers}
         loads = {key: [] for key in workers}
         runnable = {key: [] for key in workers}
@@ -689,18 +744,21 @@ def bench_variant(variant, backends, args):
         for worker in workers.values():
             if worker.proc.poll() is None:
                 worker.proc.kill()
-    timm_key = ("timm", "torch")
-    for key in workers:
-        name = "timm" if key == timm_key else f"keras-{key[1]}"
+    rows = []
+    for side in sides:
+        key = side.key()
         row = _summarise(
-            name, workers[key].info, times[key], loads[key], peaks[key], args.batch_size, flops
+            side.name, workers[key].info, times[key], loads[key], peaks[key], batch, flops
         )
         row["variant"] = variant
+        row["call"] = None if side.side == "timm" else side.call
+        row["env"] = side.env
         row["runnable_threads"] = runnable[key]
         rows.append(row)
-    timm_ips = rows[0]["images_per_s"]
+    timm_row = rows[0]
     for row in rows:
-        row["ratio_to_timm"] = row["images_per_s"] / timm_ips
+        row["ratio_to_timm"] = row["images_per_s"] / timm_row["images_per_s"]
+        row["rss_ratio_to_timm"] = row["peak_rss_mb"] / timm_row["peak_rss_mb"]
     return rows
 
 
@@ -793,32 +851,60 @@ def machine_description(device):
     return desc
 
 
+def _pivot(rows, value, fmt):
+    """A (variant, batch) x implementation table of `value(row)` as Markdown lines."""
+    names = list(dict.fromkeys(row["name"] for row in rows))
+    groups = list(dict.fromkeys((row["variant"], row["batch_size"]) for row in rows))
+    lines = [
+        "| variant | batch | " + " | ".join(names) + " |",
+        "|---|---:|" + "---:|" * len(names),
+    ]
+    for variant, batch in groups:
+        group = [r for r in rows if (r["variant"], r["batch_size"]) == (variant, batch)]
+        by_name = {r["name"]: r for r in group}
+        cells = [fmt(value(by_name[n])) if n in by_name else "" for n in names]
+        lines.append(f"| {variant} | {batch} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def render_markdown(report):
     cfg = report["config"]
     m = report["machine"]
+    batches = ", ".join(str(b) for b in cfg["batch_sizes"])
     lines = [
-        f"ConvNeXt inference, batch {cfg['batch_size']}, {cfg['resolution']}x"
+        f"ConvNeXt inference, batch {batches}, {cfg['resolution']}x"
         f"{cfg['resolution']}, {cfg['dtype']}, {cfg['device']}; {m['cpu']}, "
         f"{m['usable_cpus'] or m['logical_cpus']} usable CPUs, {m['os']}, Python {m['python']}. "
         f"{cfg['warmup']} warm-up passes, then {cfg['rounds']} alternating rounds of "
         f"{cfg['iterations']} timed passes per side; median pass. Keras: "
-        f"`{cfg['call']}`; timm: eager `model(x)` under `torch.inference_mode()`.",
+        f"`{', '.join(cfg['calls'])}`; timm: eager `model(x)` under `torch.inference_mode()`."
+        + (f" XLA_FLAGS row: `{cfg['xla_flags']}`." if cfg.get("xla_flags") else ""),
         "",
-        "| variant | implementation | img/s | vs timm | GFLOP/s | median ms | min-max ms "
-        "| peak RSS MB | load (1 min) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    if not report["results"]:  # another mode only
+    results = report["results"]
+    if not results:  # another mode only (cold start, footprint)
         lines = [f"{m['cpu']}, {m['usable_cpus'] or m['logical_cpus']} usable CPUs, {m['os']}, "
                  f"Python {m['python']}."]  # fmt: skip
-    for row in report["results"]:
+    else:
+        lines += ["Speed relative to timm eager (images/s ratio, > 1 is faster):", ""]
+        lines += _pivot(results, lambda r: r["ratio_to_timm"], "{:.2f}x".format)
+        lines += ["", "Peak RSS relative to timm's worker (< 1 is less memory):", ""]
+        lines += _pivot(results, lambda r: r["rss_ratio_to_timm"], "{:.2f}x".format)
+        lines += [
+            "",
+            "| variant | batch | implementation | img/s | vs timm | GFLOP/s | median ms "
+            "| min-max ms | peak RSS MB | load (1 min) |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+    for row in results:
         loads = [v for v in row["load_1min"] if v is not None]
         load = f"{min(loads):.1f}-{max(loads):.1f}" if loads else "n/a"
         lines.append(
-            f"| {row['variant']} | {row['name']} ({row['backend_version']}) "
+            f"| {row['variant']} | {row['batch_size']} | {row['name']} "
+            f"({row['backend_version']}) "
             f"| {row['images_per_s']:.1f} | {row['ratio_to_timm']:.2f}x "
-            f"| {row['gflops_per_s']:.1f} | {row['median_s'] * 1e3:.0f} "
-            f"| {row['min_s'] * 1e3:.0f}-{row['max_s'] * 1e3:.0f} | {row['peak_rss_mb']:.0f} "
+            f"| {row['gflops_per_s']:.1f} | {row['median_s'] * 1e3:.1f} "
+            f"| {row['min_s'] * 1e3:.1f}-{row['max_s'] * 1e3:.1f} | {row['peak_rss_mb']:.0f} "
             f"| {load} |"
         )
     if report.get("cold_start"):
@@ -858,11 +944,20 @@ def render_markdown(report):
     return "\n".join(lines) + "\n"
 
 
+def _int_list(text):
+    values = [int(v) for v in str(text).split(",") if v.strip()]
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, e.g. 1,8,32; got {text!r}")
+    return values
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variant", default="convnext_atto", help="comma-separated timm names")
     p.add_argument("--backend", default="all", help="jax, tensorflow, torch, all or a list")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--batch-size", type=_int_list, default=[32], help="a batch size or a list, e.g. 1,8,32"
+    )
     p.add_argument("--resolution", type=int, default=224)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
@@ -872,9 +967,14 @@ def main(argv=None):
     p.add_argument("--pause", type=float, default=0.5, help="seconds between rounds")
     p.add_argument(
         "--call",
-        choices=("predict_on_batch", "call"),
-        default="predict_on_batch",
-        help="Keras inference path: model.predict_on_batch(x) or model(x, training=False)",
+        default="predict_batch",
+        help="Keras inference path(s), comma-separated: predict_batch (ConvNeXt.predict_batch), "
+        "predict_on_batch (keras' model.predict_on_batch) or call (model(x, training=False))",
+    )
+    p.add_argument(
+        "--xla-flags",
+        default=None,
+        help="also time JAX with XLA_FLAGS set to this ('auto': the README's measured flags)",
     )
     p.add_argument("--quick", action="store_true", help="tiny batch and few passes (CI smoke)")
     p.add_argument("--output", default=None, help="output path without extension")
@@ -896,11 +996,20 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.worker:
         args.side = args.worker
+        args.batch_size = args.batch_size[0]
         return worker_main(args)
 
+    batch_sizes = args.batch_size
     if args.quick:
-        args.batch_size, args.resolution = min(args.batch_size, 2), min(args.resolution, 64)
+        batch_sizes = sorted({min(b, 2) for b in batch_sizes})
+        args.resolution = min(args.resolution, 64)
         args.warmup, args.rounds, args.iterations, args.pause = 1, 1, 2, 0.0
+    args.batch_size = max(batch_sizes)  # the end-to-end mode's batch
+    calls = [c.strip() for c in args.call.split(",") if c.strip()]
+    if not calls or any(c not in CALLS for c in calls):
+        p.error(f"--call must be one or more of {', '.join(CALLS)}; got {args.call!r}")
+    args.call = calls[0]
+    xla_flags = XLA_FLAGS_MEASURED if args.xla_flags == "auto" else args.xla_flags
     variants = [v.strip() for v in args.variant.split(",") if v.strip()]
     for v in variants:
         parse_variant(v)
@@ -911,6 +1020,7 @@ def main(argv=None):
         bad = [b for b in backends if b not in BACKENDS]
         if bad:
             p.error(f"unknown backend(s) {bad}; choose from {BACKENDS} or all")
+    sides = sides_for(backends, calls, xla_flags)
 
     report = {
         "created": _dt.datetime.now().isoformat(timespec="seconds"),
@@ -918,14 +1028,15 @@ def main(argv=None):
         "config": {
             "variants": variants,
             "backends": backends,
-            "batch_size": args.batch_size,
+            "batch_sizes": batch_sizes,
             "resolution": args.resolution,
             "dtype": args.dtype,
             "device": args.device,
             "warmup": args.warmup,
             "rounds": args.rounds,
             "iterations": args.iterations,
-            "call": args.call,
+            "calls": calls,
+            "xla_flags": xla_flags or None,
             "quick": args.quick,
             "flops": "analytic: 2 x MACs of convolutions and matmuls (benchmark.macs)",
         },
@@ -943,15 +1054,17 @@ def main(argv=None):
                 flush=True,
             )
     for variant in [] if args.skip_model else variants:
-        rows = bench_variant(variant, backends, args)
-        for row in rows:
-            print(
-                f"{variant:16s} {row['name']:17s} {row['images_per_s']:8.2f} img/s "
-                f"{row['ratio_to_timm']:5.2f}x timm  {row['gflops_per_s']:7.1f} GFLOP/s  "
-                f"rss {row['peak_rss_mb']:6.0f} MB  load {row['load_1min']}",
-                flush=True,
-            )
-        report["results"].extend(rows)
+        for batch in batch_sizes:
+            rows = bench_variant(variant, batch, sides, args)
+            for row in rows:
+                print(
+                    f"{variant:16s} b{batch:<4d} {row['name']:32s} {row['images_per_s']:8.2f} "
+                    f"img/s {row['ratio_to_timm']:5.2f}x timm  {row['gflops_per_s']:7.1f} "
+                    f"GFLOP/s  rss {row['peak_rss_mb']:6.0f} MB "
+                    f"({row['rss_ratio_to_timm']:.2f}x)  load {row['load_1min']}",
+                    flush=True,
+                )
+            report["results"].extend(rows)
     if args.images:
         report["end_to_end"] = bench_end_to_end(variants[0], backends, args)
         for row in report["end_to_end"]:
@@ -963,7 +1076,8 @@ def main(argv=None):
     output = args.output
     if output is None:
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        name = f"{'+'.join(variants)}_b{args.batch_size}_r{args.resolution}_{args.dtype}"
+        batch_tag = "-".join(str(b) for b in batch_sizes)
+        name = f"{'+'.join(variants)}_b{batch_tag}_r{args.resolution}_{args.dtype}"
         output = os.path.join(HERE, "results", f"{name}_{args.device}_{stamp}")
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output + ".json", "w") as f:

@@ -1,38 +1,61 @@
 """Every private or backend-specific API the models use, each behind a guard with a
 plain fallback (as timm keeps its odd kernels in `timm/layers/fast_norm.py`).
 
-What lives here, and what replaces it when it is missing or fails:
+The fast paths (name: what it is; the fallback that replaces it):
 
-- `torch_linear`: oneDNN's fused linear + bias + GELU
-  (`torch.ops.mkldnn._linear_pointwise`); fallback `F.linear` (+ GELU).
-- `torch_conv2d_nhwc`: `F.conv2d` on the channels_last view of an NHWC tensor;
+- "onednn_linear" (torch): oneDNN's fused linear + bias (+ exact GELU),
+  the private `torch.ops.mkldnn._linear_pointwise`; fallback `F.linear` (+ GELU).
+- "torch_conv_nhwc" (torch): `F.conv2d` on the channels_last view of an NHWC
+  tensor (no layout copy), for the depthwise, stem and downsampling convs;
   fallback keras' own conv.
-- `tensorflow_dense`: a 2-D MatMul -> BiasAdd -> activation chain that grappler
-  fuses into `_FusedMatMul`; fallback keras' Dense.
-- jax's shifted-sum depthwise conv (`layers.depthwise_shifted_sum`): 49 shifted
-  multiply-adds instead of XLA's grouped conv; fallback keras' depthwise conv.
-- `initialize_deferred` / `forget_deferred`: Keras' private variable
-  initialisation hooks (`keras.src`); fallback build, then assign.
-- `flatten_layers`: `keras.Model._flatten_layers`; fallback a walk over `.layers`.
+- "torch_addcmul" (torch): GRN's `x * scale + bias` as one `torch.addcmul`;
+  fallback the keras-ops expression.
+- "torch_kernels" (torch): in the layer-by-layer inference, keras' LayerNormalization
+  and Add run as `F.layer_norm` / `torch.add` straight (what keras computes, without
+  its op dispatch), and conv weights are re-laid out once per weight update
+  (`torch_prepared`, torch's private tensor version counter); fallback each
+  layer's `call`.
+- "tensorflow_fused_dense" (tensorflow): a 2-D MatMul -> BiasAdd -> activation
+  chain that grappler fuses into `_FusedMatMul`; fallback keras' Dense.
+- "jax_shifted_sum" (jax): the 7x7 depthwise conv as 49 shifted multiply-adds
+  instead of XLA's grouped conv; fallback keras' depthwise conv.
+- "layerwise_call" (every backend): `ConvNeXt`'s inference call runs its layers
+  one after another, keeping only the current tensor and a block's shortcut
+  (keras' functional runner keeps every intermediate until the call ends);
+  fallback keras' functional call.
+- "compiled_inference" (every backend): `ConvNeXt.predict_batch`, a cached
+  jit / tf.function / inference_mode call without `predict_on_batch`'s
+  per-call machinery; fallback `predict_on_batch`.
+- "flatten_layers" (Keras internal `Model._flatten_layers`); fallback a walk
+  over `.layers`.
+- "deferred_variables" (Keras' private variable-initialisation hooks, used to
+  build a model straight from checkpoint values without random init first);
+  fallback build, then assign.
 
 Rules:
-- A fast path runs only where it was measured: CPU, inference, the dtypes it
-  was checked with. Anywhere else (a GPU, a gradient, an exporter tracing the
-  graph) the portable formulation runs: `fast_paths_allowed()` decides.
-- A private API that is missing, or raises once, is switched off for the rest
-  of the process with one warning (`_disable`), and its fallback runs from then
-  on: a new torch or Keras release can cost speed, never correctness.
+- A fast path runs only where it was measured: on a CPU (`on_cpu`), for
+  inference, in the dtypes it was checked with. Anywhere else (a GPU, a
+  gradient, an exporter tracing the graph) the portable formulation runs.
+- `guarded(name, fast, fallback)` runs a fast path. If it raises, the fallback
+  runs; if the fallback succeeds the fast path is broken, so it is switched off
+  for the rest of the process with one warning (`_disable`); if the fallback
+  fails too the input was bad, and its error is raised with the fast path left
+  on. A new torch or Keras release can cost speed, never correctness.
 - `portable()` (a context manager) and `KERAS_CONVNEXT_FAST_PATHS=0` switch
-  every fast path off, e.g. while `model.export` traces a graph; the tests use
-  them to check each fallback against its fast path.
+  every fast path off, e.g. while `model.export` traces a graph; the tests
+  (tests/test_fast_ops.py) use them, and simulated failures of each private
+  call, to check each fallback against its fast path on every backend.
 
-All fast paths compute the same numbers as their fallbacks (the layer tests
-compare them on every backend).
+Each private call goes through one small function here (`_onednn_linear_pointwise`,
+`_keras_flatten_layers`, `_keras_initialize_all_variables`, ...), the one place a
+test patches to simulate its failure.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import functools
 import os
 import threading
 import warnings
@@ -41,6 +64,19 @@ import keras
 
 _state = threading.local()
 _DISABLED: dict[str, str] = {}  # fast path name -> why it was switched off
+
+FAST_PATHS = (
+    "onednn_linear",
+    "torch_conv_nhwc",
+    "torch_addcmul",
+    "torch_kernels",
+    "tensorflow_fused_dense",
+    "jax_shifted_sum",
+    "layerwise_call",
+    "compiled_inference",
+    "flatten_layers",
+    "deferred_variables",
+)
 
 
 def _env_allows() -> bool:
@@ -82,8 +118,59 @@ def _disable(name: str, error: BaseException) -> None:
             f"keras-convnext: fast path {name!r} failed ({_DISABLED[name]}); using the "
             "portable formulation from now on (same numbers, slower).",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
+
+
+def guarded(name: str, fast, fallback):
+    """`fast()`, or `fallback()` if it raises (see the module docstring: the fast path
+    is switched off only when the fallback succeeds where it failed)."""
+    try:
+        return fast()
+    except Exception as error:
+        result = fallback()  # bad input raises here, and the fast path stays on
+        _disable(name, error)
+        return result
+
+
+def on_cpu(x=None) -> bool:
+    """Whether `x` (a backend tensor; on torch it must be given) lives on a CPU.
+    Every fast path here was measured on a CPU only."""
+    backend = keras.backend.backend()
+    if backend == "torch":
+        return getattr(getattr(x, "device", None), "type", None) == "cpu"
+    if backend == "jax":
+        import jax
+
+        return jax.default_backend() == "cpu"
+    if backend == "tensorflow":
+        return not _tensorflow_gpus()
+    return False
+
+
+@functools.lru_cache(maxsize=1)
+def _tensorflow_gpus() -> bool:
+    import tensorflow as tf
+
+    return bool(tf.config.list_logical_devices("GPU"))
+
+
+def use_fast_path(name: str, x=None) -> bool:
+    """Fast path `name` is allowed now and `x` is on a CPU."""
+    return fast_paths_allowed(name) and on_cpu(x)
+
+
+# the names the first version of this module had
+def torch_on_cpu(x) -> bool:
+    return on_cpu(x)
+
+
+def jax_on_cpu() -> bool:
+    return on_cpu()
+
+
+def torch_conv_usable(x) -> bool:
+    return use_fast_path("torch_conv_nhwc", x)
 
 
 # ----------------------------------------------------------------------------
@@ -91,8 +178,74 @@ def _disable(name: str, error: BaseException) -> None:
 # ----------------------------------------------------------------------------
 
 
-def torch_on_cpu(x) -> bool:
-    return getattr(getattr(x, "device", None), "type", None) == "cpu"
+def torch_value(variable, dtype):
+    """A keras variable's torch tensor in `dtype`, without keras' op dispatch."""
+    value = variable.value
+    return value if value.dtype == dtype else value.to(dtype)
+
+
+def torch_prepared(layer, variable, dtype, prepare):
+    """`prepare(torch_value(variable, dtype))`, cached on `layer` while the variable's
+    tensor is the same object, unmodified (torch's version counter, which every
+    in-place update such as `variable.assign` bumps), for inference only: with
+    gradients the preparation is redone each call so it stays in the graph.
+
+    For weights torch wants in another layout (a conv kernel made contiguous in
+    torch's (O, I, kh, kw) order): redoing that copy every call was ~45 us of a
+    7x7 depthwise conv's ~85 us on an 8x8x40 input (1 thread)."""
+    import torch
+
+    value = torch_value(variable, dtype)
+    if torch.is_grad_enabled() and value.requires_grad:
+        return prepare(value)
+    cache = layer.__dict__.get("_convnext_torch_prepared")
+    if cache is None:
+        cache = {}
+        object.__setattr__(layer, "_convnext_torch_prepared", cache)
+    key = (id(variable), dtype)
+    entry = cache.get(key)
+    if entry is None or entry[0] is not value or entry[1] != value._version:
+        entry = cache[key] = (value, value._version, prepare(value).detach())
+    return entry[2]
+
+
+def _torch_layer_norm(layer, x):
+    import torch.nn.functional as F
+
+    gamma = torch_value(layer.gamma, x.dtype)
+    beta = torch_value(layer.beta, x.dtype)
+    return F.layer_norm(x, (x.shape[-1],), gamma, beta, layer.epsilon)
+
+
+def _torch_layer_norm_applies(layer, x) -> bool:
+    axis = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+    return (
+        list(axis) in ([-1], [x.ndim - 1])
+        and layer.center
+        and layer.scale
+        and not getattr(layer, "rms_scaling", False)
+        and layer.compute_dtype == "float32"
+    )
+
+
+def torch_apply(layer, x):
+    """`layer.call(x)` for layer-by-layer inference on torch, with keras' own
+    LayerNormalization and Add computed straight in torch (the same kernels keras
+    calls: `F.layer_norm`, `torch.add`) without keras' op dispatch, measured at
+    ~37 vs ~6 us and ~9 vs ~2 us per call on an 8x8x40 input (1 thread)."""
+    kind = type(layer)
+    if kind is keras.layers.Add and len(x) == 2:
+        return x[0] + x[1]
+    if kind is keras.layers.LayerNormalization and _torch_layer_norm_applies(layer, x):
+        return _torch_layer_norm(layer, x)
+    return layer.call(x)
+
+
+def _onednn_linear_pointwise(x, weight, bias, attr, scalars, algorithm):
+    """The private oneDNN op (the one place it is called)."""
+    import torch
+
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, scalars, algorithm)
 
 
 def _onednn_linear_usable(x, weight) -> bool:
@@ -100,9 +253,9 @@ def _onednn_linear_usable(x, weight) -> bool:
     bfloat16 (the op has no autograd formula and was measured on CPU only)."""
     import torch
 
-    if not fast_paths_allowed("onednn_linear"):
+    if not use_fast_path("onednn_linear", x):
         return False
-    if not (torch_on_cpu(x) and x.dtype in (torch.float32, torch.bfloat16)):
+    if x.dtype not in (torch.float32, torch.bfloat16):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return False
@@ -118,14 +271,23 @@ def torch_linear(x, weight, bias, fuse_gelu: bool):
     import torch.nn.functional as F
 
     if _onednn_linear_usable(x, weight):
-        import torch
+        if fuse_gelu:  # "none": the erf GELU, not the tanh approximation
 
-        try:
-            if fuse_gelu:  # "none": the erf GELU, not the tanh approximation
-                return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none"), True
-            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], ""), False
-        except Exception as error:  # a torch without this op signature
-            _disable("onednn_linear", error)
+            def fast():
+                return _onednn_linear_pointwise(x, weight, bias, "gelu", [], "none"), True
+
+            def fallback():
+                return F.gelu(F.linear(x, weight, bias)), True
+
+        else:
+
+            def fast():
+                return _onednn_linear_pointwise(x, weight, bias, "none", [], ""), False
+
+            def fallback():
+                return F.linear(x, weight, bias), False
+
+        return guarded("onednn_linear", fast, fallback)
     return F.linear(x, weight, bias), False
 
 
@@ -143,9 +305,11 @@ def torch_conv2d_nhwc(x, weight, bias, **conv_arguments):
     return y.permute(0, 2, 3, 1)
 
 
-def torch_conv_usable(x) -> bool:
-    """The channels_last conv path was measured on CPU only."""
-    return fast_paths_allowed("torch_conv_nhwc") and torch_on_cpu(x)
+def torch_conv_weight_channels_last(kernel):
+    """keras' (kh, kw, I, O) conv kernel as torch's (O, I, kh, kw), channels_last."""
+    import torch
+
+    return kernel.permute(3, 2, 0, 1).contiguous(memory_format=torch.channels_last)
 
 
 def torch_multiply_add(x, scale, bias):
@@ -178,59 +342,65 @@ def tensorflow_dense(inputs, kernel, bias, activation):
 
 
 # ----------------------------------------------------------------------------
-# jax
-# ----------------------------------------------------------------------------
-
-
-def jax_on_cpu() -> bool:
-    import jax
-
-    return jax.default_backend() == "cpu"
-
-
-# ----------------------------------------------------------------------------
 # Keras internals
 # ----------------------------------------------------------------------------
 
 
+def _keras_flatten_layers(model):
+    """The private Keras walk (the one place it is called)."""
+    return list(model._flatten_layers(include_self=False, recursive=True))
+
+
 def flatten_layers(model):
     """Every layer inside `model`, nested models' layers included (not the model)."""
+
+    def walk():  # the same order as keras' walk, through the public `.layers`
+        found, seen = [], set()
+        queue = collections.deque(getattr(model, "layers", []))
+        while queue:
+            layer = queue.popleft()
+            if id(layer) in seen:
+                continue
+            seen.add(id(layer))
+            found.append(layer)
+            queue.extendleft(getattr(layer, "layers", None) or [])
+        return found
+
     if fast_paths_allowed("flatten_layers"):
-        try:
-            return list(model._flatten_layers(include_self=False, recursive=True))
-        except Exception as error:
-            _disable("flatten_layers", error)
-    found, stack = [], list(getattr(model, "layers", []))[::-1]
-    while stack:
-        layer = stack.pop()
-        found.append(layer)
-        stack.extend(list(getattr(layer, "layers", []) or [])[::-1])
-    return found
+        return guarded("flatten_layers", lambda: _keras_flatten_layers(model), walk)
+    return walk()
+
+
+def _keras_initialize_all_variables():
+    """Keras' private initialisation of deferred variables (the one place it is called)."""
+    from keras.src.backend.common.variables import initialize_all_variables
+
+    initialize_all_variables()
 
 
 def supports_deferred_variables() -> bool:
     """Whether variables made inside `keras.StatelessScope(initialize_variables=False)`
     can be initialised later from values of our choice (Keras' private initialisation
-    hooks are present)."""
+    hooks are present, and the fast path is on)."""
+    if not fast_paths_allowed("deferred_variables"):
+        return False
     try:
         from keras.src.backend.common import global_state  # noqa: F401
         from keras.src.backend.common.variables import initialize_all_variables  # noqa: F401
     except ImportError:
         return False
-    return "deferred_variables" not in _DISABLED
+    return True
 
 
 def initialize_deferred(variables, values) -> None:
-    """Initialise deferred `variables` from `values(variable) -> array or None`
-    (None keeps the variable's own initializer). Private Keras API: callers check
-    `supports_deferred_variables()` first and fall back to assigning."""
-    from keras.src.backend.common.variables import initialize_all_variables
-
+    """Initialise deferred `variables` from `values(variable) -> initializer or None`
+    (None keeps the variable's own initializer). Private Keras API: use
+    `build_with_initial_values`, which falls back when this is missing or fails."""
     for variable in variables:
         make = values(variable)
         if make is not None:
             variable._initializer = make
-    initialize_all_variables()
+    _keras_initialize_all_variables()
 
 
 def forget_deferred(variables) -> None:
@@ -254,6 +424,123 @@ def variables_are_deferred(variables) -> bool:
         getattr(v, "_value", 0) is None and getattr(v, "_initializer", None) is not None
         for v in variables
     )
+
+
+def build_with_initial_values(build, initial_values):
+    """`build()` a model whose variables start from values of our choice.
+
+    `initial_values(model)` returns `value_of(variable)`: an initializer
+    `(shape, dtype) -> array` for the variable, or None to keep its own. With
+    Keras' private hooks the model is built with uninitialised variables, which
+    are then initialised once from those values (no random initialisation first:
+    on JAX that compiles one kernel per weight shape); without them, or if they
+    fail, the model is built normally and the values assigned. Whatever `build`
+    or `initial_values` raise is raised, with nothing left pending.
+    """
+    if supports_deferred_variables():
+        with keras.StatelessScope(initialize_variables=False):
+            model = build()
+        variables = list(model.weights)
+        if variables_are_deferred(variables):
+            try:
+                value_of = initial_values(model)
+            except BaseException:
+                forget_deferred(variables)
+                raise
+            try:
+                initialize_deferred(variables, value_of)
+                return model
+            except Exception as error:
+                forget_deferred(variables)
+                _disable("deferred_variables", error)
+        else:  # pragma: no cover - a Keras that initialises inside the scope anyway
+            initialize_deferred([], lambda v: None)
+    model = build()
+    value_of = initial_values(model)
+    for variable in model.weights:
+        make = value_of(variable)
+        if make is not None:
+            variable.assign(make(tuple(variable.shape), variable.dtype))
+    return model
+
+
+# ----------------------------------------------------------------------------
+# Inference entry point
+# ----------------------------------------------------------------------------
+
+
+def inference_function(model):
+    """A callable running `model(x, training=False)` on one NumPy batch for inference,
+    with less per-call work than `predict_on_batch` (which on JAX also walks every
+    layer, gathers and writes back every variable each call; on TensorFlow goes
+    through a distribution strategy; on torch through the trainer's data path):
+
+    - jax: one `jax.jit` of the call inside a `keras.StatelessScope` over the
+      model's variables, whose current values are passed in each call (so weight
+      updates are seen);
+    - tensorflow: a `tf.function` of the call, one concrete function per input
+      shape and dtype;
+    - torch: the eager call under `torch.inference_mode()`.
+
+    Returns None where this is not used: a backend other than these three, or a
+    `keras.distribution` in effect (predict_on_batch honours its layouts).
+    """
+    if keras.distribution.distribution() is not None:
+        return None
+    backend = keras.backend.backend()
+    if backend == "jax":
+        return _jax_inference(model)
+    if backend == "tensorflow":
+        return _tensorflow_inference(model)
+    if backend == "torch":
+        return _torch_inference(model)
+    return None
+
+
+def _to_numpy(outputs):
+    return keras.tree.map_structure(lambda y: keras.ops.convert_to_numpy(y), outputs)
+
+
+def _jax_inference(model):
+    import jax
+
+    variables = list(model.variables)
+
+    def run(values, x):
+        with keras.StatelessScope(state_mapping=list(zip(variables, values, strict=True))):
+            return model(x, training=False)
+
+    compiled = jax.jit(run)
+
+    def infer(x):
+        return _to_numpy(compiled([v.value for v in variables], x))
+
+    return infer
+
+
+def _tensorflow_inference(model):
+    import tensorflow as tf
+
+    function = tf.function(lambda x: model(x, training=False), autograph=False)
+    concrete = {}
+
+    def infer(x):
+        key = (tuple(x.shape), str(x.dtype))
+        if key not in concrete:
+            concrete[key] = function.get_concrete_function(tf.TensorSpec(x.shape, x.dtype))
+        return _to_numpy(concrete[key](tf.constant(x)))
+
+    return infer
+
+
+def _torch_inference(model):
+    import torch
+
+    def infer(x):
+        with torch.inference_mode():
+            return _to_numpy(model(keras.ops.convert_to_tensor(x), training=False))
+
+    return infer
 
 
 def backend() -> str:

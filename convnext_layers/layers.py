@@ -9,6 +9,8 @@ portable keras-ops formulation.
 
 from __future__ import annotations
 
+import functools
+
 import keras
 from keras import ops
 
@@ -98,29 +100,33 @@ class DepthwiseConv(keras.layers.DepthwiseConv2D):
         )
 
     def call(self, inputs):
+        portable_call = functools.partial(super().call, inputs)
+        if not self._fast_path_shape():
+            return portable_call()
         backend = keras.backend.backend()
-        if backend == "torch" and self._fast_path_shape() and fast_ops.torch_conv_usable(inputs):
-            kernel = ops.cast(self.kernel, inputs.dtype)
-            bias = ops.cast(self.bias, inputs.dtype) if self.use_bias else None
-            k, channels = kernel.shape[0], kernel.shape[2]
-            weight = kernel.permute(2, 3, 0, 1)  # (k, k, C, 1) -> (C, 1, k, k)
-            outputs = fast_ops.torch_conv2d_nhwc(
-                inputs, weight, bias, padding=k // 2, groups=channels
-            )
-        elif (
-            backend == "jax"
-            and self._fast_path_shape()
-            and fast_ops.fast_paths_allowed("jax_shifted_sum")
-            and fast_ops.jax_on_cpu()
-        ):
-            kernel = ops.cast(self.kernel, inputs.dtype)
-            bias = ops.cast(self.bias, inputs.dtype) if self.use_bias else None
-            outputs = depthwise_shifted_sum(inputs, kernel, bias)
+        if backend == "torch" and fast_ops.use_fast_path("torch_conv_nhwc", inputs):
+            fast, name = self._torch_call, "torch_conv_nhwc"
+        elif backend == "jax" and fast_ops.use_fast_path("jax_shifted_sum"):
+            fast, name = self._shifted_sum_call, "jax_shifted_sum"
         else:
-            return super().call(inputs)
-        if self.activation is not None:
-            outputs = self.activation(outputs)
-        return outputs
+            return portable_call()
+        return fast_ops.guarded(name, functools.partial(fast, inputs), portable_call)
+
+    def _torch_call(self, inputs):
+        # (k, k, C, 1) -> (C, 1, k, k), contiguous as conv2d wants it
+        weight = fast_ops.torch_prepared(
+            self, self.kernel, inputs.dtype, lambda k: k.permute(2, 3, 0, 1).contiguous()
+        )
+        bias = fast_ops.torch_value(self.bias, inputs.dtype) if self.use_bias else None
+        k, channels = weight.shape[2], weight.shape[0]
+        outputs = fast_ops.torch_conv2d_nhwc(inputs, weight, bias, padding=k // 2, groups=channels)
+        return outputs if self.activation is None else self.activation(outputs)
+
+    def _shifted_sum_call(self, inputs):
+        kernel = ops.cast(self.kernel, inputs.dtype)
+        bias = ops.cast(self.bias, inputs.dtype) if self.use_bias else None
+        outputs = depthwise_shifted_sum(inputs, kernel, bias)
+        return outputs if self.activation is None else self.activation(outputs)
 
 
 def depthwise_shifted_sum(x, kernel, bias):
@@ -170,24 +176,36 @@ class DownsampleConv(keras.layers.Conv2D):
 
     def call(self, inputs):
         pad = self.explicit_padding
+
+        def portable_call():
+            padded = inputs
+            if pad:
+                padded = ops.pad(inputs, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+            return super(DownsampleConv, self).call(padded)
+
         if (
             keras.backend.backend() == "torch"
             and self.data_format == "channels_last"
             and self.padding == "valid"
             and self.groups == 1
             and tuple(self.dilation_rate) == (1, 1)
-            and fast_ops.torch_conv_usable(inputs)
+            and fast_ops.use_fast_path("torch_conv_nhwc", inputs)
         ):
-            # (k, k, I, O) -> (O, I, k, k)
-            kernel = ops.cast(self.kernel, inputs.dtype).permute(3, 2, 0, 1)
-            bias = ops.cast(self.bias, inputs.dtype) if self.use_bias else None
-            outputs = fast_ops.torch_conv2d_nhwc(
-                inputs, kernel, bias, stride=self.strides, padding=pad
+            return fast_ops.guarded(
+                "torch_conv_nhwc", functools.partial(self._torch_call, inputs), portable_call
             )
-            return outputs if self.activation is None else self.activation(outputs)
-        if pad:
-            inputs = ops.pad(inputs, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-        return super().call(inputs)
+        return portable_call()
+
+    def _torch_call(self, inputs):
+        # (k, k, I, O) -> (O, I, k, k), laid out channels_last as the input is
+        kernel = fast_ops.torch_prepared(
+            self, self.kernel, inputs.dtype, fast_ops.torch_conv_weight_channels_last
+        )
+        bias = fast_ops.torch_value(self.bias, inputs.dtype) if self.use_bias else None
+        outputs = fast_ops.torch_conv2d_nhwc(
+            inputs, kernel, bias, stride=self.strides, padding=self.explicit_padding
+        )
+        return outputs if self.activation is None else self.activation(outputs)
 
     def compute_output_shape(self, input_shape):
         pad = 2 * self.explicit_padding
@@ -217,15 +235,28 @@ class PointwiseDense(keras.layers.Dense):
     """
 
     def call(self, inputs, training=None):
+        portable_call = functools.partial(super().call, inputs, training=training)
         backend = keras.backend.backend()
-        if self.lora_enabled or backend not in ("torch", "tensorflow"):
-            return super().call(inputs, training=training)
-        if not fast_ops.fast_paths_allowed():
-            return super().call(inputs, training=training)
+        if self.lora_enabled or self.quantization_mode is not None:
+            return portable_call()
+        if backend == "tensorflow" and fast_ops.use_fast_path("tensorflow_fused_dense"):
+            return fast_ops.guarded(
+                "tensorflow_fused_dense",
+                functools.partial(self._tensorflow_call, inputs),
+                portable_call,
+            )
+        if backend == "torch" and fast_ops.use_fast_path("onednn_linear", inputs):
+            return self._torch_call(inputs)
+        return portable_call()
+
+    def _tensorflow_call(self, inputs):
         kernel = ops.cast(self.kernel, inputs.dtype)
         bias = None if self.bias is None else ops.cast(self.bias, inputs.dtype)
-        if backend == "tensorflow":
-            return fast_ops.tensorflow_dense(inputs, kernel, bias, self.activation)
+        return fast_ops.tensorflow_dense(inputs, kernel, bias, self.activation)
+
+    def _torch_call(self, inputs):
+        kernel = fast_ops.torch_value(self.kernel, inputs.dtype)
+        bias = None if self.bias is None else fast_ops.torch_value(self.bias, inputs.dtype)
         # kernel (in, out) -> weight (out, in): a transposed view, no copy
         x, fused = fast_ops.torch_linear(
             inputs, kernel.t(), bias, fuse_gelu=self.activation is exact_gelu
@@ -375,8 +406,12 @@ class GlobalResponseNorm(keras.layers.Layer):
         # of convnextv2_atto's time; this form is one addcmul there).
         scale = 1.0 + ops.cast(self.weight, "float32") * nx
         bias = ops.cast(self.bias, "float32")
-        if keras.backend.backend() == "torch" and fast_ops.fast_paths_allowed():
-            y = fast_ops.torch_multiply_add(x32, scale, bias)
+        if keras.backend.backend() == "torch" and fast_ops.use_fast_path("torch_addcmul", x32):
+            y = fast_ops.guarded(
+                "torch_addcmul",
+                lambda: fast_ops.torch_multiply_add(x32, scale, bias),
+                lambda: x32 * scale + bias,
+            )
         else:
             y = x32 * scale + bias
         return ops.cast(y, x.dtype)

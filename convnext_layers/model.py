@@ -66,56 +66,180 @@ def downsample_conv(filters, kernel, stride, name, use_bias=True):
     )
 
 
-def convnext_block(x, width, kernel_size, prefix, drop_path, config: ConvNeXtConfig):
-    """One ConvNeXt block: (B, H, W, C) -> (B, H, W, C), C = `width`.
+def apply_layer(layer, x):
+    """`layer(x)`: keras' full call (build, dtype casting, masks, symbolic tensors)."""
+    return layer(x)
+
+
+def apply_layer_directly(layer, x):
+    """`layer.call(x)`: a built float layer's computation without keras' per-call
+    bookkeeping, for inference where every dtype already matches (see
+    `LayerPlan.runs_directly`). Measured per layer on torch: about 5-40 us of
+    `__call__` work (argument flattening, autocast and name scopes, call context);
+    that flattening also leaves each input in a reference cycle until the garbage
+    collector runs, so the tensor outlives its last use."""
+    return layer.call(x)
+
+
+class Residual:
+    """x + branch(x): a ConvNeXt block as its layers, (B, H, W, C) -> (B, H, W, C).
+
+    Calling it runs the branch's layers in order and then the `Add` layer on
+    (shortcut, branch output); the same call builds the functional graph (on
+    keras tensors) and runs the layer-by-layer inference (on backend tensors).
+    `apply(layer, x)` is how each layer is run (`apply_layer` or
+    `apply_layer_directly`).
+    """
+
+    def __init__(self, branch, add):
+        self.branch = tuple(branch)
+        self.add = add
+
+    @property
+    def layers(self):
+        return (*self.branch, self.add)
+
+    def __call__(self, x, apply=apply_layer):
+        shortcut = x
+        for layer in self.branch:
+            x = apply(layer, x)
+        return apply(self.add, [shortcut, x])
+
+
+def block_layers(width, kernel_size, prefix, drop_path, config: ConvNeXtConfig) -> Residual:
+    """The layers of one ConvNeXt block (C = `width`):
 
     dwconv k x k -> norm -> Dense (mlp_ratio C) -> activation (-> GRN, V2) ->
     Dense C (-> layer scale, V1) -> stochastic depth -> + shortcut.
     """
-    shortcut = x
-    x = DepthwiseConv(kernel_size, use_bias=config.conv_bias, name=f"{prefix}_dwconv")(x)
-    x = norm_layer(config.norm, config.norm_eps, f"{prefix}_norm")(x)
+    branch = [
+        DepthwiseConv(kernel_size, use_bias=config.conv_bias, name=f"{prefix}_dwconv"),
+        norm_layer(config.norm, config.norm_eps, f"{prefix}_norm"),
+    ]
     # the activation inside the Dense, so torch and TensorFlow can fuse the two
     hidden = int(config.mlp_ratio * width)
     activation = activation_function(config.activation)
-    x = PointwiseDense(hidden, activation=activation, name=f"{prefix}_pwconv1")(x)
+    branch.append(PointwiseDense(hidden, activation=activation, name=f"{prefix}_pwconv1"))
     if config.use_grn:
-        x = GlobalResponseNorm(name=f"{prefix}_grn")(x)
-    x = PointwiseDense(width, name=f"{prefix}_pwconv2")(x)
+        branch.append(GlobalResponseNorm(name=f"{prefix}_grn"))
+    branch.append(PointwiseDense(width, name=f"{prefix}_pwconv2"))
     if config.layer_scale_init_value is not None:
-        x = LayerScale(config.layer_scale_init_value, name=f"{prefix}_layer_scale")(x)
+        branch.append(LayerScale(config.layer_scale_init_value, name=f"{prefix}_layer_scale"))
     if drop_path > 0.0:
-        x = StochasticDepth(drop_path, name=f"{prefix}_drop_path")(x)
-    return keras.layers.Add(name=f"{prefix}_add")([shortcut, x])
+        branch.append(StochasticDepth(drop_path, name=f"{prefix}_drop_path"))
+    return Residual(branch, keras.layers.Add(name=f"{prefix}_add"))
 
 
-def _stem(x, config: ConvNeXtConfig, stride: int):
+def convnext_block(x, width, kernel_size, prefix, drop_path, config: ConvNeXtConfig):
+    """One ConvNeXt block applied to `x`: (B, H, W, C) -> (B, H, W, C), C = `width`."""
+    return block_layers(width, kernel_size, prefix, drop_path, config)(x)
+
+
+def _stem_layers(config: ConvNeXtConfig, stride: int) -> list:
     """(B, H, W, C_in) -> (B, H/stride, W/stride, widths[0])."""
     width, norm = config.widths[0], config.norm
     if config.stem == "patch":
-        x = downsample_conv(width, config.patch_size, stride, "stem_conv", config.conv_bias)(x)
-        return norm_layer(norm, config.norm_eps, "stem_norm")(x)
+        return [
+            downsample_conv(width, config.patch_size, stride, "stem_conv", config.conv_bias),
+            norm_layer(norm, config.norm_eps, "stem_norm"),
+        ]
     # overlapping stems: two 3x3 convs, padding 1 on every side (as torch), the
     # names carry timm's Sequential index
     first, second = stem_strides(config.stem, stride)
-    index = 0
-    x = DownsampleConv(
-        config.stem_mid_width,
-        3,
-        strides=first,
-        explicit_padding=1,
-        use_bias=config.conv_bias,
-        name="stem_0_conv",
-    )(x)
-    index += 1
+    layers = [
+        DownsampleConv(
+            config.stem_mid_width,
+            3,
+            strides=first,
+            explicit_padding=1,
+            use_bias=config.conv_bias,
+            name="stem_0_conv",
+        )
+    ]
     if config.stem == "overlap_act":
-        x = keras.layers.Activation(activation_function(config.activation), name="stem_1_act")(x)
-        index += 1
-    x = DownsampleConv(
-        width, 3, strides=second, explicit_padding=1, use_bias=config.conv_bias,
-        name=f"stem_{index}_conv",
-    )(x)  # fmt: skip
-    return norm_layer(norm, config.norm_eps, f"stem_{index + 1}_norm")(x)
+        activation = activation_function(config.activation)
+        layers.append(keras.layers.Activation(activation, name="stem_1_act"))
+    index = len(layers)
+    layers.append(
+        DownsampleConv(
+            width, 3, strides=second, explicit_padding=1, use_bias=config.conv_bias,
+            name=f"stem_{index}_conv",
+        )
+    )  # fmt: skip
+    layers.append(norm_layer(norm, config.norm_eps, f"stem_{index + 1}_norm"))
+    return layers
+
+
+class LayerPlan:
+    """A ConvNeXt as the ordered steps its forward pass runs: the stem's layers, each
+    stage's layers and `Residual` blocks, and the head's layers.
+
+    `run(x, output_stages)` applies them in order to `x` (B, H, W, C) and returns
+    the head's output, or the requested stages' feature maps. Only the current
+    tensor (and inside a block its shortcut) is held, so on eager backends each
+    intermediate is freed after its last use; the model's functional graph is
+    built by the same `run` on keras tensors.
+    """
+
+    def __init__(self, stem, stages, head):
+        self.stem = list(stem)
+        self.stages = [list(stage) for stage in stages]
+        self.head = list(head)
+        self._direct = None  # (dtype, the layers' dtype policies, answer)
+
+    def layers(self):
+        """Every layer of the plan, in the order they run."""
+        steps = [*self.stem, *(step for stage in self.stages for step in stage), *self.head]
+        return [layer for step in steps for layer in getattr(step, "layers", (step,))]
+
+    def runs_directly(self, dtype) -> bool:
+        """Whether inference on `dtype` inputs may call each layer's `call` directly:
+        every layer is built, unquantised, and computes in `dtype` with `dtype`
+        variables (nothing for keras' `__call__` to cast). The answer is kept until a
+        layer's dtype policy object changes (mixed precision, `quantize`): checking
+        every layer took ~100 us, a twentieth of a batch-1 atto pass at 32x32."""
+        layers = self.layers()
+        policies = [layer.dtype_policy for layer in layers]
+        cached = self._direct
+        if (
+            cached is not None
+            and cached[0] == dtype
+            and len(cached[1]) == len(policies)
+            and all(a is b for a, b in zip(cached[1], policies, strict=True))
+        ):
+            return cached[2]
+        name = keras.backend.standardize_dtype(dtype)
+        answer = all(
+            layer.built
+            and getattr(layer, "quantization_mode", None) is None
+            and layer.compute_dtype == name
+            and layer.variable_dtype == name
+            for layer in layers
+        )
+        if all(layer.built for layer in layers):
+            self._direct = (dtype, policies, answer)
+        return answer
+
+    def run(self, x, output_stages=None, apply=apply_layer):
+        for step in self.stem:
+            x = _apply_step(step, x, apply)
+        wanted = {} if output_stages is None else dict.fromkeys(output_stages)
+        for index, stage in enumerate(self.stages):
+            if output_stages is not None and index > max(output_stages):
+                break
+            for step in stage:
+                x = _apply_step(step, x, apply)
+            if index in wanted:
+                wanted[index] = x
+        if output_stages is not None:
+            return [wanted[s] for s in output_stages]
+        for step in self.head:
+            x = _apply_step(step, x, apply)
+        return x
+
+
+def _apply_step(step, x, apply):
+    return step(x, apply) if isinstance(step, Residual) else apply(step, x)
 
 
 def _drop_path_rates(depths, drop_path_rate):
@@ -282,37 +406,35 @@ class ConvNeXt(keras.Model):
         inputs, shape = _input_layer(input_shape, input_tensor)
         strides = plan_strides(shape[0], shape[1], config.stem, config.patch_size)
 
-        x = _stem(inputs, config, strides[0])
         rates = iter(_drop_path_rates(config.depths, float(drop_path_rate)))
-        stage_outputs = []
+        stages = []
         for stage, (depth, width) in enumerate(zip(config.depths, config.widths, strict=True)):
+            steps = []
             if stage > 0:
-                x = norm_layer(config.norm, config.norm_eps, f"stage{stage}_downsample_norm")(x)
-                x = downsample_conv(
-                    width, 2, strides[stage], f"stage{stage}_downsample_conv", config.conv_bias
-                )(x)
-            for block in range(depth):
-                x = convnext_block(
-                    x,
-                    width,
-                    config.kernel_sizes[stage],
-                    f"stage{stage}_block{block}",
-                    next(rates),
-                    config,
+                steps.append(
+                    norm_layer(config.norm, config.norm_eps, f"stage{stage}_downsample_norm")
                 )
-            stage_outputs.append(x)
-
-        if output_stages is not None:
-            outputs = [stage_outputs[s] for s in output_stages]
-        else:
+                steps.append(
+                    downsample_conv(
+                        width, 2, strides[stage], f"stage{stage}_downsample_conv", config.conv_bias
+                    )
+                )
+            for block in range(depth):
+                prefix = f"stage{stage}_block{block}"
+                kernel = config.kernel_sizes[stage]
+                steps.append(block_layers(width, kernel, prefix, next(rates), config))
+            stages.append(steps)
+        head = []
+        if output_stages is None:
             if config.head_norm_first:  # timm's forward_features ends with norm_pre
-                x = norm_layer(config.norm, config.norm_eps, "norm_pre")(x)
-            outputs = self._head(
-                x, config, num_classes, include_top, pooling, head_norm, gem_p,
-                classifier_activation,
-            )  # fmt: skip
+                head.append(norm_layer(config.norm, config.norm_eps, "norm_pre"))
+            head += self._head_layers(
+                config, num_classes, include_top, pooling, head_norm, gem_p, classifier_activation
+            )
             if normalize:
-                outputs = keras.layers.UnitNormalization(axis=-1, name="embedding_l2")(outputs)
+                head.append(keras.layers.UnitNormalization(axis=-1, name="embedding_l2"))
+        plan = LayerPlan(_stem_layers(config, strides[0]), stages, head)
+        outputs = plan.run(inputs, output_stages)
         super().__init__(inputs, outputs, name=name or timm_architecture or "convnext", **kwargs)
 
         # what the model is (plain attributes: not tracked, the same on every backend)
@@ -331,25 +453,95 @@ class ConvNeXt(keras.Model):
             ("timm_architecture", timm_architecture),
             ("pretrained_cfg", dict(pretrained_cfg or {})),
             ("metadata", dict(metadata or {})),
+            ("_layer_plan", plan),
         ):
             object.__setattr__(self, attribute, value)
         object.__setattr__(self, "_input_shape_arg", None if input_shape is None else list(shape))
 
     @staticmethod
-    def _head(x, config, num_classes, include_top, pooling, head_norm, gem_p, activation):
-        """The one place the head is laid out: (B, h, w, C) -> the model's output."""
+    def _head_layers(config, num_classes, include_top, pooling, head_norm, gem_p, activation):
+        """The one place the head is laid out: the layers (B, h, w, C) -> the output."""
         if not include_top:
-            return x if pooling is None else pooling_layer(pooling, "head_pool", gem_p)(x)
-        x = pooling_layer(pooling or "avg", "head_pool", gem_p)(x)
+            return [] if pooling is None else [pooling_layer(pooling, "head_pool", gem_p)]
+        layers = [pooling_layer(pooling or "avg", "head_pool", gem_p)]
         if head_norm and not config.head_norm_first:
-            x = norm_layer(config.norm, config.norm_eps, "head_norm")(x)
+            layers.append(norm_layer(config.norm, config.norm_eps, "head_norm"))
         if config.head_hidden_size:  # timm's NormMlpClassifierHead: Linear + GELU pre-logits
-            x = keras.layers.Dense(
-                config.head_hidden_size, activation=exact_gelu, name="head_pre_logits"
-            )(x)
+            layers.append(
+                keras.layers.Dense(
+                    config.head_hidden_size, activation=exact_gelu, name="head_pre_logits"
+                )
+            )
         if num_classes:
-            x = keras.layers.Dense(num_classes, activation=activation, name="head_fc")(x)
-        return x
+            layers.append(keras.layers.Dense(num_classes, activation=activation, name="head_fc"))
+        return layers
+
+    def call(self, inputs, training=None, mask=None, **kwargs):
+        """Inference (`training` falsy, one image batch) runs the layers one after
+        another (`LayerPlan.run`), freeing each intermediate after its last use:
+        keras' functional runner keeps them all until the call ends (on torch
+        that peaked at 2.7x timm's memory). Training and anything unusual take
+        the functional call; both compute the same numbers."""
+        x = inputs[0] if isinstance(inputs, (list, tuple)) and len(inputs) == 1 else inputs
+        if (
+            training
+            or mask is not None
+            or kwargs
+            or not (keras.ops.is_tensor(x) or isinstance(x, np.ndarray))
+            or len(x.shape) != 4
+            or not fast_ops.fast_paths_allowed("layerwise_call")
+        ):
+            return super().call(inputs, training=training, mask=mask, **kwargs)
+
+        def layerwise():
+            dtype = self.inputs[0].dtype
+            images = keras.ops.convert_to_tensor(x, dtype=dtype)
+            plan = self._layer_plan
+            if not plan.runs_directly(dtype):
+                outputs = plan.run(images, self.output_stages)
+            elif keras.backend.backend() == "torch" and fast_ops.use_fast_path(
+                "torch_kernels", images
+            ):
+                outputs = fast_ops.guarded(
+                    "torch_kernels",
+                    lambda: plan.run(images, self.output_stages, fast_ops.torch_apply),
+                    lambda: plan.run(images, self.output_stages, apply_layer_directly),
+                )
+            else:
+                outputs = plan.run(images, self.output_stages, apply_layer_directly)
+            return outputs[0] if isinstance(outputs, list) and len(outputs) == 1 else outputs
+
+        return fast_ops.guarded(
+            "layerwise_call",
+            layerwise,
+            lambda: super(ConvNeXt, self).call(inputs, training=training, mask=mask),
+        )
+
+    def predict_batch(self, images):
+        """The model's outputs for one batch of images, for inference: (B, H, W, C)
+        NumPy (or array-like) -> NumPy, as `predict_on_batch` returns them.
+
+        Lighter than `predict_on_batch` per call (what single images cost): a
+        cached jit on JAX, a tf.function per input shape on TensorFlow, the eager
+        call under `torch.inference_mode()` on torch (`fast_ops.inference_function`).
+        Falls back to `predict_on_batch` where that is not used (a
+        `keras.distribution` in effect) or fails.
+        """
+        images = np.asarray(images)
+        dtype = keras.backend.standardize_dtype(self.inputs[0].dtype)
+        if images.dtype != dtype:
+            images = images.astype(dtype)
+        if not fast_ops.fast_paths_allowed("compiled_inference"):
+            return self.predict_on_batch(images)
+        infer = self.__dict__.get("_inference_function")
+        if infer is None:
+            infer = fast_ops.inference_function(self)
+            if infer is None:
+                return self.predict_on_batch(images)
+            object.__setattr__(self, "_inference_function", infer)
+        return fast_ops.guarded(
+            "compiled_inference", lambda: infer(images), lambda: self.predict_on_batch(images)
+        )
 
     def with_head(self, **head_options) -> ConvNeXt:
         """A new `ConvNeXt` with this model's backbone weights (shared values, copied)
@@ -359,22 +551,21 @@ class ConvNeXt(keras.Model):
         weights; new ones get their initialisers."""
         config = {**self.get_config(), **head_options}
         values = _weights_by_name(self)
-        if not fast_ops.supports_deferred_variables():
-            model = type(self).from_config(config)
-            _copy_matching(model, values)
-            return model
-        with keras.StatelessScope(initialize_variables=False):
-            model = type(self).from_config(config)
-        names = {id(v): key for key, v in _weights_by_name(model).items()}
 
-        def value_of(variable):
-            source = values.get(names.get(id(variable)))
-            if source is None or tuple(source.shape) != tuple(variable.shape):
-                return None
-            return lambda shape, dtype=None: keras.ops.convert_to_numpy(source)
+        def initial_values(model):
+            names = {id(v): key for key, v in _weights_by_name(model).items()}
 
-        fast_ops.initialize_deferred(model.weights, value_of)
-        return model
+            def value_of(variable):
+                source = values.get(names.get(id(variable)))
+                if source is None or tuple(source.shape) != tuple(variable.shape):
+                    return None
+                return lambda shape, dtype=None: keras.ops.convert_to_numpy(source)
+
+            return value_of
+
+        return fast_ops.build_with_initial_values(
+            lambda: type(self).from_config(config), initial_values
+        )
 
     @property
     def features_size(self) -> int:
@@ -485,33 +676,19 @@ def _build_deferred(cls, config, weights=None):
     """`cls(**config)` with its variables initialised from `weights` ({path: array}), or
     with zeros when `weights` is None (their values are loaded right after), never
     with their random initializers (on JAX, one compiled kernel per weight shape)."""
-    if not fast_ops.supports_deferred_variables():
-        model = cls(**config)
-        if weights is not None:
-            _check_weights(model.weights, weights)
-            for variable in model.weights:
-                variable.assign(np.asarray(weights[variable.path]))
-        return model
-    with keras.StatelessScope(initialize_variables=False):
-        model = cls(**config)
-    variables = list(model.weights)
-    if not fast_ops.variables_are_deferred(variables):  # pragma: no cover - other Keras
-        return model
-    if weights is not None:
-        try:
-            _check_weights(variables, weights)
-        except ValueError:
-            fast_ops.forget_deferred(variables)
-            raise
 
-    def value_of(variable):
+    def initial_values(model):
         if weights is None:
-            return lambda shape, dtype=None: np.zeros(shape, dtype=dtype or "float32")
-        array = weights[variable.path]
-        return lambda shape, dtype=None: np.asarray(array, dtype=dtype or array.dtype)
+            return lambda variable: lambda shape, dtype=None: np.zeros(shape, dtype or "float32")
+        _check_weights(model.weights, weights)
 
-    fast_ops.initialize_deferred(variables, value_of)
-    return model
+        def value_of(variable):
+            array = weights[variable.path]
+            return lambda shape, dtype=None: np.asarray(array, dtype=dtype or array.dtype)
+
+        return value_of
+
+    return fast_ops.build_with_initial_values(lambda: cls(**config), initial_values)
 
 
 def load_saved_model(path, **kwargs):

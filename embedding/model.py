@@ -409,13 +409,18 @@ def padded_size(n: int, batch_size: int) -> int:
 
 
 def predict_padded(model: keras.Model, batch: np.ndarray, batch_size: int) -> np.ndarray:
-    """`model` on up to `batch_size` images, zero-padded to `padded_size`."""
+    """`model` on up to `batch_size` images, zero-padded to `padded_size`: the one
+    place batches are run (`ConvNeXt.predict_batch`, the light inference entry
+    point, for ConvNeXt models; `predict_on_batch` for any other model)."""
     n = batch.shape[0]
     size = padded_size(n, batch_size)
     if size != n:
         pad = np.zeros((size - n, *batch.shape[1:]), dtype=batch.dtype)
         batch = np.concatenate([batch, pad], axis=0)
-    out = model.predict_on_batch(batch)
+    if isinstance(model, ConvNeXt):
+        out = model.predict_batch(batch)
+    else:
+        out = model.predict_on_batch(batch)
     return np.asarray(keras.ops.convert_to_numpy(out), dtype=np.float32)[:n]
 
 

@@ -20,6 +20,40 @@ BACKEND = keras.backend.backend()
 SMALL_SIZE = 64  # input side of the fast checkpoints (`small_checkpoint`)
 
 
+# ----------------------------------------------------------------------------
+# Suite weight (what keeps the default run fast and small)
+# ----------------------------------------------------------------------------
+
+if BACKEND == "jax":
+    # JAX compiles one executable per model instance and input shape; models of the
+    # same architecture give the same program, so a compilation cache shared by the
+    # whole run (subprocesses included, through the environment) compiles each once.
+    # A fresh directory per run keeps the runs independent.
+    import atexit
+    import shutil
+    import tempfile
+
+    import jax
+
+    _JAX_CACHE = tempfile.mkdtemp(prefix="convnext-tests-jax-cache-")
+    atexit.register(shutil.rmtree, _JAX_CACHE, ignore_errors=True)
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _JAX_CACHE)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update(
+        "jax_persistent_cache_min_compile_time_secs",
+        float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
+    )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_models_after_each_module():
+    """Models a test module built are freed when it ends (keras' global state holds
+    on to them and to the names it handed out until cleared)."""
+    yield
+    keras.backend.clear_session()
+
+
 def random_timm_model(arch: str, seed: int = 0, **kwargs) -> torch.nn.Module:
     """`timm.create_model(arch)` (no download) with every parameter randomised."""
     return randomize_timm_parameters(timm.create_model(arch, pretrained=False, **kwargs), seed)

@@ -59,14 +59,22 @@ def test_macs_match_timm_counts():
 
 @pytest.mark.slow
 def test_quick_benchmark_writes_table(tmp_path):
-    report, markdown = _run(["--variant", "convnext_atto"], tmp_path)
+    calls = ["predict_batch", "predict_on_batch"]
+    report, markdown = _run(
+        ["--variant", "convnext_atto", "--batch-size", "1,2", "--call", ",".join(calls)], tmp_path
+    )
     assert report["config"]["quick"] is True
     assert report["config"]["backends"] == [BACKEND]
     assert report["config"]["variants"] == ["convnext_atto"]
+    assert report["config"]["batch_sizes"] == [1, 2]
+    assert report["config"]["calls"] == calls
     for key in ("cpu", "logical_cpus", "os", "python", "device"):
         assert key in report["machine"]
     rows = report["results"]
-    assert [row["name"] for row in rows] == ["timm", f"keras-{BACKEND}"]
+    names = ["timm"] + [f"keras-{BACKEND} {call}" for call in calls]
+    assert [(row["batch_size"], row["name"]) for row in rows] == [
+        (batch, name) for batch in (1, 2) for name in names
+    ]
     for row in rows:
         assert row["variant"] == "convnext_atto"
         for key in ("images_per_s", "gflops_per_s", "median_s", "min_s", "peak_rss_mb"):
@@ -75,13 +83,45 @@ def test_quick_benchmark_writes_table(tmp_path):
         assert row["runs"] == report["config"]["rounds"] * report["config"]["iterations"]
         assert row["params"] == 3_695_520  # convnext_atto, both implementations
         assert all(load is None or load >= 0 for load in row["load_1min"])
-    assert rows[0]["ratio_to_timm"] == 1.0
-    assert rows[1]["ratio_to_timm"] > 0
-    # the Markdown table: header, separator, one line per row
-    table = [line for line in markdown.splitlines() if line.startswith("|")]
-    assert table[0].startswith("| variant | implementation | img/s | vs timm | GFLOP/s")
-    assert len(table) == 2 + len(rows)
-    assert f"keras-{BACKEND}" in table[-1]
+        assert row["images_per_s"] == pytest.approx(row["batch_size"] / row["median_s"])
+    for batch in (1, 2):
+        timm_row, *keras_rows = [row for row in rows if row["batch_size"] == batch]
+        assert timm_row["ratio_to_timm"] == timm_row["rss_ratio_to_timm"] == 1.0
+        for row in keras_rows:
+            assert row["ratio_to_timm"] == pytest.approx(
+                row["images_per_s"] / timm_row["images_per_s"]
+            )
+            assert row["rss_ratio_to_timm"] == pytest.approx(
+                row["peak_rss_mb"] / timm_row["peak_rss_mb"]
+            )
+    # Markdown: two pivot tables (speed, memory: one line per batch size), then the
+    # full table (one line per row)
+    tables, current = [], []
+    for line in markdown.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            tables.append(current)
+            current = []
+    speed, memory, full = tables
+    assert speed[0] == "| variant | batch | " + " | ".join(names) + " |"
+    assert len(speed) == len(memory) == 2 + 2
+    assert full[0].startswith("| variant | batch | implementation | img/s | vs timm | GFLOP/s")
+    assert len(full) == 2 + len(rows)
+
+
+def test_xla_flags_side_is_an_extra_jax_worker():
+    bench = _load_benchmark_module()
+    sides = bench.sides_for(["jax", "torch"], ["predict_batch"], "--xla_cpu_foo=true")
+    assert [side.name for side in sides] == [
+        "timm",
+        "keras-jax",
+        "keras-torch",
+        "keras-jax +XLA_FLAGS",
+    ]
+    assert sides[-1].env == {"XLA_FLAGS": "--xla_cpu_foo=true"}
+    assert all(side.env == {} for side in sides[:-1])
+    assert [s.name for s in bench.sides_for(["torch"], ["call"], "--x")] == ["timm", "keras-torch"]
 
 
 @pytest.mark.slow

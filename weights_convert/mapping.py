@@ -322,38 +322,31 @@ def build_ported(
     shape). Weights that are skipped get their normal initialisers.
     Nothing is returned on a mismatch.
     """
-    if not fast_ops.supports_deferred_variables():
-        return port_state_dict(build(), state_dict, skip_prefixes=skip_prefixes, progress=progress)
-    with keras.StatelessScope(initialize_variables=False):
-        model = build()
-    variables = list(model.weights)
-    if not fast_ops.variables_are_deferred(variables):  # pragma: no cover - other Keras
-        fast_ops.initialize_deferred([], lambda v: None)
-        return port_state_dict(model, state_dict, skip_prefixes=skip_prefixes, progress=progress)
-    try:
-        skip = _resolve_skip(model, state_dict, skip_prefixes)
-        plan = plan_port(model, state_dict, skip_prefixes=skip)
-    except Exception:
-        fast_ops.forget_deferred(variables)
-        raise
-    with _progress_bar(len(plan), progress, "porting") as bar:
-        sources = {id(variable): (key, transform) for variable, key, transform in plan}
+    with _progress_bar(None, progress, "porting") as bar:
 
-        def value_of(variable):
-            if id(variable) not in sources:
-                return None  # skipped: its own initializer
-            key, transform = sources[id(variable)]
+        def initial_values(model):
+            skip = _resolve_skip(model, state_dict, skip_prefixes)
+            plan = plan_port(model, state_dict, skip_prefixes=skip)
+            if bar is not None:
+                bar.reset(total=len(plan))
+            sources = {id(variable): (key, transform) for variable, key, transform in plan}
 
-            def initialize(shape, dtype=None):
-                value = _to_keras_value(state_dict[key], transform, dtype)
-                if bar is not None:
-                    bar.update()
-                return value
+            def value_of(variable):
+                if id(variable) not in sources:
+                    return None  # skipped: its own initializer
+                key, transform = sources[id(variable)]
 
-            return initialize
+                def initialize(shape, dtype=None):
+                    value = _to_keras_value(state_dict[key], transform, dtype)
+                    if bar is not None:
+                        bar.update()
+                    return value
 
-        fast_ops.initialize_deferred(variables, value_of)
-    return model
+                return initialize
+
+            return value_of
+
+        return fast_ops.build_with_initial_values(build, initial_values)
 
 
 def export_state_dict(model: keras.Model, *, conv_mlp: bool = False) -> dict[str, np.ndarray]:
