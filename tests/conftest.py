@@ -46,6 +46,22 @@ if BACKEND == "jax":
     )
 
 
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.once("torch")`: a test whose result does not depend on the Keras
+    backend (numpy, FAISS, file handling, documentation, process plumbing) or that
+    starts every backend itself. A single-backend run runs it; a run over all
+    backends (.ci/run sets CONVNEXT_TESTS_ONCE=1) runs it only in the named
+    backends' sessions."""
+    if os.environ.get("CONVNEXT_TESTS_ONCE") != "1":
+        return
+    for item in items:
+        marker = item.get_closest_marker("once")
+        if marker is not None and BACKEND not in marker.args:
+            named = " and ".join(marker.args)
+            reason = f"backend-independent: this multi-backend run runs it under {named}"
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _free_models_after_each_module():
     """Models a test module built are freed when it ends (keras' global state holds

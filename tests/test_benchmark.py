@@ -58,6 +58,7 @@ def test_macs_match_timm_counts():
 
 
 @pytest.mark.slow
+@pytest.mark.once("jax")
 def test_quick_benchmark_writes_table(tmp_path):
     calls = ["predict_batch", "predict_on_batch"]
     report, markdown = _run(
@@ -125,9 +126,7 @@ def test_xla_flags_side_is_an_extra_jax_worker():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    BACKEND != "tensorflow", reason="end-to-end smoke run once per CI run (tensorflow session)"
-)
+@pytest.mark.once("tensorflow")
 def test_quick_end_to_end(tmp_path):
     pytest.importorskip("embedding.embedder")
     from PIL import Image
@@ -149,7 +148,7 @@ def test_quick_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(BACKEND != "jax", reason="cold-start smoke run once per CI run (jax session)")
+@pytest.mark.once("jax")
 def test_quick_cold_start(tmp_path):
     """--cold-start: whole processes (timm's script, our command line without and with the
     cache), timed from outside, and one more run each timing its phases from inside."""

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BACKEND
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,9 +27,7 @@ EMBED_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    BACKEND != "jax", reason="runs all three backends itself; once per CI run (jax session)"
-)
+@pytest.mark.once("jax")  # starts all three backends itself
 def test_backends_agree_on_embeddings(timm_atto_checkpoint, tmp_path):
     folder, _ = timm_atto_checkpoint
     procs = {}

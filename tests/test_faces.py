@@ -695,6 +695,7 @@ def test_cli_face_errors_are_one_line(faces_checkpoint, people, tmp_path, capsys
 
 
 @pytest.mark.slow
+@pytest.mark.once("torch")  # process plumbing; embeddings per backend are tested above
 def test_cli_subprocess(faces_checkpoint, people, tmp_path):
     """One real `python -m embedding enroll` + `identify` run, as a user types it."""
     env = {**os.environ, "PYTHONPATH": ROOT, "KERAS_CONVNEXT_CACHE": str(tmp_path / "cache")}

@@ -7,7 +7,6 @@ import os
 
 import numpy as np
 import pytest
-from conftest import BACKEND
 
 from embedding import Gallery, GalleryFileError, cosine_similarity
 from embedding.gallery import INDEX_TYPES, UnknownIdError, indexes
@@ -213,7 +212,7 @@ def test_planted_neighbours_small(name, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(BACKEND != "jax", reason="numpy and faiss only: run once, on one backend")
+@pytest.mark.once("jax")  # numpy and FAISS only
 @pytest.mark.parametrize("name", ALL_INDEXES)
 def test_planted_neighbours_100k(name, tmp_path):
     """The issue's bar: the planted neighbour first for >= 99% of 1000 queries in a

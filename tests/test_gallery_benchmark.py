@@ -7,13 +7,12 @@ import subprocess
 import sys
 
 import pytest
-from conftest import BACKEND
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gallery_benchmark.py")
 
 
-@pytest.mark.skipif(BACKEND != "jax", reason="numpy and faiss only: run once, on one backend")
+@pytest.mark.once("jax")  # numpy and FAISS only
 def test_quick_run_writes_json_and_markdown(tmp_path):
     output = tmp_path / "gallery"
     proc = subprocess.run(

@@ -222,6 +222,7 @@ def run_embed(args, cache, **kwargs):
 
 
 @pytest.mark.slow
+@pytest.mark.once("torch")  # process plumbing: chunks on disk, resumption
 def test_killed_embed_command_resumes_exactly(small_checkpoint, photo_folder, tmp_path):
     root, _ = photo_folder
     cache = tmp_path / "cache"

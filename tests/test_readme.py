@@ -21,6 +21,7 @@ BLOCKS = re.findall(r"^```python\n(.*?)^```", README, flags=re.S | re.M)
 
 
 @pytest.mark.slow
+@pytest.mark.once("torch")  # documentation: the examples name no backend
 def test_readme_python_examples_run(tmp_path, monkeypatch):
     """Offline: the examples' `a.jpg`, `b.jpg` and `my_checkpoint/` (a random-weight
     convnext_atto in the Hub layout) are made here."""
@@ -50,6 +51,7 @@ def test_variant_table_rows_are_current(name):
 
 
 @pytest.mark.slow
+@pytest.mark.once("torch")  # parameter counts and tags: the same on every backend
 def test_generated_tables_are_current():
     """Both generated tables (sizes; architectures with their published tags) as the
     code and timm's registry give them now."""

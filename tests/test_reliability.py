@@ -1169,6 +1169,7 @@ def digit_identities(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.once("jax", "torch")  # the issue's bar: JAX and PyTorch
 @pytest.mark.parametrize("kind", ["cli", "api"])
 def test_killed_finetune_resumes_in_a_new_process(kind, digit_identities, digit_keras, tmp_path):
     """SIGKILL once the first epoch's state.json exists; the same command in a new

@@ -892,6 +892,7 @@ def test_damaged_or_foreign_saved_models_are_refused(tmp_path, atto_file):
 
 
 @pytest.mark.slow
+@pytest.mark.once("jax")  # file handling: atomic writes of a killed process
 def test_killed_conversions_leave_nothing_behind(tmp_path, timm_atto_checkpoint):
     """kill -9 in the middle of writing: the earlier output survives whole, and the next
     run removes the dead run's temporary file."""
