@@ -305,8 +305,7 @@ def run_embed(args):
             log=lambda message: print(message, file=sys.stderr),
         )
     except NothingReadableError as error:
-        for name, reason in error.skipped:
-            print(f"skipped: {name}: {reason}", file=sys.stderr)
+        _print_skipped(error.skipped)
         raise CommandError(str(error)) from None
     except JobError as error:
         raise CommandError(str(error)) from None
@@ -320,13 +319,17 @@ def run_embed(args):
 
 
 def _report_skipped(output):
+    """The skipped files recorded in an `embed` output, one stderr line each."""
     import numpy as np
 
     with np.load(output, allow_pickle=False) as data:
-        for name, reason in zip(
-            data["skipped"].tolist(), data["skipped_reason"].tolist(), strict=True
-        ):
-            print(f"skipped: {name}: {reason}", file=sys.stderr)
+        _print_skipped(zip(data["skipped"].tolist(), data["skipped_reason"].tolist(), strict=True))
+
+
+def _print_skipped(skipped):
+    """One "skipped: PATH: REASON" line on stderr per (path, reason)."""
+    for name, reason in skipped:
+        print(f"skipped: {name}: {reason}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------

@@ -233,7 +233,7 @@ class Embedder:
         except ImageLoadError as error:
             return without_traceback(error)  # kept for the report: must hold no frames
 
-    def _batches(self, items, channel_order, data_format=None):
+    def _batches(self, items, channel_order, data_format):
         """Yield (start, [array | ImageLoadError]) per batch, decoding ahead in threads."""
         n, bs = len(items), self.batch_size
         ahead = 2 * bs  # prefetch the next two batches
