@@ -6,8 +6,12 @@ import timm  # noqa: F401  (import order matters, see above)
 import torch
 
 # isort: split
+import contextlib
+import ctypes
+import gc
 import json
 import os
+import sys
 
 import keras
 import numpy as np
@@ -62,12 +66,35 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=reason))
 
 
+def _return_freed_memory_to_the_system():
+    """glibc keeps freed heap pages (and, after a large free, serves even big
+    allocations from the heap), so a long run's RSS only grows; malloc_trim hands
+    the free pages back. A no-op where the C library has no malloc_trim."""
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+_LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
+
+
+@pytest.fixture(autouse=True)
+def _release_memory_after_each_test():
+    yield
+    _return_freed_memory_to_the_system()
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _free_models_after_each_module():
     """Models a test module built are freed when it ends (keras' global state holds
-    on to them and to the names it handed out until cleared)."""
+    on to them and to the names it handed out until cleared), and so are JAX's
+    compiled executables (the on-disk compilation cache keeps them cheap to redo)."""
     yield
     keras.backend.clear_session()
+    if BACKEND == "jax":
+        jax.clear_caches()
+    gc.collect()
+    _return_freed_memory_to_the_system()
 
 
 def random_timm_model(arch: str, seed: int = 0, **kwargs) -> torch.nn.Module:
@@ -75,17 +102,25 @@ def random_timm_model(arch: str, seed: int = 0, **kwargs) -> torch.nn.Module:
     return randomize_timm_parameters(timm.create_model(arch, pretrained=False, **kwargs), seed)
 
 
-def count_params_unallocated(build) -> int:
-    """Parameters of `build()`'s model, built without allocating its weights (so even
-    convnext_xxlarge costs a fraction of a second and no memory)."""
+@contextlib.contextmanager
+def built_unallocated(build):
+    """`build()`'s model with its weights declared but never allocated (so even
+    convnext_xxlarge costs a fraction of a second and no memory): shapes, layer
+    structure and parameter counts, not values."""
     from convnext_layers import fast_ops
 
     with keras.StatelessScope(initialize_variables=False):
         model = build()
     try:
-        return model.count_params()
+        yield model
     finally:
         fast_ops.forget_deferred(model.weights)
+
+
+def count_params_unallocated(build) -> int:
+    """Parameters of `build()`'s model, built without allocating its weights."""
+    with built_unallocated(build) as model:
+        return model.count_params()
 
 
 def timm_state_numpy(model: torch.nn.Module) -> dict:

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
+    built_unallocated,
     count_params_unallocated,
     keras_inference,
     nchw_to_nhwc,
@@ -62,5 +63,8 @@ def test_layer_scale_init_and_none():
 
 
 def test_large_feature_map_shape():
-    model = create_convnext_v1("large", include_top=False, input_shape=(256, 256, 3))
-    assert model.output_shape == (None, 8, 8, 1536)
+    def build():
+        return create_convnext_v1("large", include_top=False, input_shape=(256, 256, 3))
+
+    with built_unallocated(build) as model:
+        assert model.output_shape == (None, 8, 8, 1536)
