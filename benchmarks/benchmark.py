@@ -76,6 +76,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import statistics
@@ -88,9 +89,10 @@ ROOT = os.path.dirname(HERE)
 PROTOCOL = "@@BENCH "
 BACKENDS = ("jax", "tensorflow", "torch")
 CALLS = ("predict_batch", "predict_on_batch", "call")
+MAX_PASSES_PER_ROUND = 200  # --min-round-seconds never asks for more passes than this
 # XLA CPU options measured to help the JAX backend on this project's models (README,
 # "Performance"); `--xla-flags auto` benchmarks JAX with them as an extra row.
-XLA_FLAGS_MEASURED = ""
+XLA_FLAGS_MEASURED = "--xla_cpu_experimental_ynn_fusion_type="
 
 # (depths, widths) of every variant, as timm's convnext_<v> / convnextv2_<v>. A copy of
 # convnext_v1/v2.VARIANTS (tests/test_benchmark.py checks they agree): the parent process
@@ -721,6 +723,18 @@ def _summarise(name, info, times, loads, peak_rss_mb, batch, flops):
     }
 
 
+def passes_per_round(args, timm_times):
+    """Timed passes per side in the next round: --iterations, raised so that a round
+    of timm lasts about --min-round-seconds. A short pass (batch 1: ~15 ms) is timed
+    over many more passes than a long one, so that the first pass of each round
+    (slower: its thread pools woke up after the other side ran) does not set the
+    median, while every side still gets the same number of passes."""
+    if args.min_round_seconds <= 0 or not timm_times:
+        return args.iterations
+    wanted = math.ceil(args.min_round_seconds / statistics.median(timm_times))
+    return max(args.iterations, min(wanted, MAX_PASSES_PER_ROUND))
+
+
 def bench_variant(variant, batch, sides, args):
     """Alternate the sides (timm first) round by round at one batch size; the rows."""
     sub = argparse.Namespace(**{**vars(args), "variant": variant, "batch_size": batch})
@@ -733,12 +747,14 @@ def bench_variant(variant, batch, sides, args):
         times = {key: [] for key in workers}
         loads = {key: [] for key in workers}
         runnable = {key: [] for key in workers}
+        passes = args.iterations
         for _ in range(args.rounds):
             for key, worker in workers.items():
                 loads[key].append(_load())
                 runnable[key].append(_runnable())
-                times[key].extend(worker.run(args.iterations))
+                times[key].extend(worker.run(passes))
                 time.sleep(args.pause)
+            passes = passes_per_round(args, times[sides[0].key()])
         peaks = {key: worker.close() for key, worker in workers.items()}
     finally:
         for worker in workers.values():
@@ -876,7 +892,14 @@ def render_markdown(report):
         f"{cfg['resolution']}, {cfg['dtype']}, {cfg['device']}; {m['cpu']}, "
         f"{m['usable_cpus'] or m['logical_cpus']} usable CPUs, {m['os']}, Python {m['python']}. "
         f"{cfg['warmup']} warm-up passes, then {cfg['rounds']} alternating rounds of "
-        f"{cfg['iterations']} timed passes per side; median pass. Keras: "
+        f"{cfg['iterations']} timed passes per side"
+        + (
+            f" (more for short passes: each round after the first lasts about "
+            f"{cfg['min_round_seconds']:g} s of timm)"
+            if cfg.get("min_round_seconds")
+            else ""
+        )
+        + "; median pass. Keras: "
         f"`{', '.join(cfg['calls'])}`; timm: eager `model(x)` under `torch.inference_mode()`."
         + (f" XLA_FLAGS row: `{cfg['xla_flags']}`." if cfg.get("xla_flags") else ""),
         "",
@@ -964,6 +987,13 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="untimed passes per worker")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds")
     p.add_argument("--iterations", type=int, default=3, help="timed passes per round and side")
+    p.add_argument(
+        "--min-round-seconds",
+        type=float,
+        default=1.0,
+        help="after the first round, raise the passes per round until timm's round lasts "
+        "about this long (short passes such as batch 1 get more of them; 0: off)",
+    )
     p.add_argument("--pause", type=float, default=0.5, help="seconds between rounds")
     p.add_argument(
         "--call",
@@ -1004,6 +1034,7 @@ def main(argv=None):
         batch_sizes = sorted({min(b, 2) for b in batch_sizes})
         args.resolution = min(args.resolution, 64)
         args.warmup, args.rounds, args.iterations, args.pause = 1, 1, 2, 0.0
+        args.min_round_seconds = 0.0
     args.batch_size = max(batch_sizes)  # the end-to-end mode's batch
     calls = [c.strip() for c in args.call.split(",") if c.strip()]
     if not calls or any(c not in CALLS for c in calls):
@@ -1035,6 +1066,7 @@ def main(argv=None):
             "warmup": args.warmup,
             "rounds": args.rounds,
             "iterations": args.iterations,
+            "min_round_seconds": args.min_round_seconds,
             "calls": calls,
             "xla_flags": xla_flags or None,
             "quick": args.quick,
