@@ -602,8 +602,7 @@ def run_evaluate(args):
     embedder = make_embedder(args)
     scores, valid, failures = embedder.pair_scores(pairs, on_error="skip")
     if failures:
-        for failure in failures[:10]:
-            print(f"skipped: {failure}", file=sys.stderr)
+        _print_skipped((failure.name, failure.reason) for failure in failures[:10])
         print(
             f"warning: {len(failures)} image(s) unreadable, {int((~valid).sum())} of "
             f"{len(pairs)} pairs dropped",
@@ -788,8 +787,7 @@ def run_enroll(args):
         result = enroll_folder(embedder, args.people_dir, **options)
     except _face_errors() as error:
         raise CommandError(str(error)) from None
-    for photo, reason in result.skipped:
-        print(f"skipped: {photo}: {reason}", file=sys.stderr)
+    _print_skipped(result.skipped)
     counts = result.counts()
     for label, count in counts.items():
         print(f"enrolled {label}: {count} photo{'s' if count != 1 else ''}")

@@ -9,6 +9,7 @@ problem. The heavy cases (subprocesses, training) are marked slow.
 import io
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -847,6 +848,23 @@ def test_cli_pairs_files(lfw_people, tiny_keras, tmp_path, capsys):
     assert code == 0, err
     assert "1 image(s) missing" in err and "1 of 5 pairs dropped" in err and "EER" in out
     assert json.loads(report.read_text())["n_genuine"] == 2
+
+
+def test_cli_evaluate_skips_unreadable_images(lfw_people, tiny_keras, tmp_path, capsys):
+    """An unreadable image drops its pairs with one "skipped: PATH: REASON" line (the
+    same line `embed` and `enroll` print) and a count; the rest is evaluated."""
+    root = tmp_path / "people"
+    shutil.copytree(lfw_people[0], root)
+    broken = root / "bob" / "bob_0003.jpg"
+    broken.write_bytes(b"\xff\xd8 not a jpeg")
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("alice 1 2\nalice 1 bob 1\nbob 1 3\nbob 2 cat 3\ncat 1 2\n")
+    argv = ["evaluate", pairs, "--root", root, "--model", tiny_keras, "--folds", "2"]
+    code, out, err = run_cli(argv, capsys)
+    assert code == 0, err
+    skipped = [line for line in err.splitlines() if line.startswith("skipped: ")]
+    assert len(skipped) == 1 and skipped[0].startswith(f"skipped: {broken}: "), err
+    assert "1 image(s) unreadable, 1 of 5 pairs dropped" in err and "EER" in out
 
 
 def test_cli_verify_threshold_and_nan(lfw_people, nan_keras, tiny_keras, capsys):
