@@ -66,6 +66,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=reason))
 
 
+_LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
+
+
 def _return_freed_memory_to_the_system():
     """glibc keeps freed heap pages (and, after a large free, serves even big
     allocations from the heap), so a long run's RSS only grows; malloc_trim hands
@@ -73,9 +76,6 @@ def _return_freed_memory_to_the_system():
     trim = getattr(_LIBC, "malloc_trim", None)
     if trim is not None:
         trim(0)
-
-
-_LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
 
 
 @pytest.fixture(autouse=True)

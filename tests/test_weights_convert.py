@@ -19,14 +19,13 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import nchw_to_nhwc, random_timm_model, save_timm_checkpoint
+from conftest import built_unallocated, nchw_to_nhwc, random_timm_model, save_timm_checkpoint
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file as load_torch
 from safetensors.torch import save_file as save_torch
 
 import weights_convert as wc
-from convnext_layers import fast_ops
 from weights_convert.pretrained import IMAGENET_MEAN, IMAGENET_STD
 
 ATOL = 1e-4
@@ -138,23 +137,15 @@ def test_every_timm_architecture_and_tag_is_supported():
         assert test_model in wc.ARCHITECTURES
 
 
-def _forget(model):
-    fast_ops.forget_deferred(model.weights)
-
-
 @pytest.mark.parametrize("arch", sorted(wc.ARCHITECTURES))
 def test_key_shape_and_parameter_coverage(arch):
     """Each checkpoint key maps to exactly one Keras weight of the same shape, and back."""
     state, timm_params = shape_only_state(arch)
-    with keras.StatelessScope(initialize_variables=False):
-        model = wc.keras_model_for(arch, input_shape=(64, 64, 3))
-    try:
+    with built_unallocated(lambda: wc.keras_model_for(arch, input_shape=(64, 64, 3))) as model:
         plan = wc.plan_port(model, state)
         assert len(plan) == len(state) == len(model.weights)
         assert model.count_params() == timm_params
         assert wc.infer_architecture(state) == arch
-    finally:
-        _forget(model)
 
 
 def _tag_state(tag):
@@ -179,16 +170,12 @@ def test_every_published_tag_converts(tag):
         "num_classes": wc.checkpoint.classifier_size(state),
         "pretrained_cfg": wc.check_pretrained_cfg(cfg),
     }
-    with keras.StatelessScope(initialize_variables=False):
-        model = wc.keras_model_for(info)
-    try:
+    with built_unallocated(lambda: wc.keras_model_for(info)) as model:
         skip, _ = wc.head_plan(model, state)
         plan = wc.plan_port(model, state, skip_prefixes=skip)
         assert {key for _, key, _ in plan} == set(state)
         expected = cfg["num_classes"] or wc.ARCHITECTURES[arch].pre_logits_size
         assert model.output_shape == (None, expected)
-    finally:
-        _forget(model)
 
 
 def _parity_param(arch):
