@@ -34,6 +34,12 @@ PUBLISHED_TAGS = timm.list_models("convnext*", pretrained=True)
 # numeric parity marked slow (CI runs them); the two largest: keys, shapes, counts only
 NUMERIC_SLOW = {"small", "base", "large", "large_mlp", "xlarge"}
 SHAPES_ONLY = {"xxlarge", "huge"}
+# From base up, a variant adds no layer the smaller ones (checked on every backend)
+# lack: only widths and depths, which are data. A run over all three backends
+# (.ci/run) checks each of these numerically in one backend's session, in turn,
+# so every backend still runs some (20-30 s each on 2 cores).
+ONE_BACKEND_EACH = {"base", "large", "large_mlp", "xlarge"}
+BACKENDS = ("jax", "tensorflow", "torch")
 
 
 def images(batch, size, seed=0):
@@ -178,16 +184,23 @@ def test_every_published_tag_converts(tag):
         assert model.output_shape == (None, expected)
 
 
-def _parity_param(arch):
-    variant = arch.split("_", 1)[1]
-    if variant in SHAPES_ONLY:
-        return pytest.param(arch, marks=pytest.mark.skip("keys / shapes / counts only (size)"))
-    if variant in NUMERIC_SLOW:
-        return pytest.param(arch, marks=pytest.mark.slow)
-    return arch
+def _parity_params():
+    params, big = [], 0
+    for arch in sorted(wc.ARCHITECTURES):
+        variant = arch.split("_", 1)[1]
+        marks = []
+        if variant in SHAPES_ONLY:
+            marks.append(pytest.mark.skip("keys / shapes / counts only (size)"))
+        elif variant in NUMERIC_SLOW:
+            marks.append(pytest.mark.slow)
+        if variant in ONE_BACKEND_EACH:
+            marks.append(pytest.mark.once(BACKENDS[big % len(BACKENDS)]))
+            big += 1
+        params.append(pytest.param(arch, marks=marks))
+    return params
 
 
-@pytest.mark.parametrize("arch", [_parity_param(a) for a in sorted(wc.ARCHITECTURES)])
+@pytest.mark.parametrize("arch", _parity_params())
 def test_architecture_matches_timm_on_small_input(arch, tmp_path):
     """Logits and pre-logits at 64x64 with every parameter random (the published
     classifier size of the architecture's first tag)."""
