@@ -124,8 +124,11 @@ class DepthwiseConv(keras.layers.DepthwiseConv2D):
 
     def _shifted_sum_call(self, inputs):
         kernel = ops.cast(self.kernel, inputs.dtype)
-        bias = ops.cast(self.bias, inputs.dtype) if self.use_bias else None
-        outputs = depthwise_shifted_sum(inputs, kernel, bias)
+        if self.use_bias:
+            bias = ops.cast(self.bias, inputs.dtype)
+        else:
+            bias = ops.zeros((kernel.shape[2],), inputs.dtype)
+        outputs = fast_ops.jax_depthwise(inputs, kernel, bias, depthwise_shifted_sum)
         return outputs if self.activation is None else self.activation(outputs)
 
 

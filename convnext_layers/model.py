@@ -507,6 +507,14 @@ class ConvNeXt(keras.Model):
                     lambda: plan.run(images, self.output_stages, fast_ops.torch_apply),
                     lambda: plan.run(images, self.output_stages, apply_layer_directly),
                 )
+            elif keras.backend.backend() == "tensorflow" and fast_ops.use_fast_path(
+                "tensorflow_layer_norm"
+            ):
+                outputs = fast_ops.guarded(
+                    "tensorflow_layer_norm",
+                    lambda: plan.run(images, self.output_stages, fast_ops.tensorflow_apply),
+                    lambda: plan.run(images, self.output_stages, apply_layer_directly),
+                )
             else:
                 outputs = plan.run(images, self.output_stages, apply_layer_directly)
             return outputs[0] if isinstance(outputs, list) and len(outputs) == 1 else outputs

@@ -195,6 +195,50 @@ def test_layer_fallback_equals_fast_path(case, mode, monkeypatch, rng):
         assert fast_ops.disabled_fast_paths() == {}
 
 
+@pytest.mark.skipif(BACKEND != "jax", reason="the JAX shifted sum's gradient rule")
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_shifted_sum_gradient_equals_the_convolutions(policy, monkeypatch):
+    """Training through the shifted sum uses its own gradient rule (fast_ops.jax_depthwise).
+    Its gradients of input, kernel and bias equal those of XLA's grouped conv (the
+    portable path) in float32, on an odd-sized input with every weight random; in
+    mixed bfloat16 they keep their dtypes and stay within bfloat16 rounding of them."""
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(11)
+    layers = {p: DepthwiseConv(7, dtype=p) for p in {policy, "float32"}}
+    for layer in layers.values():
+        layer.build((None, 9, 11, 8))
+    kernel, bias = (jnp.asarray(w) for w in random_weights(layers["float32"], rng))
+    dtype = layers[policy].compute_dtype
+    x = jnp.asarray(rng.standard_normal((3, 9, 11, 8)), dtype)
+    probe = jnp.asarray(rng.standard_normal((3, 9, 11, 8)), dtype)
+
+    def loss(layer):
+        def of(x, kernel, bias):
+            with keras.StatelessScope(state_mapping=[(layer.kernel, kernel), (layer.bias, bias)]):
+                out = layer(x)
+            return jnp.sum(out.astype("float32") * probe.astype("float32"))
+
+        return jax.grad(of, argnums=(0, 1, 2))
+
+    with monkeypatch.context() as patch:
+        spy = Spy(patch, fast_ops, "_jax_depthwise_rule")
+        fast = jax.jit(loss(layers[policy]))(x, kernel, bias)
+    assert spy.calls >= 1, "the fast path did not run"
+    with fast_ops.portable():  # float32 throughout, on the same (rounded) inputs
+        reference = loss(layers["float32"])(x.astype("float32"), kernel, bias)
+    tolerance = 1e-5 if policy == "float32" else 2e-2  # bfloat16: 8 significant bits
+    for got, want, name, input_dtype in zip(
+        fast, reference, ("input", "kernel", "bias"), (dtype, "float32", "float32"), strict=True
+    ):
+        assert got.dtype == input_dtype, name
+        scale = float(jnp.max(jnp.abs(want)))
+        np.testing.assert_allclose(
+            np.asarray(got, "float32"), np.asarray(want), atol=tolerance * scale, err_msg=name
+        )
+
+
 # ----------------------------------------------------------------------------
 # The model's fast paths
 # ----------------------------------------------------------------------------
@@ -228,8 +272,21 @@ def _switched_off(mode, patch, name):
     return contextlib.nullcontext()
 
 
+def _layers_own_kernels(monkeypatch):
+    """Keeps TensorFlow's layer-by-layer LayerNorm kernel off (it is checked against
+    keras' own within 1e-5 below), for the tests whose layer-by-layer and functional
+    numbers must be identical."""
+    use_fast_path = fast_ops.use_fast_path
+
+    def without_tensorflow_layer_norm(name, x=None):
+        return name != "tensorflow_layer_norm" and use_fast_path(name, x)
+
+    monkeypatch.setattr(fast_ops, "use_fast_path", without_tensorflow_layer_norm)
+
+
 def test_layerwise_call_is_the_functional_call(small_v2_weights, monkeypatch):
     """With only this path off (the layers keep theirs) the numbers are identical."""
+    _layers_own_kernels(monkeypatch)
     weights, x = small_v2_weights
     model = _fresh_v2(weights)
     with monkeypatch.context() as patch:
@@ -247,6 +304,7 @@ def test_layerwise_call_is_the_functional_call(small_v2_weights, monkeypatch):
 
 @pytest.mark.parametrize("mode", ("portable", "environment", "failure"))
 def test_layerwise_call_fallback_equals_it(small_v2_weights, mode, monkeypatch):
+    _layers_own_kernels(monkeypatch)
     weights, x = small_v2_weights
     model = _fresh_v2(weights)
     fast = keras.ops.convert_to_numpy(model(x))
@@ -263,9 +321,10 @@ def test_layerwise_call_fallback_equals_it(small_v2_weights, mode, monkeypatch):
         np.testing.assert_allclose(fallback, fast, atol=1e-5, rtol=1e-5)
 
 
-def test_layerwise_call_frees_each_intermediate(small_v2_weights):
+def test_layerwise_call_frees_each_intermediate(small_v2_weights, monkeypatch):
     """At most a layer's input and output and a block's shortcut are alive at once
     (keras' functional runner keeps every intermediate until the call ends)."""
+    _layers_own_kernels(monkeypatch)
     weights, x = small_v2_weights
     model = _fresh_v2(weights)
     plan = model._layer_plan
@@ -301,6 +360,7 @@ def _inference_mode():
 def test_layerwise_call_returns_the_functional_structure(
     small_v2_weights, output_stages, monkeypatch
 ):
+    _layers_own_kernels(monkeypatch)
     _, x = small_v2_weights
     features = create_convnext_v2(
         "atto", include_top=False, output_stages=output_stages, input_shape=(32, 32, 3)
@@ -382,6 +442,54 @@ def test_torch_kernels_fallback_equals_them(small_v2_weights, mode, monkeypatch)
         assert spy.calls == 1 and list(fast_ops.disabled_fast_paths()) == ["torch_kernels"]
     else:
         assert spy.calls == 0 and fast_ops.disabled_fast_paths() == {}
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="a tensorflow fast path")
+@pytest.mark.parametrize("mode", MODES)
+def test_tensorflow_layer_norm_fallback_equals_it(small_v2_weights, mode, monkeypatch):
+    weights, x = small_v2_weights
+    model = _fresh_v2(weights)
+    with monkeypatch.context() as patch:
+        spy = Spy(patch, fast_ops, "tensorflow_apply")
+        fast = [keras.ops.convert_to_numpy(model(x)), model.predict_batch(x)]
+    assert spy.calls > 50
+    with monkeypatch.context() as patch:
+        spy = Spy(patch, fast_ops, "tensorflow_apply", fail=mode == "failure")
+        if mode == "off_cpu":
+            patch.setattr(fast_ops, "on_cpu", lambda x=None: False)
+        with _switched_off(mode, patch, "tensorflow_layer_norm"):
+            fallback = [keras.ops.convert_to_numpy(model(x)), model.predict_on_batch(x)]
+    for got, want in zip(fallback, fast, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    if mode == "failure":
+        assert spy.calls == 1 and list(fast_ops.disabled_fast_paths()) == ["tensorflow_layer_norm"]
+    else:
+        assert spy.calls == 0 and fast_ops.disabled_fast_paths() == {}
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="a tensorflow fast path")
+@pytest.mark.parametrize("scale", [1.0, 1e-3])
+def test_tensorflow_layer_norm_is_layer_norm(scale, rng):
+    """The FusedBatchNormV3 formulation, eager and in a graph traced with an open
+    batch size (where grappler fuses it), equals LayerNorm computed in float64 with
+    the layer's epsilon (1e-6: at scale 1e-3 the variance is 1e-6, where
+    `tf.nn.fused_batch_norm`'s floor of 1.001e-5 would change the result)."""
+    import tensorflow as tf
+
+    x = (scale * rng.standard_normal((3, 5, 7, 24))).astype("float32")
+    gamma, beta = (rng.standard_normal(24).astype("float32") for _ in "gb")
+    x64 = x.astype("float64")
+    mean = x64.mean(-1, keepdims=True)
+    variance = ((x64 - mean) ** 2).mean(-1, keepdims=True)
+    expected = (x64 - mean) / np.sqrt(variance + 1e-6) * gamma + beta
+
+    def norm(v):
+        return fast_ops.tensorflow_layer_norm(v, gamma, beta, 1e-6)
+
+    graph = tf.function(norm).get_concrete_function(tf.TensorSpec((None, 5, 7, 24)))
+    for got in (norm(tf.constant(x)), graph(tf.constant(x))):
+        assert tuple(got.shape) == x.shape
+        np.testing.assert_allclose(got.numpy(), expected, atol=2e-5, rtol=0)
 
 
 @pytest.mark.skipif(BACKEND != "torch", reason="torch kernels")
