@@ -420,6 +420,51 @@ def test_predict_batch_sees_new_weights(small_v2_weights, layer, weight):
     assert not np.allclose(after, before, atol=1e-3)
 
 
+def _fresh_v1(rng):
+    model = create_convnext_v1("atto", num_classes=5, input_shape=(32, 32, 3))
+    model.set_weights(random_weights(model, rng, scale=0.2))
+    return model
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="JAX's per-executable compiler options")
+@pytest.mark.parametrize("mode", ("portable", "failure"))
+def test_jax_compiler_options_fallback_equals_them(mode, monkeypatch):
+    """V1's predict_batch executable is compiled with its own XLA options; an option
+    XLA refuses (as a future XLA might) falls back to the default compilation."""
+    rng = np.random.default_rng(4)
+    model = _fresh_v1(rng)
+    x = rng.standard_normal((2, 32, 32, 3)).astype("float32")
+    assert fast_ops.jax_compiler_options(model) == fast_ops.JAX_V1_COMPILER_OPTIONS
+    reference = model.predict_on_batch(x)  # keras' own jit, default options
+    if mode == "failure":
+        monkeypatch.setattr(fast_ops, "JAX_V1_COMPILER_OPTIONS", {"xla_no_such_option": ""})
+        with pytest.warns(RuntimeWarning, match="jax_compiler_options"):
+            got = model.predict_batch(x)
+        assert list(fast_ops.disabled_fast_paths()) == ["jax_compiler_options"]
+    else:
+        with fast_ops.portable():
+            assert fast_ops.jax_compiler_options(model) == {}
+        got = model.predict_batch(x)
+        assert fast_ops.disabled_fast_paths() == {}
+    np.testing.assert_allclose(got, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="JAX's per-executable compiler options")
+def test_jax_compiler_options_only_where_measured(monkeypatch):
+    """Only models without GRN (where they were faster), never over the user's own
+    XLA_FLAGS for the same option, never off a CPU."""
+    v1 = create_convnext_v1("atto", num_classes=5, input_shape=(32, 32, 3))
+    v2 = create_convnext_v2("atto", num_classes=5, input_shape=(32, 32, 3))
+    assert fast_ops.jax_compiler_options(v1) == {"xla_cpu_experimental_ynn_fusion_type": ""}
+    assert fast_ops.jax_compiler_options(v2) == {}
+    assert fast_ops.jax_compiler_options(keras.Sequential([keras.layers.Dense(2)])) == {}
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=all")
+    assert fast_ops.jax_compiler_options(v1) == {}
+    monkeypatch.delenv("XLA_FLAGS")
+    monkeypatch.setattr(fast_ops, "on_cpu", lambda x=None: False)
+    assert fast_ops.jax_compiler_options(v1) == {}
+
+
 @pytest.mark.skipif(BACKEND != "torch", reason="torch kernels")
 @pytest.mark.parametrize("mode", MODES)
 def test_torch_kernels_fallback_equals_them(small_v2_weights, mode, monkeypatch):
