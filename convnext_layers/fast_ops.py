@@ -257,6 +257,19 @@ def torch_apply(layer, x):
     return layer.call(x)
 
 
+def layer_kernels(x):
+    """(fast path name, `apply(layer, x)`) for the layer-by-layer inference on `x`'s
+    backend when it has its own kernels for some layers and they may run
+    (torch: `torch_apply`; TensorFlow: `tensorflow_apply`), else None (each layer's
+    own `call`)."""
+    backend = keras.backend.backend()
+    if backend == "torch" and use_fast_path("torch_kernels", x):
+        return "torch_kernels", torch_apply
+    if backend == "tensorflow" and use_fast_path("tensorflow_layer_norm", x):
+        return "tensorflow_layer_norm", tensorflow_apply
+    return None
+
+
 def _onednn_linear_pointwise(x, weight, bias, attr, scalars, algorithm):
     """The private oneDNN op (the one place it is called)."""
     import torch

@@ -499,20 +499,11 @@ class ConvNeXt(keras.Model):
             plan = self._layer_plan
             if not plan.runs_directly(dtype):
                 outputs = plan.run(images, self.output_stages)
-            elif keras.backend.backend() == "torch" and fast_ops.use_fast_path(
-                "torch_kernels", images
-            ):
+            elif (kernels := fast_ops.layer_kernels(images)) is not None:
+                name, apply = kernels
                 outputs = fast_ops.guarded(
-                    "torch_kernels",
-                    lambda: plan.run(images, self.output_stages, fast_ops.torch_apply),
-                    lambda: plan.run(images, self.output_stages, apply_layer_directly),
-                )
-            elif keras.backend.backend() == "tensorflow" and fast_ops.use_fast_path(
-                "tensorflow_layer_norm"
-            ):
-                outputs = fast_ops.guarded(
-                    "tensorflow_layer_norm",
-                    lambda: plan.run(images, self.output_stages, fast_ops.tensorflow_apply),
+                    name,
+                    lambda: plan.run(images, self.output_stages, apply),
                     lambda: plan.run(images, self.output_stages, apply_layer_directly),
                 )
             else:

@@ -465,49 +465,33 @@ def test_jax_compiler_options_only_where_measured(monkeypatch):
     assert fast_ops.jax_compiler_options(v1) == {}
 
 
-@pytest.mark.skipif(BACKEND != "torch", reason="torch kernels")
-@pytest.mark.parametrize("mode", MODES)
-def test_torch_kernels_fallback_equals_them(small_v2_weights, mode, monkeypatch):
-    import torch
+# backend -> (fast path, the function that runs each layer in the layer-by-layer inference)
+LAYER_KERNELS = {
+    "torch": ("torch_kernels", "torch_apply"),
+    "tensorflow": ("tensorflow_layer_norm", "tensorflow_apply"),
+}
 
+
+@pytest.mark.skipif(BACKEND not in LAYER_KERNELS, reason="no layer kernels on this backend")
+@pytest.mark.parametrize("mode", MODES)
+def test_layer_kernels_fallback_equals_them(small_v2_weights, mode, monkeypatch):
+    name, apply = LAYER_KERNELS[BACKEND]
     weights, x = small_v2_weights
     model = _fresh_v2(weights)
-    with monkeypatch.context() as patch, torch.inference_mode():
-        spy = Spy(patch, fast_ops, "torch_apply")
-        fast = keras.ops.convert_to_numpy(model(x))
-    assert spy.calls > 50
-    with monkeypatch.context() as patch, torch.inference_mode():
-        spy = Spy(patch, fast_ops, "torch_apply", fail=mode == "failure")
-        if mode == "off_cpu":
-            patch.setattr(fast_ops, "on_cpu", lambda x=None: False)
-        with _switched_off(mode, patch, "torch_kernels"):
-            fallback = keras.ops.convert_to_numpy(model(x))
-    np.testing.assert_allclose(fallback, fast, atol=1e-5, rtol=1e-5)
-    if mode == "failure":
-        assert spy.calls == 1 and list(fast_ops.disabled_fast_paths()) == ["torch_kernels"]
-    else:
-        assert spy.calls == 0 and fast_ops.disabled_fast_paths() == {}
-
-
-@pytest.mark.skipif(BACKEND != "tensorflow", reason="a tensorflow fast path")
-@pytest.mark.parametrize("mode", MODES)
-def test_tensorflow_layer_norm_fallback_equals_it(small_v2_weights, mode, monkeypatch):
-    weights, x = small_v2_weights
-    model = _fresh_v2(weights)
-    with monkeypatch.context() as patch:
-        spy = Spy(patch, fast_ops, "tensorflow_apply")
+    with monkeypatch.context() as patch, _inference_mode():
+        spy = Spy(patch, fast_ops, apply)
         fast = [keras.ops.convert_to_numpy(model(x)), model.predict_batch(x)]
     assert spy.calls > 50
-    with monkeypatch.context() as patch:
-        spy = Spy(patch, fast_ops, "tensorflow_apply", fail=mode == "failure")
+    with monkeypatch.context() as patch, _inference_mode():
+        spy = Spy(patch, fast_ops, apply, fail=mode == "failure")
         if mode == "off_cpu":
             patch.setattr(fast_ops, "on_cpu", lambda x=None: False)
-        with _switched_off(mode, patch, "tensorflow_layer_norm"):
+        with _switched_off(mode, patch, name):
             fallback = [keras.ops.convert_to_numpy(model(x)), model.predict_on_batch(x)]
     for got, want in zip(fallback, fast, strict=True):
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
     if mode == "failure":
-        assert spy.calls == 1 and list(fast_ops.disabled_fast_paths()) == ["tensorflow_layer_norm"]
+        assert spy.calls == 1 and list(fast_ops.disabled_fast_paths()) == [name]
     else:
         assert spy.calls == 0 and fast_ops.disabled_fast_paths() == {}
 
