@@ -482,3 +482,18 @@ def pooling_layer(kind: str, name: str, gem_p: float = 3.0) -> keras.layers.Laye
     if kind == "gem":
         return GeneralizedMeanPooling(p=gem_p, name=name)
     raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}; got {kind!r}.")
+
+
+def acts_per_position(layer: keras.layers.Layer) -> bool:
+    """Whether `layer`, at inference, maps each position's channel vector on its own,
+    (..., C) -> (..., C'), so the rows of a (B, H, W, C) tensor may be split into
+    blocks and computed block by block (what `Residual` offers the layer-by-layer
+    inference). Normalisation over the channels, pointwise Dense, layer scale,
+    element-wise activations and stochastic depth (the identity at inference) do;
+    convolutions, GRN (statistics over the image) and pooling do not."""
+    if isinstance(layer, keras.layers.LayerNormalization):
+        axis = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+        return list(axis) == [-1]
+    return isinstance(
+        layer, (PointwiseDense, SimpleNorm, LayerScale, StochasticDepth, keras.layers.Activation)
+    )

@@ -45,6 +45,7 @@ from convnext_layers.layers import (
     PointwiseDense,
     StochasticDepth,
     activation_function,
+    acts_per_position,
     exact_gelu,
     norm_layer,
     pooling_layer,
@@ -88,22 +89,49 @@ class Residual:
     (shortcut, branch output); the same call builds the functional graph (on
     keras tensors) and runs the layer-by-layer inference (on backend tensors).
     `apply(layer, x)` is how each layer is run (`apply_layer` or
-    `apply_layer_directly`).
+    `apply_layer_directly`). `by_rows(tail, x, shortcut, width)`, when given,
+    runs the block's per-position tail (`pointwise_tail`) instead of calling it
+    once: `tail(x, shortcut)` is the rest of the branch and the add, and `width`
+    the widest channel count inside it (`fast_ops.jax_by_row_blocks`).
     """
 
     def __init__(self, branch, add):
         self.branch = tuple(branch)
         self.add = add
+        self._tail = _pointwise_tail(self.branch)
 
     @property
     def layers(self):
         return (*self.branch, self.add)
 
-    def __call__(self, x, apply=apply_layer):
+    def __call__(self, x, apply=apply_layer, by_rows=None):
         shortcut = x
-        for layer in self.branch:
+        start = len(self.branch) if by_rows is None or self._tail is None else self._tail[0]
+        for layer in self.branch[:start]:
             x = apply(layer, x)
-        return apply(self.add, [shortcut, x])
+
+        def tail(x, shortcut):
+            for layer in self.branch[start:]:
+                x = apply(layer, x)
+            return apply(self.add, [shortcut, x])
+
+        if start == len(self.branch):
+            return tail(x, shortcut)
+        return by_rows(tail, x, shortcut, self._tail[1])
+
+
+def _pointwise_tail(branch) -> tuple[int, int] | None:
+    """(where, width): the branch from layer `where` on acts on each position on its
+    own (`acts_per_position`) and holds every pointwise Dense of the block (the
+    inverted bottleneck, whose hidden tensor is `width` channels wide); None when
+    the block has no such tail (V2: GRN sits between the two Dense layers)."""
+    where = len(branch)
+    while where > 0 and acts_per_position(branch[where - 1]):
+        where -= 1
+    denses = [i for i, layer in enumerate(branch) if isinstance(layer, PointwiseDense)]
+    if not denses or denses[0] < where:
+        return None
+    return where, max(branch[i].units for i in denses)
 
 
 def block_layers(width, kernel_size, prefix, drop_path, config: ConvNeXtConfig) -> Residual:
@@ -174,8 +202,9 @@ class LayerPlan:
     """A ConvNeXt as the ordered steps its forward pass runs: the stem's layers, each
     stage's layers and `Residual` blocks, and the head's layers.
 
-    `run(x, output_stages)` applies them in order to `x` (B, H, W, C) and returns
-    the head's output, or the requested stages' feature maps. Only the current
+    `run(x, output_stages, apply, by_rows)` applies them in order to `x`
+    (B, H, W, C) and returns the head's output, or the requested stages' feature
+    maps (`apply` and `by_rows`: see `Residual`). Only the current
     tensor (and inside a block its shortcut) is held, so on eager backends each
     intermediate is freed after its last use; the model's functional graph is
     built by the same `run` on keras tensors.
@@ -220,26 +249,26 @@ class LayerPlan:
             self._direct = (dtype, policies, answer)
         return answer
 
-    def run(self, x, output_stages=None, apply=apply_layer):
+    def run(self, x, output_stages=None, apply=apply_layer, by_rows=None):
         for step in self.stem:
-            x = _apply_step(step, x, apply)
+            x = _apply_step(step, x, apply, by_rows)
         wanted = {} if output_stages is None else dict.fromkeys(output_stages)
         for index, stage in enumerate(self.stages):
             if output_stages is not None and index > max(output_stages):
                 break
             for step in stage:
-                x = _apply_step(step, x, apply)
+                x = _apply_step(step, x, apply, by_rows)
             if index in wanted:
                 wanted[index] = x
         if output_stages is not None:
             return [wanted[s] for s in output_stages]
         for step in self.head:
-            x = _apply_step(step, x, apply)
+            x = _apply_step(step, x, apply, by_rows)
         return x
 
 
-def _apply_step(step, x, apply):
-    return step(x, apply) if isinstance(step, Residual) else apply(step, x)
+def _apply_step(step, x, apply, by_rows):
+    return step(x, apply, by_rows) if isinstance(step, Residual) else apply(step, x)
 
 
 def _drop_path_rates(depths, drop_path_rate):
@@ -500,10 +529,14 @@ class ConvNeXt(keras.Model):
             if not plan.runs_directly(dtype):
                 outputs = plan.run(images, self.output_stages)
             elif (kernels := fast_ops.layer_kernels(images)) is not None:
-                name, apply = kernels
                 outputs = fast_ops.guarded(
-                    name,
-                    lambda: plan.run(images, self.output_stages, apply),
+                    kernels.name,
+                    lambda: plan.run(
+                        images,
+                        self.output_stages,
+                        kernels.apply or apply_layer_directly,
+                        kernels.by_rows,
+                    ),
                     lambda: plan.run(images, self.output_stages, apply_layer_directly),
                 )
             else:
