@@ -491,7 +491,7 @@ def acts_per_position(layer: keras.layers.Layer) -> bool:
     inference). Normalisation over the channels, pointwise Dense, layer scale,
     element-wise activations and stochastic depth (the identity at inference) do;
     convolutions, GRN (statistics over the image) and pooling do not."""
-    if isinstance(layer, keras.layers.LayerNormalization):
+    if isinstance(layer, (keras.layers.LayerNormalization, keras.layers.RMSNormalization)):
         axis = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
         return list(axis) == [-1]
     return isinstance(

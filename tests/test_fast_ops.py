@@ -15,6 +15,7 @@ from conftest import BACKEND, random_timm_model, timm_state_numpy
 
 import weights_convert as wc
 from convnext_layers import (
+    ConvNeXtConfig,
     DepthwiseConv,
     DownsampleConv,
     GlobalResponseNorm,
@@ -496,63 +497,81 @@ def test_layer_kernels_fallback_equals_them(small_v2_weights, mode, monkeypatch)
         assert spy.calls == 0 and fast_ops.disabled_fast_paths() == {}
 
 
-def test_pointwise_tail_is_the_inverted_bottleneck():
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm", "simplenorm"])
+@pytest.mark.parametrize("use_grn", [False, True])
+def test_pointwise_tail_is_the_inverted_bottleneck(norm, use_grn):
     """Where a block's per-position part starts, and the hidden width it reaches:
-    V1 from the LayerNorm on (4C wide), V2 none (GRN's statistics span the image)."""
-    v1 = create_convnext_v1("atto", input_shape=(32, 32, 3))
-    v2 = create_convnext_v2("atto", input_shape=(32, 32, 3))
-    for model, expected in ((v1, (1, 160)), (v2, None)):
-        block = model._layer_plan.stages[0][0]
-        assert isinstance(block, model_module.Residual)
-        assert block._tail == expected
-        if expected:
-            assert block.branch[expected[0]].name == "stage0_block0_norm"
+    V1 from the norm on (4C wide), V2 none (GRN's statistics span the image)."""
+    config = ConvNeXtConfig(
+        depths=(1, 1, 1, 1), widths=(40, 80, 160, 320), norm=norm, use_grn=use_grn,
+        layer_scale_init_value=None if use_grn else 1e-6,
+    )  # fmt: skip
+    block = model_module.block_layers(40, 7, "block", 0.1, config)
+    if use_grn:
+        assert block._tail is None
+    else:
+        assert block._tail == (1, 160)
+        assert block.branch[1].name == "block_norm"
+        assert [type(layer).__name__ for layer in block.branch[1:]][-1] == "StochasticDepth"
 
 
 # backend -> the fast path that splits a block's per-position tail into row blocks
 ROW_BLOCKS = {"jax": "jax_row_blocks", "torch": "torch_row_blocks"}
 
 
-@pytest.mark.skipif(BACKEND not in ROW_BLOCKS, reason="no row blocks on this backend")
-@pytest.mark.parametrize("mode", MODES)
-def test_row_blocks_fallback_equals_them(mode, monkeypatch):
-    """The per-position tails over row blocks (blocks made small here so a 44 x 44
-    image is split: stage 0 into 13 blocks of 9 rows and a rest of 4, stage 1 into 5
-    of 5, stage 2 whole) give the numbers of the tails in one piece, in predict_batch
-    and predict_on_batch; never in an eager JAX call, under torch's autograd, or in
-    V2 (no per-position tail)."""
-    name = ROW_BLOCKS[BACKEND]
+SMALL_ROW_BLOCK = 4 * 160 * 10  # bytes: 10 rows of convnext_atto's stage-0 hidden tensor
+
+
+@pytest.fixture(scope="module")
+def row_block_case():
+    """convnext_atto V1 weights, a 44 x 44 image, and predict_batch's and
+    predict_on_batch's outputs with the per-position tails split into row blocks
+    (made small: stage 0 into 13 blocks of 9 rows and a rest of 4, stage 1 into 5
+    of 5, stage 2 whole); checks on the way that blocks were used there and not in
+    an eager JAX call or under torch's autograd (V2 has no per-position tail:
+    `test_pointwise_tail_is_the_inverted_bottleneck`)."""
     rng = np.random.default_rng(6)
     weights = random_weights(create_convnext_v1("atto", num_classes=5), rng, scale=0.2)
     x = rng.standard_normal((1, 44, 44, 3)).astype("float32")
-
-    def v1():
-        model = create_convnext_v1("atto", num_classes=5, input_shape=(44, 44, 3))
-        model.set_weights(weights)
-        return model
-
-    monkeypatch.setattr(fast_ops, "ROW_BLOCK_BYTES", 4 * 160 * 10)
-    assert fast_ops.row_blocks(121, 160) == (13, 9)
-    assert fast_ops.row_blocks(25, 320) == (5, 5)
-    assert fast_ops.row_blocks(4, 640) is None
-    model = v1()
-    with monkeypatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fast_ops, "_DISABLED", {})
+        patch.setattr(fast_ops, "ROW_BLOCK_BYTES", SMALL_ROW_BLOCK)
+        assert fast_ops.row_blocks(121, 160) == (13, 9)
+        assert fast_ops.row_blocks(25, 320) == (5, 5)
+        assert fast_ops.row_blocks(4, 640) is None
+        model = _v1_44(weights)
         spy = Spy(patch, fast_ops, "_as_images")
-        fast = [model.predict_batch(x), model.predict_on_batch(x)]
-        split = spy.calls
-        assert split > 0
+        split = [model.predict_batch(x), model.predict_on_batch(x)]
+        calls = spy.calls
+        assert calls > 0
         unsplit = keras.ops.convert_to_numpy(model(x))  # eager JAX; torch with autograd
-        create_convnext_v2("atto", num_classes=5, input_shape=(44, 44, 3)).predict_on_batch(x)
-        assert spy.calls == split
-    model = v1()
+        assert spy.calls == calls
+        assert fast_ops.disabled_fast_paths() == {}
+    return weights, x, split, unsplit
+
+
+def _v1_44(weights):
+    model = create_convnext_v1("atto", num_classes=5, input_shape=(44, 44, 3))
+    model.set_weights(weights)
+    return model
+
+
+@pytest.mark.skipif(BACKEND not in ROW_BLOCKS, reason="no row blocks on this backend")
+@pytest.mark.parametrize("mode", MODES)
+def test_row_blocks_fallback_equals_them(row_block_case, mode, monkeypatch):
+    """The tails over row blocks give the numbers of the tails in one piece."""
+    name = ROW_BLOCKS[BACKEND]
+    weights, x, split, unsplit = row_block_case
+    monkeypatch.setattr(fast_ops, "ROW_BLOCK_BYTES", SMALL_ROW_BLOCK)
+    model = _v1_44(weights)
     with monkeypatch.context() as patch:
         spy = Spy(patch, fast_ops, "row_blocks", fail=mode == "failure")
         if mode == "off_cpu":
             patch.setattr(fast_ops, "on_cpu", lambda x=None: False)
         with _switched_off(mode, patch, name):
             fallback = [model.predict_batch(x), model.predict_on_batch(x)]
-    for got in (*fallback, unsplit, fast[1]):
-        np.testing.assert_allclose(got, fast[0], atol=1e-5, rtol=1e-5)
+    for got in (*fallback, unsplit, split[1]):
+        np.testing.assert_allclose(got, split[0], atol=1e-5, rtol=1e-5)
     if mode == "failure":
         assert spy.calls >= 1 and list(fast_ops.disabled_fast_paths()) == [name]
     else:
