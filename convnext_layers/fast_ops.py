@@ -352,6 +352,15 @@ def torch_by_row_blocks(tail, x, shortcut, width):
     return guarded("torch_row_blocks", blocked, lambda: tail(x, shortcut))
 
 
+def _torch_row_runner(x):
+    """`torch_by_row_blocks` where it may run on `x`: float32, no autograd."""
+    import torch
+
+    if torch.is_grad_enabled() or x.dtype != torch.float32:
+        return None
+    return torch_by_row_blocks if fast_paths_allowed("torch_row_blocks") else None
+
+
 def _onednn_linear_pointwise(x, weight, bias, attr, scalars, algorithm):
     """The private oneDNN op (the one place it is called)."""
     import torch
@@ -486,20 +495,13 @@ def _jax_depthwise_rule():
     return depthwise
 
 
-def _torch_row_runner(x):
-    import torch
-
-    if torch.is_grad_enabled() or x.dtype != torch.float32:
-        return None
-    return torch_by_row_blocks if fast_paths_allowed("torch_row_blocks") else None
-
-
 def _jax_traced_float32(x) -> bool:
     """`x` is a float32 JAX value being traced by a jit (in eager calls each
     `lax.map` would be compiled anew)."""
     import jax
 
-    return isinstance(x, jax.core.Tracer) and x.dtype == "float32"
+    tracer = getattr(getattr(jax, "core", None), "Tracer", None)  # public, but jax.core shrinks
+    return tracer is not None and isinstance(x, tracer) and x.dtype == "float32"
 
 
 def jax_by_row_blocks(tail, x, shortcut, width):

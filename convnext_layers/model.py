@@ -90,9 +90,10 @@ class Residual:
     keras tensors) and runs the layer-by-layer inference (on backend tensors).
     `apply(layer, x)` is how each layer is run (`apply_layer` or
     `apply_layer_directly`). `by_rows(tail, x, shortcut, width)`, when given,
-    runs the block's per-position tail (`pointwise_tail`) instead of calling it
+    runs the block's per-position tail (`_pointwise_tail`) instead of calling it
     once: `tail(x, shortcut)` is the rest of the branch and the add, and `width`
-    the widest channel count inside it (`fast_ops.jax_by_row_blocks`).
+    the widest channel count inside it (`fast_ops.jax_by_row_blocks`,
+    `fast_ops.torch_by_row_blocks`).
     """
 
     def __init__(self, branch, add):
