@@ -512,7 +512,7 @@ def test_pointwise_tail_is_the_inverted_bottleneck(norm, use_grn):
     else:
         assert block._tail == (1, 160)
         assert block.branch[1].name == "block_norm"
-        assert [type(layer).__name__ for layer in block.branch[1:]][-1] == "StochasticDepth"
+        assert isinstance(block.branch[-1], layers_module.StochasticDepth)
 
 
 # backend -> the fast path that splits a block's per-position tail into row blocks
