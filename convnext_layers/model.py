@@ -24,6 +24,8 @@ Layer names follow timm's module paths, which is what `weights_convert` maps:
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 
 import keras
@@ -316,6 +318,30 @@ def _check_head_arguments(num_classes, include_top, pooling, head_norm, normaliz
             )
 
 
+# what keras' functional Model takes besides inputs / outputs / name (it drops the rest)
+_KERAS_MODEL_ARGUMENTS = ("trainable",)
+
+
+def _check_unknown_arguments(kwargs):
+    """A `TypeError` naming each argument that neither `ConvNeXt` nor keras' functional
+    Model takes (keras would drop it without a word: `num_clases=10` would build a
+    1000-class model), with the closest valid name."""
+    unknown = [name for name in kwargs if name not in _KERAS_MODEL_ARGUMENTS]
+    if not unknown:
+        return
+    parameters = inspect.signature(ConvNeXt.__init__).parameters
+    valid = [n for n, p in parameters.items() if p.kind is p.KEYWORD_ONLY]
+    valid += ["layer_scale_init_value", *_KERAS_MODEL_ARGUMENTS]  # the V1 factory's own
+    described = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, valid, n=1)
+        described.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise TypeError(
+        f"Unknown model argument(s) {', '.join(described)}; the arguments are "
+        f"{', '.join(sorted(valid))}."
+    )
+
+
 def _check_drop_path_rate(rate):
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
         raise ModelArgumentError(f"drop_path_rate must be a number in [0, 1), got {rate!r}.")
@@ -419,6 +445,7 @@ class ConvNeXt(keras.Model):
         name: str | None = None,
         **kwargs,
     ):
+        _check_unknown_arguments(kwargs)
         try:
             config = ConvNeXtConfig.from_dict(config)
         except ConfigError as error:

@@ -27,7 +27,7 @@ import os
 import sys
 
 from embedding.errors import InputError, PairsFileError
-from embedding.files import IMAGE_EXTENSIONS, check_output_path, find_image_files
+from embedding.files import IMAGE_EXTENSIONS, check_output_path, file_problem, find_image_files
 
 SUBCOMMANDS = [
     "embedding.cli:add_demo_parser",
@@ -157,8 +157,9 @@ def check_model_source(args) -> str:
     import weights_convert
 
     source = model_source(args)
-    if weights_convert.hub_repo_id(source) is None and not os.path.exists(source):
-        raise CommandError(f"--model {source}: no such file or folder (nor a Hub id)")
+    problem = weights_convert.source_problem(source)
+    if problem is not None:
+        raise CommandError(f"--model {source}: {problem}")
     if source.endswith(".keras") and (args.pooling != "avg" or args.no_head_norm):
         raise CommandError(
             f"--model {source}: a .keras model has its own pooling and head; "
@@ -398,9 +399,9 @@ def run_verify(args):
     from embedding.metrics import Calibration, CalibrationError
 
     for name, path in (("image1", args.image1), ("image2", args.image2)):
-        if not os.path.isfile(path):
-            what = "a folder, not an image file" if os.path.isdir(path) else "no such file"
-            raise CommandError(f"{name} {path}: {what}")
+        problem = file_problem(path)
+        if problem is not None:
+            raise CommandError(f"{name} {path}: {problem}")
     calibration = None
     if args.calibration is not None:
         try:
@@ -511,7 +512,7 @@ def missing_images(pairs) -> list[str]:
         for path in pair:
             if path not in seen:
                 seen.add(path)
-                if not os.path.isfile(path):
+                if file_problem(path) is not None:
                     missing.append(path)
     return missing
 
@@ -688,8 +689,9 @@ def _run_demo(args):
     if args.model is not None and not args.offline:
         import weights_convert
 
-        if weights_convert.hub_repo_id(args.model) is None and not os.path.exists(args.model):
-            raise CommandError(f"--model {args.model}: no such file or folder (nor a Hub id)")
+        problem = weights_convert.source_problem(args.model)
+        if problem is not None:
+            raise CommandError(f"--model {args.model}: {problem}")
     try:
         return run_demo(model=args.model, offline=args.offline)
     except (ValueError, OSError) as error:
@@ -809,7 +811,7 @@ def add_identify_parser(subparsers):
     p.add_argument("--gallery", required=True, help="gallery written by `enroll`")
     p.add_argument(
         "--threshold",
-        type=float,
+        type=finite_float,
         default=None,
         help="a match needs similarity >= T (default: 0.5, uncalibrated; "
         "`evaluate` prints calibrated thresholds)",
@@ -830,8 +832,10 @@ def run_identify(args):
     from embedding.gallery import Gallery
     from embedding.preprocess import load_image
 
-    if not os.path.isfile(args.gallery):
-        raise CommandError(f"{args.gallery}: no such gallery file (make one with `enroll`)")
+    problem = file_problem(args.gallery)
+    if problem is not None:
+        what = "no such gallery file" if problem == "no such file" else problem
+        raise CommandError(f"{args.gallery}: {what} (make one with `enroll`)")
     try:
         gallery = Gallery.load(args.gallery)
     except ValueError as error:
@@ -926,7 +930,9 @@ def run_export(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from weights_convert.cli import CommandLineParser  # one `error:` line, as every error
+
+    parser = CommandLineParser(
         prog="python -m embedding",
         description="ConvNeXt image embeddings, verification and evaluation (Keras 3).",
     )
@@ -947,7 +953,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    try:  # usage errors: argparse's usage line and one "error:" line, then exit status 2
+    try:  # usage errors: one "error:" line, then exit status 2
         args = build_parser().parse_args(None if argv is None else [os.fspath(a) for a in argv])
     except SystemExit as stop:  # returned, not raised, so `main` is callable as a function
         return stop.code if isinstance(stop.code, int) else 0

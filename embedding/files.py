@@ -19,12 +19,56 @@ Numpy only; no Keras.
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from dataclasses import dataclass
 
 from embedding.errors import EmptyInputError, OutputPathError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+
+
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a folder, not a file"),
+    (stat.S_ISFIFO, "a named pipe, not a regular file"),
+    (stat.S_ISCHR, "a character device, not a regular file"),
+    (stat.S_ISBLK, "a block device, not a regular file"),
+    (stat.S_ISSOCK, "a socket, not a regular file"),
+)
+
+
+def _kind_problem(mode: int) -> str | None:
+    return next((what for test, what in _FILE_KINDS if test(mode)), None)
+
+
+def file_problem(path) -> str | None:
+    """Why `path` is no file to read: "no such file", "a broken or looping symbolic
+    link", "a folder, not a file", "a named pipe, not a regular file", ...; None
+    for a regular file (which may still be unreadable or not an image)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "a broken or looping symbolic link" if os.path.islink(path) else "no such file"
+    if stat.S_ISREG(mode):
+        return None
+    return _kind_problem(mode) or "not a regular file"
+
+
+def open_regular_file(path):
+    """`path` opened for binary reading if it is a regular file, else `ValueError`
+    naming its kind. Reading a named pipe would wait for a writer forever and a
+    device such as /dev/zero never ends: the kind is checked on the opened file
+    (no window between the check and the open), which is opened without blocking."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ValueError(_kind_problem(mode) or "not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 @dataclass(frozen=True)

@@ -860,9 +860,9 @@ def _check_source_exists(model):
             f"model must be a keras.Model, a .keras file or a checkpoint source, got "
             f"{type(model).__name__}."
         )
-    source = os.fspath(model)
-    if weights_convert.hub_repo_id(source) is None and not os.path.exists(source):
-        raise ModelSourceError(source, "no such file or folder (nor a Hub id)")
+    problem = weights_convert.source_problem(model)
+    if problem is not None:
+        raise ModelSourceError(os.fspath(model), problem)
 
 
 def _read_state(state_path, model_path, identity, checkpoint_dir):

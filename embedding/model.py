@@ -360,7 +360,12 @@ def build_model(
     convnext_atto).
     """
     _check_options(pooling, head_norm, normalize)
-    if isinstance(source, (str, os.PathLike)) and os.fspath(source).endswith(".keras"):
+    problem = weights_convert.source_problem(source)  # a TypeError for what is no source
+    if problem is not None:
+        raise weights_convert.CheckpointNotFoundError(
+            f"Model source {os.fspath(source)!r}: {problem}."
+        )
+    if os.fspath(source).endswith(".keras"):
         model = weights_convert.load_converted(source)
         return as_embedding_model(model, pooling=pooling, head_norm=head_norm, gem_p=gem_p)
     options = {

@@ -62,6 +62,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from embedding.errors import ImageLoadError, UnsupportedInputError, without_traceback
+from embedding.files import open_regular_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -346,7 +347,8 @@ def _load(item, channel_order, data_format, max_pixels, draft_size):
     if isinstance(item, (bytes, bytearray, memoryview)):
         item = io.BytesIO(bytes(item))
     elif not hasattr(item, "read"):
-        item = os.fspath(item)
+        with open_regular_file(os.fspath(item)) as file:  # never a pipe or a device
+            return _to_rgb(_decode(file, max_pixels, draft_size))
     return _to_rgb(_decode(item, max_pixels, draft_size))
 
 

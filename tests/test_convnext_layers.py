@@ -128,6 +128,7 @@ def test_save_and_load_gives_identical_outputs(family, tmp_path):
     assert loaded.get_layer("stage3_block1_drop_path").rate == pytest.approx(0.2)
 
 
+@pytest.mark.slow  # a training run (19 s on 2 cores)
 def test_fit_lowers_the_loss():
     # V1 here (layer scale, stochastic depth); V2 training is covered by the
     # ArcFace fine-tuning test on digits (tests/test_finetune.py)
@@ -202,6 +203,20 @@ def test_stochastic_depth_drops_whole_samples_only_in_training():
 def test_bad_arguments_raise_clear_errors(family, kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         FAMILIES[family](**kwargs)
+
+
+def test_misspelled_arguments_are_refused_with_the_closest_name(family):
+    """keras' functional Model drops unknown keyword arguments without a word."""
+    with pytest.raises(TypeError) as info:
+        FAMILIES[family]("atto", num_clases=10, drop_path=0.1, colour="red")
+    message = str(info.value)
+    assert "'num_clases' (did you mean 'num_classes'?)" in message
+    assert "'drop_path' (did you mean 'drop_path_rate'?)" in message
+    assert (
+        "'colour'; the arguments are" in message
+        and "num_classes" in message.split("the arguments are")[1]
+    )
+    assert FAMILIES[family]("atto", num_classes=3, trainable=False).trainable is False
 
 
 @pytest.mark.parametrize("arch", ["convnext_atto", "convnextv2_atto", "convnext_tiny"])

@@ -48,6 +48,7 @@ def test_atto_logits_match_timm_at_224():
         assert (logits.argmax(-1) == expected.argmax(-1)).all(), path
 
 
+@pytest.mark.slow  # a large variant (13 s); the quick suite compares tiny via weights_convert
 def test_tiny_logits_match_timm_on_small_input():
     outputs, expected = compare_with_timm("tiny", 64)
     for path, logits in outputs.items():

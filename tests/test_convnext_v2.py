@@ -50,7 +50,9 @@ def test_grn_starts_as_identity(rng):
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(GlobalResponseNorm()(x)), x)
 
 
-@pytest.mark.parametrize("variant,size", [("atto", 224), ("nano", 64)])
+@pytest.mark.parametrize(
+    "variant,size", [("atto", 224), pytest.param("nano", 64, marks=pytest.mark.slow)]
+)
 def test_logits_match_timm(variant, size):
     timm_model = random_timm_model(f"convnextv2_{variant}", seed=3)
     model = create_convnext_v2(variant, input_shape=(size, size, 3))

@@ -254,6 +254,13 @@ def test_hub_source_without_network_fails_clearly(monkeypatch, tmp_path):
         build_model("timm/convnext_atto.d2_in1k", cache_dir=tmp_path / "cache")
     with pytest.raises(FileNotFoundError):
         build_model(str(tmp_path / "nowhere"), cache=False)
+    loop = tmp_path / "loop"
+    os.symlink(loop, loop)
+    with pytest.raises(FileNotFoundError, match="looping symbolic link"):
+        Embedder(str(loop))
+    for wrong in (None, 5, b"timm/convnext_atto.d2_in1k"):
+        with pytest.raises(TypeError, match="A model source is a path .* got"):
+            Embedder(wrong)
 
 
 def test_padded_sizes_are_powers_of_two_capped():

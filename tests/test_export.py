@@ -430,6 +430,35 @@ def test_unavailable_format_names_the_backend_to_use(format, backend, advice):
     assert str(error.value).endswith(advice)
 
 
+@pytest.mark.skipif(BACKEND != "jax", reason="JAX writes its SavedModels as StableHLO")
+def test_jax_saved_model_refused_before_any_export(keras_embedder, tmp_path, capfd):
+    """Whether this TensorFlow runs this JAX's SavedModels is found on a small model of a
+    ConvNeXt block's layers, quietly and before a model is exported, and agrees with
+    the check after a full export (run here with the early one switched off)."""
+    late = tmp_path / "late"
+    with mock.patch.object(export_module, "_check_jax_saved_model_runs", lambda: None):
+        try:
+            keras_embedder.export(str(late) + os.sep)
+            refused = None
+        except ExportUnavailableError as error:
+            refused = str(error)
+    capfd.readouterr()
+    export_module._check_jax_saved_model_runs.cache_clear()
+    reason = can_export("saved_model")
+    logs = capfd.readouterr().err  # file-descriptor level: TensorFlow's C++ logging
+    assert "OP_REQUIRES" not in logs and "note: called from" not in logs, logs
+    assert (reason is None) == (refused is None), (reason, refused)
+    if refused is None:
+        return  # this TensorFlow runs this JAX's SavedModels (test_reloaded_saved_model...)
+    assert "cannot run the SavedModel that JAX" in reason
+    with (
+        mock.patch.object(export_module, "_run_exporter", side_effect=AssertionError("exported")),
+        pytest.raises(ExportUnavailableError, match="cannot run the SavedModel"),
+    ):
+        keras_embedder.export(str(tmp_path / "early") + os.sep)
+    assert os.listdir(tmp_path) == []
+
+
 def test_missing_exporter_package_is_named():
     with (
         mock.patch.object(export_module.importlib.util, "find_spec", return_value=None),

@@ -683,8 +683,10 @@ def bad_models(tmp_path_factory):
     (folder / "broken.keras").write_bytes(b"PK\x03\x04 not a zip")
     two_inputs = ft.build_training_model(ft.as_embedding_model(tiny_model()), 3)
     two_inputs.save(folder / "train.keras")
+    os.symlink(folder / "loop", folder / "loop")
     return [
         (str(folder / "nosuch"), "no such file"),
+        (str(folder / "loop"), "looping symbolic link"),
         (str(folder / "truncated"), "truncated"),
         (str(folder / "mismatched"), "stem.0.weight"),
         (str(folder / "pickled.pth"), "safetensors"),
@@ -705,10 +707,12 @@ def run_cli(argv, capsys):
 
 
 def assert_one_error_line(code, err, *fragments):
+    """Exit status 2 and one line starting with `error:`: no argparse usage block or
+    `PROG: error:` line, no traceback."""
     assert code == 2, err
-    lines = [ln for ln in err.splitlines() if ln.startswith("error:") or ": error:" in ln]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if "error:" in ln]
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    assert "Traceback" not in err and "usage:" not in err
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
 
@@ -793,6 +797,75 @@ def test_cli_outputs_are_checked_before_the_model_loads(
     for argv, *fragments in cases:
         code, _, err = run_cli([*argv, *model], capsys)
         assert_one_error_line(code, err, *fragments)
+
+
+def test_cli_usage_errors_are_one_error_line(lfw_people, tiny_keras, tmp_path, capsys):
+    """argparse's own refusals (bad values, unknown options or commands, missing
+    arguments) read like every other error, in both command lines."""
+    root, _ = lfw_people
+    image = os.path.join(root, "alice", "alice_0001.jpg")
+    out = ["-o", tmp_path / "v.npz"]
+    cases = [
+        (["embed", root, *out, "--batch-size", "0"], "--batch-size", "at least 1"),
+        (["embed", root, *out, "--batch-size", "1e9"], "--batch-size", "whole number"),
+        (["embed", root, *out, "--workers", "-1"], "--workers"),
+        (["embed", root, *out, "--no-such-option"], "--no-such-option"),
+        (["embed", root], "-o/--output", "embed --help"),
+        (["verify", image, image, "--threshold", "1e400"], "--threshold", "finite"),
+        (["identify", image, "--gallery", root, "--threshold", "nan"], "--threshold", "finite"),
+        (["--backend", "foo", "embed", root, *out], "--backend", "'jax'"),
+        (["nosuchcommand"], "nosuchcommand", "'embed'"),
+        ([], "COMMAND"),
+    ]
+    for argv, *fragments in cases:
+        code, _, err = run_cli([*argv, "--model", tiny_keras] if argv else argv, capsys)
+        assert_one_error_line(code, err, *fragments)
+    from weights_convert import cli as convert_cli
+
+    for argv, fragment in (
+        (["x", "-o", tmp_path / "m.keras", "--num-classes", "1.5"], "--num-classes"),
+        ([], "-o/--output"),
+    ):
+        try:
+            code = convert_cli.main([str(a) for a in argv])
+        except SystemExit as stop:
+            code = stop.code
+        assert_one_error_line(code, capsys.readouterr().err, fragment, "weights_convert --help")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_pipes_and_devices_are_refused_not_read(
+    lfw_people, tiny_embedder, tiny_keras, tmp_path, capsys
+):
+    """A named pipe would block the reader until a writer comes (forever), a device such
+    as /dev/zero never ends: both are refused by kind, per image, without reading."""
+    root, _ = lfw_people
+    good = os.path.join(root, "alice", "alice_0001.jpg")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    shutil.copy(good, folder / "good.jpg")
+    os.mkfifo(folder / "pipe.jpg")
+    os.symlink(os.devnull, folder / "device.png")
+    expected = {"pipe.jpg": "named pipe", "device.png": "character device"}
+
+    def timeout(signum, frame):
+        raise AssertionError("reading blocked")
+
+    previous = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(60)
+    try:
+        for name, kind in expected.items():
+            with pytest.raises(ImageLoadError, match=kind):
+                load_image(str(folder / name))
+        inputs = sorted(map(str, folder.iterdir()))  # device.png, good.jpg, pipe.jpg
+        result = tiny_embedder.embed_many(inputs)
+        code, _, err = run_cli(["verify", os.devnull, good, "--model", tiny_keras], capsys)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert result.indices.tolist() == [1] and result.skipped == [0, 2]
+    assert "character device" in str(result.failures[0]) and "pipe" in str(result.failures[1])
+    assert_one_error_line(code, err, "image1", "character device")
 
 
 @pytest.fixture(scope="module")

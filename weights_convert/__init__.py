@@ -66,6 +66,7 @@ _EXPORTS = {
         "read_config_json",
         "read_safetensors",
         "resolve_source",
+        "source_problem",
     ),
     "mapping": (
         "LAYER_RULES",

@@ -271,6 +271,28 @@ def hub_repo_id(source) -> str | None:
     return match[1] if match else None
 
 
+def source_problem(source) -> str | None:
+    """Why `source` names no model at all, before anything is read: "no such file or
+    folder (nor a Hub id)" or "a broken or looping symbolic link"; None for an
+    existing path or a Hub id (which may still fail to load). Anything but a
+    string or path is a `TypeError` naming what is accepted."""
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(
+            "A model source is a path (a .safetensors file, a folder with model.safetensors "
+            f"+ config.json, a .keras file) or a Hub id string, got {type(source).__name__}."
+        )
+    text = os.fspath(source)
+    if isinstance(text, bytes):
+        raise TypeError("A model source is a str path or Hub id, got bytes.")
+    if os.path.islink(text) and not os.path.exists(text):
+        return "a broken or looping symbolic link"
+    if not text.strip():
+        return "empty (no path and no Hub id)"
+    if not os.path.exists(text) and hub_repo_id(text) is None:
+        return "no such file or folder (nor a Hub id)"
+    return None
+
+
 def _check_readable_file(path, what):
     if os.path.islink(path) and not os.path.exists(path):
         raise CheckpointNotFoundError(f"{what} {path!r} is a broken or looping symbolic link.")

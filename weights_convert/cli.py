@@ -15,11 +15,21 @@ import time
 from weights_convert.errors import USER_ERRORS
 
 
+class CommandLineParser(argparse.ArgumentParser):
+    """argparse with this project's usage errors: one line, `error: ... (see PROG
+    --help)`, exit status 2, instead of argparse's usage block and `PROG: error:`
+    (subcommands' parsers are of the same class)."""
+
+    def error(self, message):
+        text = " ".join(str(message).split())
+        self.exit(2, f"error: {text} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     # checkpoint imports convnext_layers and so Keras: `embedding --help` must not pay that
     from weights_convert.checkpoint import DEFAULT_MODEL
 
-    parser = argparse.ArgumentParser(
+    parser = CommandLineParser(
         prog="python -m weights_convert",
         description="Convert a timm ConvNeXt / ConvNeXt V2 safetensors checkpoint to Keras.",
     )

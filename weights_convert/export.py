@@ -49,6 +49,7 @@ the model's metadata has one (key "calibration").
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import math
@@ -150,6 +151,8 @@ def check_backend_supports(format: str, backend: str | None = None) -> None:
             f"{_FORMAT_NAMES[format]} export on the {backend} backend needs {', '.join(missing)}: "
             f"pip install {packages} (or the project's `export` extra)."
         )
+    if format == "saved_model" and backend == "jax":
+        _check_jax_saved_model_runs()
 
 
 def check_export_options(
@@ -328,6 +331,42 @@ def _run_exporter(model, path, format, shape, input_dtype, dtype, verbose):
     model.export(path, format=keras_format, input_signature=signature, verbose=verbose, **options)
     if format == "saved_model" and backend == "jax":
         _check_tensorflow_runs(path, shape, input_dtype)
+
+
+@functools.lru_cache(maxsize=1)
+def _check_jax_saved_model_runs() -> None:
+    """`_check_tensorflow_runs` on a SavedModel, written by JAX, of a small model made
+    of a ConvNeXt block's layers (depthwise conv, LayerNorm, the pointwise Dense
+    with its exact GELU), so a TensorFlow too old for this JAX is found in seconds,
+    before a model is converted and exported in full. Once per process."""
+    import keras
+
+    from convnext_layers.layers import DepthwiseConv, PointwiseDense, activation_function
+
+    inputs = keras.Input((8, 8, 4))
+    x = DepthwiseConv(3)(inputs)
+    x = keras.layers.LayerNormalization(epsilon=1e-6)(x)
+    x = PointwiseDense(16, activation=activation_function("gelu"))(x)
+    probe = keras.Model(inputs, PointwiseDense(4)(x))
+    with tempfile.TemporaryDirectory(prefix="convnext-saved-model-probe-") as folder:
+        path = os.path.join(folder, "probe")
+        with _native_stderr_silenced():  # TensorFlow's and XLA's C++ logs of the failure
+            probe.export(path, format="tf_saved_model", verbose=False)
+            _check_tensorflow_runs(path, (None, 8, 8, 4), "float32")
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """File descriptor 2 to /dev/null for the block (C++ libraries log there, below
+    Python's `sys.stderr`); restored however the block ends."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _check_tensorflow_runs(path, shape, input_dtype):
