@@ -436,18 +436,20 @@ def test_jax_saved_model_refused_before_any_export(keras_embedder, tmp_path, cap
     ConvNeXt block's layers, quietly and before a model is exported, and agrees with
     the check after a full export (run here with the early one switched off)."""
     late = tmp_path / "late"
-    with mock.patch.object(export_module, "_check_jax_saved_model_runs", lambda: None):
+    with mock.patch.object(export_module, "_jax_saved_model_problem", lambda: None):
         try:
             keras_embedder.export(str(late) + os.sep)
             refused = None
         except ExportUnavailableError as error:
             refused = str(error)
     capfd.readouterr()
-    export_module._check_jax_saved_model_runs.cache_clear()
+    export_module._jax_saved_model_problem.cache_clear()
     reason = can_export("saved_model")
     logs = capfd.readouterr().err  # file-descriptor level: TensorFlow's C++ logging
     assert "OP_REQUIRES" not in logs and "note: called from" not in logs, logs
     assert (reason is None) == (refused is None), (reason, refused)
+    with mock.patch.object(export_module, "_check_tensorflow_runs", side_effect=AssertionError):
+        assert can_export("saved_model") == reason  # the answer, a refusal too, is kept
     if refused is None:
         return  # this TensorFlow runs this JAX's SavedModels (test_reloaded_saved_model...)
     assert "cannot run the SavedModel that JAX" in reason

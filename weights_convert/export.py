@@ -152,7 +152,9 @@ def check_backend_supports(format: str, backend: str | None = None) -> None:
             f"pip install {packages} (or the project's `export` extra)."
         )
     if format == "saved_model" and backend == "jax":
-        _check_jax_saved_model_runs()
+        problem = _jax_saved_model_problem()
+        if problem is not None:
+            raise ExportUnavailableError(problem)
 
 
 def check_export_options(
@@ -334,11 +336,13 @@ def _run_exporter(model, path, format, shape, input_dtype, dtype, verbose):
 
 
 @functools.lru_cache(maxsize=1)
-def _check_jax_saved_model_runs() -> None:
-    """`_check_tensorflow_runs` on a SavedModel, written by JAX, of a small model made
+def _jax_saved_model_problem() -> str | None:
+    """Why this TensorFlow cannot run this JAX's SavedModels, or None: the refusal of
+    `_check_tensorflow_runs` on a SavedModel, written by JAX, of a small model made
     of a ConvNeXt block's layers (depthwise conv, LayerNorm, the pointwise Dense
     with its exact GELU), so a TensorFlow too old for this JAX is found in seconds,
-    before a model is converted and exported in full. Once per process."""
+    before a model is converted and exported in full. Once per process: the answer
+    is returned, not raised, so the cache keeps a refusal too."""
     import keras
 
     from convnext_layers.layers import DepthwiseConv, PointwiseDense, activation_function
@@ -352,7 +356,11 @@ def _check_jax_saved_model_runs() -> None:
         path = os.path.join(folder, "probe")
         with _native_stderr_silenced():  # TensorFlow's and XLA's C++ logs of the failure
             probe.export(path, format="tf_saved_model", verbose=False)
-            _check_tensorflow_runs(path, (None, 8, 8, 4), "float32")
+            try:
+                _check_tensorflow_runs(path, (None, 8, 8, 4), "float32")
+            except ExportUnavailableError as refusal:
+                return str(refusal)
+    return None
 
 
 @contextlib.contextmanager
