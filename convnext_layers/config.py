@@ -15,6 +15,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from convnext_common.errors import InputError
+
 STEMS = ("patch", "overlap", "overlap_tiered", "overlap_act")
 NORMS = ("layernorm", "rmsnorm", "simplenorm")
 ACTIVATION_NAMES = ("gelu", "gelu_tanh", "silu", "swish", "relu")
@@ -64,7 +66,7 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
     return new_value
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """A ConvNeXt description with a field of the wrong type or value."""
 
 

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import math
 
 import keras
 import numpy as np
 
+from convnext_common.errors import InputError
+from convnext_common.jsonable import jsonable
 from convnext_layers import fast_ops
 from convnext_layers.config import (
     ConfigError,
@@ -56,7 +57,7 @@ from convnext_layers.layers import (
 POOLING_CHOICES = (None, *POOLINGS)
 
 
-class ModelArgumentError(ValueError):
+class ModelArgumentError(InputError, ValueError):
     """An argument to a ConvNeXt model that is of the wrong type or value."""
 
 
@@ -691,19 +692,6 @@ def _copy_matching(model, values):
         source = values.get(key)
         if source is not None and tuple(source.shape) == tuple(variable.shape):
             variable.assign(keras.ops.convert_to_numpy(source))
-
-
-def jsonable(value):
-    """`value` with tuples as lists and numpy scalars as Python numbers (JSON-able)."""
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 class _FastLoad:

@@ -4,6 +4,17 @@
 
 Names are imported lazily, so `python -m embedding --help` (and the pure-numpy
 parts: metrics, gallery, preprocessing) do not load Keras or a backend.
+
+The package, library below and interfaces above (no library module imports an
+interface):
+- library, numpy / PIL only: `errors`, `files` (which files are images, their labels),
+  `npz` (.npz files without pickle), `preprocess` (timm's eval transform), `pairs`
+  (verification pairs files), `metrics/` (verification, calibration, identification),
+  `gallery/` (1:N search: indexes, files), `runs` (what identifies a run);
+- library with Keras: `model` (embedding models, the converted-model cache, batches),
+  `embedder` (`Embedder`), `faces/` (geometry, detectors, pipeline, enrolment),
+  `arcface`, `distribution`, `jobs` (resumable, sharded embedding), `finetune/`;
+- interfaces: `cli/` (`python -m embedding`, one module per subcommand).
 """
 
 from __future__ import annotations
@@ -23,7 +34,7 @@ _EXPORTS = {
     "Embedder": "embedding.embedder",
     "EmbedResult": "embedding.embedder",
     "VerifyResult": "embedding.embedder",
-    "DEFAULT_THRESHOLD": "embedding.embedder",
+    "DEFAULT_THRESHOLD": "embedding.metrics",
     "FinetuneConfig": "embedding.finetune",
     # numpy / PIL only
     "InputError": "embedding.errors",
@@ -40,7 +51,7 @@ _EXPORTS = {
     "find_image_files": "embedding.files",
     "Preprocessor": "embedding.preprocess",
     "PreprocessConfig": "embedding.preprocess",
-    "ImageLoadError": "embedding.preprocess",
+    "ImageLoadError": "embedding.errors",
     "load_image": "embedding.preprocess",
     "cosine_similarity": "embedding.gallery",
     "l2_normalize": "embedding.gallery",

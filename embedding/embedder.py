@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
+from tqdm.auto import tqdm
 
 from embedding.errors import (
     EmptyInputError,
@@ -31,16 +32,19 @@ from embedding.errors import (
     NonFiniteError,
     without_traceback,
 )
+from embedding.faces import embed_faces
 from embedding.gallery import cosine_similarity
-from embedding.metrics import Calibration, calibrate, verification_metrics
+from embedding.metrics import (
+    DEFAULT_THRESHOLD,
+    Calibration,
+    calibrate,
+    check_threshold,
+    verification_metrics,
+)
 from embedding.model import DEFAULT_MODEL, build_model, embedding_dim, predict_padded
 from embedding.preprocess import ACCEPTED_INPUTS, DEFAULT_MAX_PIXELS, Preprocessor, describe_input
+from weights_convert.export import export_model
 
-# Threshold used by `verify` until `calibrate` (or an explicit threshold) sets one.
-# A cosine similarity of 0.5 is a neutral middle ground for L2-normalised
-# pre-logits features; it is not tuned for any task, and `VerifyResult` says so
-# (`threshold_source="default"`). Calibrate on labelled pairs for real use.
-DEFAULT_THRESHOLD = 0.5
 ON_ERROR = ("raise", "skip")
 
 
@@ -104,15 +108,6 @@ def as_input_list(inputs) -> list:
     if not items:
         raise EmptyInputError("inputs is empty: give at least one image")
     return items
-
-
-def check_threshold(threshold) -> float:
-    """A finite float similarity threshold, else `NonFiniteError` / `InputTypeError`."""
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.number)):
-        raise InputTypeError(f"threshold must be a number, got {threshold!r}")
-    if not math.isfinite(float(threshold)):
-        raise NonFiniteError(f"threshold must be a finite number, got {threshold!r}")
-    return float(threshold)
 
 
 class Embedder:
@@ -284,8 +279,6 @@ class Embedder:
         order = channel_order or self.channel_order
         show = self.progress if progress is None else progress
         vectors, indices, failures = [], [], []
-        from tqdm.auto import tqdm
-
         with tqdm(total=len(items), disable=not show, unit="img", desc="embed") as bar:
             for start, prepared in self._batches(items, order, data_format):
                 good = []
@@ -461,8 +454,6 @@ class Embedder:
         `embedding.faces.embed_faces` for the options: align, margin, flip, policy, min_size,
         box_format, channel_order.
         """
-        from embedding.faces import embed_faces
-
         return embed_faces(self, frame, detector, boxes, landmarks, **options)
 
     # -- deployment -----------------------------------------------------------
@@ -473,8 +464,6 @@ class Embedder:
         was given or calibrated); see `weights_convert.export_model` for `options`
         (format, dtype, batch_size, input_size, dynamic_size, with_normalization,
         input_dtype). Returns the sidecar's content."""
-        from weights_convert.export import export_model
-
         options.setdefault("pretrained_cfg", self.pretrained_cfg)
         options.setdefault("threshold", self.threshold)
         return export_model(self.model, path, **options)

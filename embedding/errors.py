@@ -1,12 +1,12 @@
 """Exceptions of the embedding package (importable without Keras).
 
 Every failure that bad input can cause (a file, an argument, a checkpoint, a
-data folder) is an `InputError` subclass, which is also the builtin type a
-Python caller expects (`ValueError`, `TypeError`, `FileNotFoundError`, ...).
-The command line reports an `InputError` -- and the few foreign types listed by
-`embedding.cli.expected_errors` -- as one `error: ...` line and a non-zero exit
-status, never as a traceback; anything else is a bug, reported as one `error:
-unexpected ...` line too (`--debug` shows its traceback).
+data folder) is an `InputError` subclass (`convnext_common.errors`), which is also
+the builtin type a Python caller expects (`ValueError`, `TypeError`,
+`FileNotFoundError`, ...). The command lines report an `InputError` as one
+`error: ...` line and exit status 2, never as a traceback
+(`convnext_common.cli.run_command`); anything else is a bug, reported as one
+`error: unexpected ...` line too (`--debug` shows its traceback).
 
 To report a new kind of problem: subclass `InputError` and the builtin type
 that fits, raise it with a message naming the input, what is wrong with it and
@@ -15,9 +15,8 @@ what is accepted. Nothing else needs to change.
 
 from __future__ import annotations
 
-
-class InputError(Exception):
-    """Base of the failures caused by what the user gave (reported without a traceback)."""
+# the shared base and output error, re-exported: `from embedding import InputError` as before
+from convnext_common.errors import InputError, OutputPathError, without_traceback  # noqa: F401
 
 
 class ImageLoadError(InputError, ValueError):
@@ -53,10 +52,6 @@ class EmptyInputError(InputError, ValueError):
 
 class NonFiniteError(InputError, ValueError):
     """NaN or infinity where a finite number is needed (a threshold, an embedding)."""
-
-
-class OutputPathError(InputError, ValueError):
-    """An output path that cannot be written (a folder, a read-only place, a wrong suffix)."""
 
 
 class ModelSourceError(InputError, ValueError):
@@ -96,13 +91,12 @@ class ResumeMismatchError(InputError, ValueError):
     data or model, or damaged."""
 
 
-def without_traceback(error: BaseException) -> BaseException:
-    """`error` with its traceback and chained exceptions dropped.
+FACES_EXTRA = 'pip install "keras-convnext[faces]" (opencv-python-headless>=4.8,<5, scikit-image)'
 
-    An exception kept for later (a skipped image's error in a result list) must
-    not keep the frames that raised it alive: their locals can hold open files.
-    """
-    error.__traceback__ = None
-    error.__cause__ = None
-    error.__context__ = None
-    return error
+
+class MissingExtraError(InputError, ImportError):
+    """An optional dependency of the faces package (OpenCV, scikit-image) is not installed."""
+
+
+class FaceError(InputError, ValueError):
+    """No usable face where one is needed (no face found, nothing to enrol, gallery mismatch)."""

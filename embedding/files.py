@@ -1,7 +1,8 @@
-"""Which files are images, what label each gets, and whether an output path can be written.
+"""Which files are images and what label each gets: the one rule of every command.
 
-One walker serves every command (`embed`, `finetune`, ...), so a file gets the
-same label everywhere:
+One walker serves every command and library function that reads folders (`embed`,
+`finetune`, `enroll`, `evaluate`'s images, the jobs' default labels), so a file gets
+the same label everywhere:
 
 * a folder given as ROOT is searched recursively (sorted; hidden files and
   folders, whose names start with ".", are skipped; symlinked folders are not
@@ -13,62 +14,17 @@ same label everywhere:
 * a file given by name is taken whatever its extension, labelled with the name
   of the folder holding it.
 
-Numpy only; no Keras.
+Standard library only; no Keras.
 """
 
 from __future__ import annotations
 
 import os
-import stat
-import tempfile
 from dataclasses import dataclass
 
-from embedding.errors import EmptyInputError, OutputPathError
+from embedding.errors import EmptyInputError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
-
-
-_FILE_KINDS = (
-    (stat.S_ISDIR, "a folder, not a file"),
-    (stat.S_ISFIFO, "a named pipe, not a regular file"),
-    (stat.S_ISCHR, "a character device, not a regular file"),
-    (stat.S_ISBLK, "a block device, not a regular file"),
-    (stat.S_ISSOCK, "a socket, not a regular file"),
-)
-
-
-def _kind_problem(mode: int) -> str | None:
-    return next((what for test, what in _FILE_KINDS if test(mode)), None)
-
-
-def file_problem(path) -> str | None:
-    """Why `path` is no file to read: "no such file", "a broken or looping symbolic
-    link", "a folder, not a file", "a named pipe, not a regular file", ...; None
-    for a regular file (which may still be unreadable or not an image)."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return "a broken or looping symbolic link" if os.path.islink(path) else "no such file"
-    if stat.S_ISREG(mode):
-        return None
-    return _kind_problem(mode) or "not a regular file"
-
-
-def open_regular_file(path):
-    """`path` opened for binary reading if it is a regular file, else `ValueError`
-    naming its kind. Reading a named pipe would wait for a writer forever and a
-    device such as /dev/zero never ends: the kind is checked on the opened file
-    (no window between the check and the open), which is opened without blocking."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise ValueError(_kind_problem(mode) or "not a regular file")
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 @dataclass(frozen=True)
@@ -87,6 +43,12 @@ def is_image_name(name: str) -> bool:
 
 def _folder_name(path: str) -> str:
     return os.path.basename(os.path.normpath(os.path.abspath(path)))
+
+
+def folder_label(path) -> str:
+    """The label of an image file given by name: the name of the folder holding it
+    (`DIR/alice/1.jpg` is `alice`)."""
+    return _folder_name(os.path.dirname(os.fspath(path)) or os.curdir)
 
 
 def walk_folder(root) -> list[ImageFile]:
@@ -117,7 +79,7 @@ def find_image_files(paths) -> list[ImageFile]:
         if os.path.isdir(path):
             found.extend(walk_folder(path))
         elif os.path.exists(path):
-            found.append(ImageFile(path, _folder_name(os.path.dirname(path) or os.curdir)))
+            found.append(ImageFile(path, folder_label(path)))
         else:
             raise FileNotFoundError(f"{path}: no such file or folder")
     return found
@@ -140,33 +102,3 @@ def identity_folders(root) -> tuple[list[ImageFile], list[ImageFile]]:
             f"image names ending in {', '.join(IMAGE_EXTENSIONS)})"
         )
     return labelled, [f for f in files if f.loose]
-
-
-def check_output_path(path, *, option: str = "output", suffixes: tuple[str, ...] = ()) -> str:
-    """Refuse, before any work, an output file that could not be written.
-
-    Checks: a suffix from `suffixes` (if given); not an existing folder; the
-    nearest existing parent is a folder in which a file can be created (tried
-    for real: permission bits do not bind root, read-only mounts do). Missing
-    parent folders are fine (they are created when writing). Raises
-    `OutputPathError` naming `option`; returns the path.
-    """
-    path = os.fspath(path)
-    if not path:
-        raise OutputPathError(f"{option}: empty output path")
-    if suffixes and not path.endswith(tuple(suffixes)):
-        raise OutputPathError(f"{option} {path}: the file name must end in {' or '.join(suffixes)}")
-    if os.path.isdir(path):
-        raise OutputPathError(f"{option} {path}: is a folder; give a file name inside it")
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise OutputPathError(f"{option} {path}: {parent} is a file, not a folder")
-    try:
-        with tempfile.TemporaryFile(dir=parent, prefix=".write-check-"):
-            pass
-    except OSError as error:
-        reason = error.strerror or type(error).__name__
-        raise OutputPathError(f"{option} {path}: cannot write to {parent} ({reason})") from None
-    return path

@@ -43,7 +43,6 @@ split over the devices); `None` uses one device.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -52,8 +51,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from tqdm.auto import tqdm
 
-from embedding.errors import InputError
+from convnext_common.files import atomic_write
+from embedding import runs
+from embedding.distribution import clone_under, device_count, resolve_distribution
+from embedding.errors import ImageLoadError, InputError
+from embedding.files import folder_label
+from embedding.model import predict_padded
+from embedding.npz import NpyMemberReader, NpzStreamWriter, read_npz
 
 JOB_FORMAT = 1
 CHUNK_SIZE = 1024
@@ -117,28 +123,14 @@ def _int_setting(name, value, low):
     return int(value)
 
 
-def _digest(parts) -> str:
-    sha = hashlib.sha256()
-    for part in parts:
-        sha.update(part if isinstance(part, bytes) else str(part).encode())
-        sha.update(b"\0")
-    return sha.hexdigest()
-
-
-def model_identity(model) -> dict:
-    """SHA-256 of the weights and of the (name, type) of every layer."""
-    weights = _digest(np.ascontiguousarray(w).tobytes() for w in model.get_weights())
-    layers = _digest(f"{layer.name}:{type(layer).__name__}" for layer in model.layers)
-    return {"weights": weights, "layers": layers}
-
-
 def job_identity(embedder, paths, chunk_size, shard_index, num_shards) -> dict:
     """What an embedding job's results depend on (see the module docstring)."""
     config = dataclasses.asdict(embedder.preprocessor.config)
     return {
         "format": JOB_FORMAT,
-        "files": {"count": len(paths), "sha256": _digest(paths)},
-        **model_identity(embedder.model),
+        "files": {"count": len(paths), "sha256": runs.digest(paths)},
+        "weights": runs.weights_digest(embedder.model),
+        "layers": runs.layers_digest(embedder.model),
         "preprocessing": json.loads(json.dumps(config, default=str)),
         "dim": int(embedder.dim),
         "chunk_size": chunk_size,
@@ -148,24 +140,25 @@ def job_identity(embedder, paths, chunk_size, shard_index, num_shards) -> dict:
 
 
 def _differences(old: dict, new: dict, ignore=()) -> list[str]:
+    """What differs between two job identities (`embedding.runs.changes`), in the
+    command line's words."""
     out = []
-    for key in sorted(set(old) | set(new)):
-        if key in ignore or old.get(key) == new.get(key):
-            continue
+    for key, before, now in sorted(runs.changes(old, new, ignore=ignore)):
         what = _SETTING_NAMES.get(key, key)
         if key == "files":
-            before, now = (d.get(key, {}).get("count") for d in (old, new))
+            before, now = ((d or {}).get("count") for d in (before, now))
             out.append(f"{what} ({before} files before, {now} now)" if before != now else what)
-        elif isinstance(new.get(key), (int, str)) and key not in ("weights", "layers"):
-            out.append(f"{what} ({old.get(key)!r} before, {new.get(key)!r} now)")
+        elif isinstance(now, (int, str)) and key not in ("weights", "layers"):
+            out.append(f"{what} ({before!r} before, {now!r} now)")
         else:
             out.append(what)
     return out
 
 
 def folder_labels(paths) -> list[str]:
-    """Each path's parent folder name (the identity of `DIR/alice/1.jpg` is `alice`)."""
-    return [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in paths]
+    """Each path's label by the one rule for files given by name
+    (`embedding.files.folder_label`: the identity of `DIR/alice/1.jpg` is `alice`)."""
+    return [folder_label(p) for p in paths]
 
 
 def parts_folder(output) -> str:
@@ -174,84 +167,8 @@ def parts_folder(output) -> str:
     return os.path.join(os.path.dirname(output), f".{os.path.basename(output)}.parts")
 
 
-# ----------------------------------------------------------------------------
-# .npz members written and read piece by piece
-# ----------------------------------------------------------------------------
-
-
-class NpzStreamWriter:
-    """Writes an `.npz` (the layout `np.savez` makes) whose members arrive in pieces,
-    so no member has to be in memory at once."""
-
-    def __init__(self, file):
-        self._zip = zipfile.ZipFile(file, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
-
-    def write(self, name: str, array) -> None:
-        array = np.asarray(array)
-        self.write_pieces(name, array.dtype, array.shape, [array])
-
-    def write_pieces(self, name: str, dtype, shape, pieces) -> None:
-        """Member `name` of `shape` and `dtype` from pieces along the first axis."""
-        dtype = np.dtype(dtype)
-        header = {
-            "descr": np.lib.format.dtype_to_descr(dtype),
-            "fortran_order": False,
-            "shape": tuple(shape),
-        }
-        rows = 0
-        with self._zip.open(f"{name}.npy", "w", force_zip64=True) as f:
-            np.lib.format.write_array_header_1_0(f, header)
-            for piece in pieces:
-                piece = np.ascontiguousarray(piece, dtype=dtype)
-                rows += piece.shape[0] if piece.ndim else 1
-                f.write(piece.tobytes())
-        if shape and rows != shape[0]:
-            raise RuntimeError(f"member {name}: wrote {rows} rows, the header says {shape[0]}")
-
-    def close(self):
-        self._zip.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-class NpyMemberReader:
-    """Reads one member of an `.npz` sequentially, `read(rows)` at a time (never pickle)."""
-
-    def __init__(self, archive: zipfile.ZipFile, name: str, where: str):
-        try:
-            self._file = archive.open(f"{name}.npy")
-            version = np.lib.format.read_magic(self._file)
-            read_header = (
-                np.lib.format.read_array_header_1_0
-                if version == (1, 0)
-                else np.lib.format.read_array_header_2_0
-            )
-            self.shape, fortran, self.dtype = read_header(self._file)
-        except (KeyError, ValueError, OSError, zipfile.BadZipFile, EOFError) as error:
-            raise JobError(f"{where}: cannot read member {name!r} ({error}).") from None
-        if fortran or self.dtype.hasobject:
-            raise JobError(f"{where}: member {name!r} is not a plain C-ordered array.")
-        self._row_bytes = self.dtype.itemsize * int(np.prod(self.shape[1:], dtype=np.int64))
-        self._where, self._name = where, name
-
-    def read(self, rows: int) -> np.ndarray:
-        data = self._file.read(rows * self._row_bytes)
-        if len(data) != rows * self._row_bytes:
-            raise JobError(f"{self._where}: member {self._name!r} ends early (truncated).")
-        return np.frombuffer(data, dtype=self.dtype).reshape((rows, *self.shape[1:]))
-
-    def close(self):
-        self._file.close()
-
-
 def _read_small(path, names, error_prefix) -> dict:
     """Members `names` of an `.npz` (only those are read), errors as JobError."""
-    from embedding.gallery import read_npz
-
     try:
         arrays = read_npz(path, error=JobError, names=names, what=f"{error_prefix}file")
     except FileNotFoundError:
@@ -268,47 +185,23 @@ def _read_small(path, names, error_prefix) -> dict:
 
 
 def _distribution_model(embedder, distribution):
-    """(model, padded batch size rule) for running under `distribution` (None: as is)."""
-    from embedding.finetune import resolve_distribution
-
+    """(model, distribution) to embed with: the embedder's model as it is, or (several
+    devices) a clone with its variables laid out under the distribution."""
     distribution = resolve_distribution(distribution)
     if distribution is None:
         return embedder.model, None
-    import keras
-
-    devices = int(np.prod(distribution.device_mesh.shape))
+    devices = device_count(distribution)
     if embedder.batch_size % devices:
         raise JobError(
             f"batch size {embedder.batch_size} is not a multiple of the {devices} devices "
             "(each device gets an equal share of every batch); pass a multiple, or "
             "distribution=None (--distribute none) to use one device."
         )
-    with distribution.scope():  # variables must be created under the distribution
-        model = keras.models.clone_model(embedder.model)
-        model.set_weights(embedder.model.get_weights())
-    return model, distribution
-
-
-def _predict(model, batch, batch_size, distribution):
-    from embedding.model import predict_padded
-
-    if distribution is None:
-        return predict_padded(model, batch, batch_size)
-    import keras
-
-    n = batch.shape[0]
-    if n != batch_size:  # full batches only: every device gets an equal share
-        pad = np.zeros((batch_size - n, *batch.shape[1:]), dtype=batch.dtype)
-        batch = np.concatenate([batch, pad])
-    with distribution.scope():
-        out = model.predict_on_batch(batch)
-    return np.asarray(keras.ops.convert_to_numpy(out), dtype=np.float32)[:n]
+    return clone_under(embedder.model, distribution), distribution
 
 
 def _embed_chunk(embedder, model, distribution, paths, start, bar):
     """Embed `paths` (the chunk starting at file `start`): arrays for a chunk file."""
-    from embedding.preprocess import ImageLoadError
-
     vectors, index, skipped, reasons = [], [], [], []
     for offset, prepared in embedder._batches(paths, "rgb", None):  # decoding threads ahead
         good = []
@@ -320,7 +213,7 @@ def _embed_chunk(embedder, model, distribution, paths, start, bar):
                 good.append((start + offset + i, value))
         if good:
             batch = np.stack([array for _, array in good])
-            vectors.append(_predict(model, batch, embedder.batch_size, distribution))
+            vectors.append(predict_padded(model, batch, embedder.batch_size, distribution))
             index.extend(i for i, _ in good)
         bar.update(len(prepared))
     dim = int(embedder.dim)
@@ -378,8 +271,6 @@ def _prepare_folder(folder, identity, restart):
                 "(restart=True) to discard them."
             )
         return
-    from weights_convert import atomic_write
-
     os.makedirs(folder, exist_ok=True)
 
     def write(tmp):
@@ -416,14 +307,7 @@ def embed_files(
         distribution: "auto", None or a `keras.distribution.Distribution`.
         log: called with one-line notes (resuming, a damaged chunk redone).
     """
-    paths = [os.fspath(p) for p in paths]
-    if not paths:
-        raise JobError("no image files to embed (the list of paths is empty)")
-    labels = folder_labels(paths) if labels is None else list(labels)
-    if not all(isinstance(label, str) for label in labels):
-        raise TypeError("labels must be str (one per path).")
-    if len(labels) != len(paths):
-        raise ValueError(f"{len(paths)} paths but {len(labels)} labels.")
+    paths, labels = _checked_paths(paths, labels)
     chunk_size = _int_setting("chunk_size", chunk_size, 1)
     num_shards = _int_setting("num_shards", num_shards, 1)
     shard_index = _int_setting("shard_index", shard_index, 0)
@@ -432,27 +316,11 @@ def embed_files(
     log = log or (lambda message: None)
     output = os.fspath(output)
     identity = job_identity(embedder, paths, chunk_size, shard_index, num_shards)
-    key = _digest([json.dumps(identity, sort_keys=True)])
+    key = runs.json_digest(identity)
     folder = parts_folder(output)
     _prepare_folder(folder, identity, restart)
-
     chunks = shard_chunks(len(paths), chunk_size, shard_index, num_shards)
-    done = {}
-    for chunk, start, stop in chunks:
-        path = _chunk_path(folder, chunk)
-        if os.path.exists(path):
-            try:
-                _check_chunk(path, key, start, stop, int(embedder.dim))
-                done[chunk] = stop - start
-            except JobError as error:
-                log(f"redoing a damaged chunk: {error}")
-                os.remove(path)
-    if done:
-        log(f"resuming: {len(done)} of {len(chunks)} chunks already done (in {folder})")
-
-    from tqdm.auto import tqdm
-
-    from weights_convert import atomic_write
+    done = _finished_chunks(folder, chunks, key, int(embedder.dim), log)
 
     model, dist = None, None
     if len(done) < len(chunks):
@@ -473,14 +341,43 @@ def embed_files(
 
             atomic_write(_chunk_path(folder, chunk), write)
 
-    count, skipped = _assemble(
-        folder, chunks, key, output, paths, labels, identity, embedder, atomic_write
-    )
+    count, skipped = _assemble(folder, chunks, key, output, paths, labels, identity, embedder)
     shutil.rmtree(folder, ignore_errors=True)
     return JobResult(output, count, skipped, len(chunks), len(done))
 
 
-def _assemble(folder, chunks, key, output, paths, labels, identity, embedder, atomic_write):
+def _checked_paths(paths, labels) -> tuple[list[str], list[str]]:
+    """(paths, labels) as str lists, labels by `folder_labels` when not given."""
+    paths = [os.fspath(p) for p in paths]
+    if not paths:
+        raise JobError("no image files to embed (the list of paths is empty)")
+    labels = folder_labels(paths) if labels is None else list(labels)
+    if not all(isinstance(label, str) for label in labels):
+        raise TypeError("labels must be str (one per path).")
+    if len(labels) != len(paths):
+        raise ValueError(f"{len(paths)} paths but {len(labels)} labels.")
+    return paths, labels
+
+
+def _finished_chunks(folder, chunks, key, dim, log) -> dict[int, int]:
+    """{chunk: files} of the chunk files an earlier run finished (a damaged one is
+    removed, to be redone)."""
+    done = {}
+    for chunk, start, stop in chunks:
+        path = _chunk_path(folder, chunk)
+        if os.path.exists(path):
+            try:
+                _check_chunk(path, key, start, stop, dim)
+                done[chunk] = stop - start
+            except JobError as error:
+                log(f"redoing a damaged chunk: {error}")
+                os.remove(path)
+    if done:
+        log(f"resuming: {len(done)} of {len(chunks)} chunks already done (in {folder})")
+    return done
+
+
+def _assemble(folder, chunks, key, output, paths, labels, identity, embedder):
     """Stream the chunk files into `output`; returns (vectors, skipped)."""
     dim = int(embedder.dim)
     counts = []
@@ -510,7 +407,6 @@ def _assemble(folder, chunks, key, output, paths, labels, identity, embedder, at
 
     _write_output(
         output,
-        atomic_write,
         dim,
         len(index),
         vectors(),
@@ -537,7 +433,6 @@ def _width(values, index) -> str:
 
 def _write_output(
     output,
-    atomic_write,
     dim,
     count,
     vector_pieces,
@@ -571,34 +466,26 @@ def _write_output(
 # ----------------------------------------------------------------------------
 
 
-def merge_parts(parts: Sequence, output) -> JobResult:
-    """Join the outputs of every shard of one job into `output`, in file-list order.
+def _part_record(path):
+    """(path, job identity, small arrays) of one part, or a JobError saying it is none."""
+    small = ("index", "skipped", "skipped_index", "skipped_reason", "job", "model")
+    arrays = _read_small(path, small, "part ")
+    try:
+        identity = json.loads(str(arrays["job"]))
+    except ValueError:
+        identity = None
+    fields = ("shard_index", "num_shards", "dim", "chunk_size")
+    if not isinstance(identity, dict) or not all(
+        isinstance(identity.get(f), int) and not isinstance(identity.get(f), bool)
+        for f in fields
+    ):
+        raise JobError(f"{path} was not written by `embed` (no valid job record).")
+    return path, identity, arrays
 
-    Each part must come from the same job (files, model, preprocessing, chunk
-    size, shard count) and every shard must be there exactly once; the result
-    equals one unsharded run's output. Vectors are streamed (one run of
-    consecutive rows from one part at a time).
-    """
-    from weights_convert import atomic_write
 
-    parts = [os.fspath(p) for p in parts]
-    if not parts:
-        raise JobError("merge needs at least one part.")
-    infos = []
-    for path in parts:
-        small = ("index", "skipped", "skipped_index", "skipped_reason", "job", "model")
-        arrays = _read_small(path, small, "part ")
-        try:
-            identity = json.loads(str(arrays["job"]))
-        except ValueError:
-            identity = None
-        fields = ("shard_index", "num_shards", "dim", "chunk_size")
-        if not isinstance(identity, dict) or not all(
-            isinstance(identity.get(f), int) and not isinstance(identity.get(f), bool)
-            for f in fields
-        ):
-            raise JobError(f"{path} was not written by `embed` (no valid job record).")
-        infos.append((path, identity, arrays))
+def _check_one_job(infos) -> dict:
+    """The job identity every part shares, each shard once, else a JobError naming the
+    difference, the missing or the repeated shards."""
     first_path, first, _ = infos[0]
     for path, identity, _ in infos[1:]:
         changed = _differences(first, identity, ignore=_PER_SHARD)
@@ -619,6 +506,22 @@ def merge_parts(parts: Sequence, output) -> JobResult:
         raise JobError(
             f"the parts do not cover the job's {len(expected)} shards: {', '.join(problem)}."
         )
+    return first
+
+
+def merge_parts(parts: Sequence, output) -> JobResult:
+    """Join the outputs of every shard of one job into `output`, in file-list order.
+
+    Each part must come from the same job (files, model, preprocessing, chunk
+    size, shard count) and every shard must be there exactly once; the result
+    equals one unsharded run's output. Vectors are streamed (one run of
+    consecutive rows from one part at a time).
+    """
+    parts = [os.fspath(p) for p in parts]
+    if not parts:
+        raise JobError("merge needs at least one part.")
+    infos = [_part_record(path) for path in parts]
+    first = _check_one_job(infos)
 
     index = np.concatenate([arrays["index"] for _, _, arrays in infos])
     owner = np.concatenate([np.full(a["index"].size, k) for k, (_, _, a) in enumerate(infos)])
@@ -635,7 +538,9 @@ def merge_parts(parts: Sequence, output) -> JobResult:
     archives = [zipfile.ZipFile(path) for path in parts]
     try:
         readers = {
-            name: [NpyMemberReader(a, name, p) for a, p in zip(archives, parts, strict=True)]
+            name: [
+                NpyMemberReader(a, name, p, JobError) for a, p in zip(archives, parts, strict=True)
+            ]
             for name in ("embeddings", "paths", "labels")
         }
         for k, (_, _, arrays) in enumerate(infos):

@@ -24,8 +24,11 @@ import warnings
 
 import keras
 import numpy as np
+from huggingface_hub import try_to_load_from_cache
+from safetensors.numpy import save_file
 
 import weights_convert
+from convnext_common.files import atomic_path, atomic_write_text
 from convnext_layers import POOLINGS, ConvNeXt, GeneralizedMeanPooling
 from embedding.errors import ModelUnavailableError
 
@@ -109,6 +112,10 @@ def embedding_model_from_state(
 
 PROJECTION_NAME = "embedding_projection"  # the Dense projection given to other Keras models
 NORMALIZE_NAME = "embedding_l2"
+CLASSIFIER_NAME = "head_fc"  # a ConvNeXt's last Dense: its classifier, or its projection
+# the layers of an embedding model that project features to the embedding (trained even
+# with the backbone frozen): the one place the head is found by name
+PROJECTION_NAMES = (PROJECTION_NAME, CLASSIFIER_NAME)
 
 
 def as_embedding_model(
@@ -161,7 +168,7 @@ def as_embedding_model(
     if len(model.output_shape) == 2 and normalized and embedding_dim is None:
         return model
     # L2's input, or the classifier's (pre-logits), else the output itself
-    features = last.input if normalized or last.name == "head_fc" else model.output
+    features = last.input if normalized or last.name == CLASSIFIER_NAME else model.output
     if len(features.shape) == 4:
         features = keras.layers.GlobalAveragePooling2D(name="embedding_pool")(features)
     elif len(features.shape) != 2:
@@ -213,10 +220,6 @@ def source_fingerprint(source) -> str | None:
                 if os.path.exists(os.path.join(path, n))
             ]
         return json.dumps([path, [_file_stamp(f) for f in files]])
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
     cached = try_to_load_from_cache(weights_convert.hub_repo_id(source), "model.safetensors")
     if not isinstance(cached, str):
         return None
@@ -284,8 +287,6 @@ class ModelCache:
         if fingerprint is None:
             return None
         key = self.key(source, options, fingerprint)
-        from safetensors.numpy import save_file
-
         meta = {
             "source": os.fspath(source),
             "options": options,
@@ -293,13 +294,11 @@ class ModelCache:
             "model": model.get_config(),
         }
         weights = model.weights_by_path()
-        with weights_convert.atomic_path(os.path.join(self.dir, key + ".safetensors")) as tmp:
+        with atomic_path(os.path.join(self.dir, key + ".safetensors")) as tmp:
             save_file(weights, tmp)
-        weights_convert.atomic_write_text(
-            os.path.join(self.dir, key + ".json"), json.dumps(meta, indent=1)
-        )
+        atomic_write_text(os.path.join(self.dir, key + ".json"), json.dumps(meta, indent=1))
         if weights_convert.hub_repo_id(os.fspath(source)) is not None:
-            weights_convert.atomic_write_text(self._alias_path(source, options), key)
+            atomic_write_text(self._alias_path(source, options), key)
         return key
 
 
@@ -313,7 +312,7 @@ def enable_compilation_cache(cache_dir=None) -> str | None:
     Returns the folder in use, or None."""
     if keras.backend.backend() != "jax":
         return None
-    import jax
+    import jax  # the JAX backend is the one in use here
 
     folder = jax.config.jax_compilation_cache_dir
     if folder is None:
@@ -365,7 +364,7 @@ def build_model(
         raise weights_convert.CheckpointNotFoundError(
             f"Model source {os.fspath(source)!r}: {problem}."
         )
-    if os.fspath(source).endswith(".keras"):
+    if weights_convert.source_kind(source) == "keras":
         model = weights_convert.load_converted(source)
         return as_embedding_model(model, pooling=pooling, head_norm=head_norm, gem_p=gem_p)
     options = {
@@ -413,16 +412,27 @@ def padded_size(n: int, batch_size: int) -> int:
     return min(size, batch_size) if n <= batch_size else n
 
 
-def predict_padded(model: keras.Model, batch: np.ndarray, batch_size: int) -> np.ndarray:
-    """`model` on up to `batch_size` images, zero-padded to `padded_size`: the one
-    place batches are run (`ConvNeXt.predict_batch`, the light inference entry
-    point, for ConvNeXt models; `predict_on_batch` for any other model)."""
+def predict_padded(
+    model: keras.Model, batch: np.ndarray, batch_size: int, distribution=None
+) -> np.ndarray:
+    """`model` on up to `batch_size` images, zero-padded: the one place batches are run.
+
+    Without a distribution the batch is padded to `padded_size` (a power of two) and
+    run by `ConvNeXt.predict_batch` (the light inference entry point) or, for any other
+    model, `predict_on_batch`. Under a `keras.distribution` (its variables created
+    under it: `embedding.distribution.clone_under`) it is padded to the full
+    `batch_size`, so that every device gets an equal share, and run in its scope.
+    Returns (n, D) float32 numpy.
+    """
     n = batch.shape[0]
-    size = padded_size(n, batch_size)
+    size = padded_size(n, batch_size) if distribution is None else max(n, batch_size)
     if size != n:
         pad = np.zeros((size - n, *batch.shape[1:]), dtype=batch.dtype)
         batch = np.concatenate([batch, pad], axis=0)
-    if isinstance(model, ConvNeXt):
+    if distribution is not None:
+        with distribution.scope():
+            out = model.predict_on_batch(batch)
+    elif isinstance(model, ConvNeXt):
         out = model.predict_batch(batch)
     else:
         out = model.predict_on_batch(batch)

@@ -61,8 +61,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from convnext_common.files import open_regular_file
 from embedding.errors import ImageLoadError, UnsupportedInputError, without_traceback
-from embedding.files import open_regular_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import timm  # noqa: F401  (before keras: see tests/conftest.py)
 
-    from weights_convert.files import atomic_write_text
+    from convnext_common.files import atomic_write_text
 
     readme = ROOT / "README.md"
     text = readme.read_text()

@@ -51,7 +51,7 @@ def test_backends_agree_on_embeddings(timm_atto_checkpoint, tmp_path):
 
 @pytest.mark.slow
 def test_demo_offline_labels_random_weights(capsys):
-    from embedding.demo import run_demo
+    from embedding.cli.demo import run_demo
 
     assert run_demo(offline=True) == 0
     out = capsys.readouterr().out
@@ -66,7 +66,7 @@ def test_demo_offline_labels_random_weights(capsys):
 def test_demo_offline_without_timm_labels_untrained_and_names_the_extra(capsys, monkeypatch):
     """The default install has no timm / torch: the demo still runs offline, on an
     untrained network built by this library, says so, and names the extra for timm."""
-    import embedding.demo as demo
+    import embedding.cli.demo as demo
 
     monkeypatch.setattr(demo, "_import_convert_extra", lambda: None)
     assert demo.run_demo(offline=True) == 0

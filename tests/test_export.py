@@ -401,6 +401,24 @@ def test_failed_export_leaves_nothing_behind(keras_embedder, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_onnx_export_leaves_only_its_files_and_runs_alone(keras_embedder, photos, tmp_path):
+    """An exporter's external data (JAX's writes `.NAME.onnx.tmp-*.onnx.data` beside the
+    temporary file) goes into the file itself: nothing else is left, and the file runs
+    after the folder's other files are gone."""
+    if not can_export("onnx"):
+        pytest.skip(f"the {BACKEND} backend does not export onnx here")
+    path = str(tmp_path / "embedder.onnx")
+    keras_embedder.export(path)
+    assert sorted(os.listdir(tmp_path)) == ["embedder.onnx", "embedder.onnx.json"]
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    os.replace(path, moved / "embedder.onnx")
+    x = np.stack([keras_embedder.preprocess(image) for image in photos[:2]])
+    np.testing.assert_allclose(
+        run_onnx(str(moved / "embedder.onnx"), x), keras_embedder.embed(photos[:2]), atol=1e-5
+    )
+
+
 def test_model_built_for_a_fixed_size_exports_only_that_size(tmp_path):
     inputs = keras.Input((96, 96, 3))
     model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(inputs))

@@ -442,8 +442,8 @@ def test_detector_adapters():
     assert detections_from_yunet(None) == []
 
     # a detector may also return a YOLO-style array
-    assert faces._as_detections(data)[1].box == (200, 30, 260, 100)
-    assert isinstance(faces._as_detections([Detection((1, 2, 3, 4), 0.5)])[0], Detection)
+    assert faces.as_detections(data)[1].box == (200, 30, 260, 100)
+    assert isinstance(faces.as_detections([Detection((1, 2, 3, 4), 0.5)])[0], Detection)
 
 
 def test_missing_opencv_names_the_extra(monkeypatch):
@@ -616,7 +616,7 @@ def test_cli_enroll_and_identify(embedder, faces_checkpoint, people, tmp_path, c
         built.append(args.model)
         return embedder
 
-    monkeypatch.setattr(embedding_cli, "make_embedder", make_embedder)
+    monkeypatch.setattr(embedding_cli.options, "make_embedder", make_embedder)
     common = ["--model", faces_checkpoint, "--no-progress"]
     gallery_path = tmp_path / "gallery.npz"
     code = embedding_cli.main(["enroll", str(people), "-o", str(gallery_path), *common])

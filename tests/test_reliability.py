@@ -27,6 +27,7 @@ from PIL import Image
 
 import embedding.finetune as ft
 import weights_convert
+from convnext_common.files import check_output_path
 from embedding import Embedder, Preprocessor, load_image
 from embedding import cli as embedding_cli
 from embedding import preprocess as preprocess_module
@@ -42,7 +43,7 @@ from embedding.errors import (
     ResumeMismatchError,
     UnsupportedInputError,
 )
-from embedding.files import check_output_path, find_image_files, identity_folders
+from embedding.files import find_image_files, identity_folders
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 32
@@ -772,8 +773,8 @@ def test_cli_outputs_are_checked_before_the_model_loads(
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the cheap checks")
 
-    monkeypatch.setattr(embedding_cli, "make_embedder", no_model)
-    monkeypatch.setattr(embedding_cli, "check_model_source", no_model)
+    monkeypatch.setattr(embedding_cli.options, "make_embedder", no_model)
+    monkeypatch.setattr(embedding_cli.options, "check_model_source", no_model)
     (tmp_path / "a_file").write_text("x")
     model = ["--model", tiny_keras]
     cases = [

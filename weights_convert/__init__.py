@@ -22,8 +22,11 @@ The package, along its seams:
 - `convert`: `load_timm`, `port_timm_weights`, `keras_model_for`, `export_timm`;
 - `saving`: `.keras` / `.weights.h5` outputs and reading them back;
 - `export`: `export_model`: ONNX / LiteRT / SavedModel / OpenVINO files + a sidecar JSON;
-- `files`: atomic writes; `errors`: one exception per kind of problem;
-- `cli`: the command line.
+- `errors`: one exception per kind of problem;
+- `cli`: the command line (an interface: no module of the package imports it).
+
+Files are written through `convnext_common.files` (atomic writes), re-exported here
+as `atomic_write`, `atomic_path`, `atomic_write_text`.
 
 Names are imported lazily (on first use), so `python -m weights_convert --help`
 answers at once.
@@ -53,20 +56,22 @@ _EXPORTS = {
         "is_conv_mlp",
     ),
     "pretrained": (
+        "DEFAULT_MODEL",
         "builtin_pretrained_cfg",
         "check_pretrained_cfg",
         "license_notice",
         "timm_default_cfg",
     ),
     "checkpoint": (
-        "DEFAULT_MODEL",
         "hub_reachable",
         "hub_repo_id",
         "load_checkpoint",
         "read_config_json",
         "read_safetensors",
         "resolve_source",
+        "source_kind",
         "source_problem",
+        "SOURCE_KINDS",
     ),
     "mapping": (
         "LAYER_RULES",
@@ -98,10 +103,15 @@ _EXPORTS = {
         "export_sidecar_path",
         "format_for_path",
     ),
-    "files": ("atomic_path", "atomic_write", "atomic_write_text", "check_writable"),
     "cli": ("main",),
+    # how files are written: the project's one writer (convnext_common.files)
+    "convnext_common.files": ("atomic_path", "atomic_write", "atomic_write_text"),
 }
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+_WHERE = {
+    name: module if "." in module else f"weights_convert.{module}"
+    for module, names in _EXPORTS.items()
+    for name in names
+}
 
 __all__ = sorted(_WHERE)
 
@@ -110,7 +120,7 @@ def __getattr__(name):
     module = _WHERE.get(name)
     if module is None:
         raise AttributeError(f"module 'weights_convert' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"weights_convert.{module}"), name)
+    value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
 

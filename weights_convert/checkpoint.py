@@ -26,11 +26,14 @@ from weights_convert.errors import (
     CheckpointNotFoundError,
     UnsupportedArchitectureError,
 )
-from weights_convert.pretrained import check_pretrained_cfg, complete_pretrained_cfg
+from weights_convert.pretrained import (
+    DEFAULT_MODEL,
+    check_pretrained_cfg,
+    complete_pretrained_cfg,
+)
 
 logger = logging.getLogger("weights_convert")
 
-DEFAULT_MODEL = "timm/convnext_atto.d2_in1k"
 
 # ----------------------------------------------------------------------------
 # safetensors
@@ -291,6 +294,17 @@ def source_problem(source) -> str | None:
     if not os.path.exists(text) and hub_repo_id(text) is None:
         return "no such file or folder (nor a Hub id)"
     return None
+
+
+SOURCE_KINDS = ("keras", "checkpoint")
+
+
+def source_kind(source) -> str:
+    """What kind of model source `source` is, by its name: "keras" for a saved Keras
+    model (`.keras`, as this project writes them: converted or fine-tuned), else
+    "checkpoint" (a timm checkpoint: `.safetensors` file, folder, Hub id). The one
+    place a source is recognised; nothing is read."""
+    return "keras" if os.fspath(source).endswith(".keras") else "checkpoint"
 
 
 def _check_readable_file(path, what):

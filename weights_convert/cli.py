@@ -12,23 +12,12 @@ import os
 import sys
 import time
 
-from weights_convert.errors import USER_ERRORS
-
-
-class CommandLineParser(argparse.ArgumentParser):
-    """argparse with this project's usage errors: one line, `error: ... (see PROG
-    --help)`, exit status 2, instead of argparse's usage block and `PROG: error:`
-    (subcommands' parsers are of the same class)."""
-
-    def error(self, message):
-        text = " ".join(str(message).split())
-        self.exit(2, f"error: {text} (see {self.prog} --help)\n")
+from convnext_common.cli import CommandError, CommandLineParser, parse_args, run_command
+from convnext_common.files import check_output_path
+from weights_convert.pretrained import DEFAULT_MODEL  # no Keras: `--help` stays instant
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # checkpoint imports convnext_layers and so Keras: `embedding --help` must not pay that
-    from weights_convert.checkpoint import DEFAULT_MODEL
-
     parser = CommandLineParser(
         prog="python -m weights_convert",
         description="Convert a timm ConvNeXt / ConvNeXt V2 safetensors checkpoint to Keras.",
@@ -161,7 +150,7 @@ def print_export(description, output, seconds) -> None:
 def run_export(args) -> int:
     options = export_options(args)  # before any work
     if args.num_classes is not None and args.num_classes < 0:
-        raise ValueError(f"--num-classes must be >= 0, got {args.num_classes}.")
+        raise CommandError(f"--num-classes must be >= 0, got {args.num_classes}.")
     from weights_convert.convert import load_timm
     from weights_convert.export import export_model
 
@@ -182,30 +171,29 @@ def run(args) -> int:
     if is_export(args):
         return run_export(args)
     if args.format or args.dtype != "float32" or args.batch_size or args.dynamic_size:
-        raise ValueError(
+        raise CommandError(
             "--format, --dtype, --batch-size and --dynamic-size are export options: the output "
             "must be .onnx, .tflite, .xml or a folder (SavedModel)."
         )
     if args.with_normalization or args.uint8:
-        raise ValueError(
+        raise CommandError(
             "--with-normalization and --uint8 are export options: the output must be .onnx, "
             ".tflite, .xml or a folder (SavedModel)."
         )
     from weights_convert.export import SUFFIXES
-    from weights_convert.files import check_writable
     from weights_convert.pretrained import license_notice
     from weights_convert.saving import OUTPUT_SUFFIXES, save_converted
 
     if not args.output.endswith(OUTPUT_SUFFIXES):
-        raise ValueError(
+        raise CommandError(
             f"The output {args.output!r} must end in {' or '.join(OUTPUT_SUFFIXES)} (a Keras "
             f"model), or be an export: {', '.join(SUFFIXES)} or a folder/ (SavedModel)."
         )
-    output = check_writable(args.output, suffixes=OUTPUT_SUFFIXES)  # before any work
+    output = check_output_path(args.output, option="-o", suffixes=OUTPUT_SUFFIXES)  # before work
     if args.num_classes is not None and args.num_classes < 0:
-        raise ValueError(f"--num-classes must be >= 0, got {args.num_classes}.")
+        raise CommandError(f"--num-classes must be >= 0, got {args.num_classes}.")
     if args.input_size is not None and min(args.input_size) < 2:
-        raise ValueError(f"--input-size must be at least 2 2, got {args.input_size}.")
+        raise CommandError(f"--input-size must be at least 2 2, got {args.input_size}.")
     from weights_convert.convert import load_timm
 
     start = time.perf_counter()
@@ -232,32 +220,10 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    argv = None if argv is None else [os.fspath(a) for a in argv]
-    args = build_parser().parse_args(argv)
+    """`python -m weights_convert ...`: the exit status (the policy of
+    `convnext_common.cli.run_command`: one `error:` line for every bad input)."""
+    args = parse_args(build_parser(), argv)
+    if isinstance(args, int):
+        return args
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    except (*USER_ERRORS, ValueError, OSError, MemoryError) as error:
-        if args.debug:
-            raise
-        print(f"error: {_one_line(error)}", file=sys.stderr)
-        return 2
-    except Exception as error:  # a bug: still one line, the traceback with --debug
-        if args.debug:
-            raise
-        print(
-            f"error: unexpected {type(error).__name__}: {_one_line(error)} (rerun with --debug "
-            "for the traceback)",
-            file=sys.stderr,
-        )
-        return 1
-
-
-def _one_line(error) -> str:
-    text = str(error).strip() or type(error).__name__
-    if isinstance(error, OSError) and error.filename and error.strerror:
-        text = f"{error.filename}: {error.strerror}"
-    return " ".join(line.strip() for line in text.splitlines())
+    return run_command(run, args, debug=args.debug)

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 
 import keras
 
+from convnext_common.files import atomic_path
 from convnext_layers import ConvNeXt, ConvNeXtConfig
 from weights_convert.architectures import (
     ARCHITECTURES,
@@ -18,7 +19,6 @@ from weights_convert.architectures import (
 )
 from weights_convert.checkpoint import DEFAULT_MODEL, input_channels, load_checkpoint
 from weights_convert.errors import UnsupportedArchitectureError
-from weights_convert.files import atomic_path
 from weights_convert.mapping import build_ported, export_state_dict, port_state_dict
 from weights_convert.pretrained import builtin_pretrained_cfg
 

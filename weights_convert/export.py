@@ -54,10 +54,16 @@ import importlib.util
 import json
 import math
 import os
-import shutil
 import tempfile
 
-from weights_convert.files import atomic_path, atomic_write_text, check_writable
+from convnext_common.errors import InputError
+from convnext_common.files import (
+    atomic_folder,
+    atomic_path,
+    atomic_write_text,
+    check_output_path,
+)
+from convnext_common.jsonable import jsonable
 
 FORMATS = ("onnx", "litert", "saved_model", "openvino")
 DTYPES = ("float32", "float16", "int8")
@@ -89,7 +95,7 @@ _PIP_NAMES = {"tf2onnx": "tf2onnx", "jax2onnx": "jax2onnx", "onnxscript": "onnxs
               "onnx": "onnx", "openvino": "openvino", "tensorflow": "tensorflow-cpu"}  # fmt: skip
 
 
-class ExportError(ValueError):
+class ExportError(InputError, ValueError):
     """An export that cannot be done as asked: bad options, a format the active
     backend cannot export, a missing exporter package."""
 
@@ -208,14 +214,14 @@ def check_output(path, format: str) -> str:
     unwritable place."""
     path = os.fspath(path)
     if format != "saved_model":
-        return check_writable(path, what=f"{format} output")
+        return check_output_path(path, option=f"{format} output")
     folder = path.rstrip("/" + os.sep) or path
     if os.path.isdir(folder) and os.listdir(folder) and not _is_saved_model(folder):
         raise ExportError(
             f"{folder!r} is a folder that holds something other than a SavedModel; give a new "
             "or empty folder (a SavedModel folder there is replaced)."
         )
-    check_writable(os.path.join(folder, "saved_model.pb"), what="SavedModel folder")
+    check_output_path(os.path.join(folder, "saved_model.pb"), option="SavedModel folder")
     return folder
 
 
@@ -302,10 +308,11 @@ def export_model(
     )
     from convnext_layers import fast_ops
 
-    writer = _write_folder if format == "saved_model" else _write_file
+    writer = atomic_folder if format == "saved_model" else _write_file
     with writer(output) as tmp, fast_ops.portable():  # no backend fast path in the graph
         _run_exporter(graph, tmp, format, shape, description["input"]["dtype"], dtype, verbose)
         if format == "onnx":
+            _self_contained_onnx(tmp, output)
             description["input"]["name"], description["outputs"] = _onnx_names(
                 tmp, description["outputs"]
             )
@@ -455,41 +462,30 @@ def _with_normalization(model, mean, std, input_dtype):
 
 @contextlib.contextmanager
 def _write_file(path):
-    with atomic_path(path) as tmp:
+    # OpenVINO writes its weights to NAME.bin beside NAME.xml and finds them by name: a
+    # companion that moves with the file; anything else written beside the temporary
+    # file (an exporter's external data) is removed by atomic_path
+    with atomic_path(path, companions=(".bin",) if path.endswith(".xml") else ()) as tmp:
         os.remove(tmp)  # the exporters create the file themselves
-        if not path.endswith(".xml"):
-            yield tmp
-            return
-        # OpenVINO writes its weights to NAME.bin beside NAME.xml and finds them by name
-        weights = tmp[: -len(".xml")] + ".bin"
-        try:
-            yield tmp
-            os.replace(weights, path[: -len(".xml")] + ".bin")
-        finally:
-            with contextlib.suppress(OSError):
-                os.remove(weights)
+        yield tmp
 
 
-@contextlib.contextmanager
-def _write_folder(folder):
-    """A temporary folder beside `folder`, moved onto it on success (an existing
-    SavedModel there is replaced; the temporary folder is removed on failure)."""
-    parent = os.path.dirname(os.path.abspath(folder))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.tmp-", dir=parent)
-    target = os.path.join(tmp, "saved_model")
-    try:
-        yield target
-        old = None
-        if os.path.isdir(folder):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.old-", dir=parent)
-            os.rmdir(old)
-            os.replace(folder, old)
-        os.replace(target, folder)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def _self_contained_onnx(tmp, output) -> None:
+    """Move the weights an ONNX exporter wrote as external data beside `tmp` (named
+    after the temporary file, so unusable once it is renamed) into the file itself;
+    above protobuf's 2 GB limit, into one `OUTPUT.data` file beside the output."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    graph = onnx.load(tmp, load_external_data=False).graph
+    if not any(uses_external_data(tensor) for tensor in graph.initializer):
+        return
+    model = onnx.load(tmp)  # reads the external data from beside tmp
+    if model.ByteSize() < 2**31 - 1:
+        onnx.save_model(model, tmp)
+    else:
+        location = os.path.basename(output) + ".data"
+        onnx.save_model(model, tmp, save_as_external_data=True, location=location)
 
 
 def _onnx_names(path, outputs):
@@ -576,7 +572,7 @@ def describe_export(
         "outputs": _describe_outputs(model),
         "threshold": None if threshold is None else float(threshold),
         "calibration": calibration,
-        "pretrained_cfg": {k: v for k, v in pretrained_cfg.items() if _jsonable(v)},
+        "pretrained_cfg": jsonable(pretrained_cfg),
     }
 
 
@@ -681,11 +677,3 @@ def _is_int(value) -> bool:
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _jsonable(value) -> bool:
-    try:
-        json.dumps(value)
-    except (TypeError, ValueError):
-        return False
-    return True

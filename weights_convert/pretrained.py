@@ -13,6 +13,9 @@ import sys
 
 from weights_convert.errors import CheckpointConfigError
 
+# the checkpoint used when none is named: the smallest ImageNet ConvNeXt timm publishes
+DEFAULT_MODEL = "timm/convnext_atto.d2_in1k"
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")

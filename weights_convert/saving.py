@@ -16,11 +16,11 @@ import zipfile
 
 import keras
 
+from convnext_common.files import atomic_path, atomic_write_text, check_output_path
+from convnext_common.jsonable import jsonable
 from convnext_layers import ConvNeXt, load_saved_model
-from convnext_layers.model import jsonable
 from weights_convert.convert import annotate_model
 from weights_convert.errors import SavedModelError
-from weights_convert.files import atomic_path, atomic_write_text, check_writable
 
 OUTPUT_SUFFIXES = (".keras", ".weights.h5")
 SIDECAR_FORMAT = 2
@@ -47,7 +47,7 @@ def save_converted(
     `OUT.config.json` holding its `timm_architecture`, `pretrained_cfg` and the
     metadata, which `load_converted` attaches again.
     """
-    output = check_writable(output, suffixes=OUTPUT_SUFFIXES)
+    output = check_output_path(output, option="output", suffixes=OUTPUT_SUFFIXES)
     metadata = {**(metadata or {}), **(extra or {})}
     if not isinstance(model, ConvNeXt):
         with atomic_path(output) as tmp:

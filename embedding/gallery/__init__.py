@@ -28,15 +28,15 @@ mismatched or pickled file raises `GalleryFileError` naming the problem.
 from __future__ import annotations
 
 import json
-import os
-import zipfile
-import zlib
 
 import numpy as np
 
+from convnext_common.files import atomic_write
 from embedding.errors import InputError
 from embedding.gallery.indexes import INDEX_TYPES, index_class
 from embedding.gallery.vectors import check_finite, cosine_similarity, l2_normalize
+from embedding.metrics import Calibration
+from embedding.npz import read_npz
 
 __all__ = [
     "Gallery",
@@ -45,7 +45,6 @@ __all__ = [
     "INDEX_TYPES",
     "cosine_similarity",
     "l2_normalize",
-    "read_npz",
 ]
 
 GALLERY_FORMAT = 2
@@ -61,51 +60,6 @@ class UnknownIdError(KeyError):
 
     def __str__(self):
         return str(self.args[0]) if self.args else ""
-
-
-def read_npz(path, error=GalleryFileError, names=None, what="gallery file") -> dict:
-    """The members of an `.npz` (all, or those of `names` it has) as numpy arrays,
-    never unpickling.
-
-    Any way the file can be wrong (not a zip, truncated, a CRC error, a pickled
-    or object member, a lone `.npy`) raises `error`: "PATH: not a valid `what`
-    (the problem)". A missing file stays a FileNotFoundError.
-    """
-    path = os.fspath(path)
-
-    def invalid(reason):
-        return error(f"{path}: not a valid {what} ({reason}).")
-
-    if os.path.isdir(path):
-        raise invalid("it is a folder")
-    member = None  # the member being read, for the message
-    try:
-        data = np.load(path, allow_pickle=False)
-        if not isinstance(data, np.lib.npyio.NpzFile):
-            raise invalid("it is a single .npy array, not an .npz archive")
-        arrays = {}
-        with data:
-            wanted = data.files if names is None else [n for n in names if n in data.files]
-            for member in wanted:
-                arrays[member] = data[member]
-        return arrays
-    except (FileNotFoundError, error):
-        raise
-    except MemoryError:
-        raise invalid(f"member {member!r} is larger than the memory available") from None
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError) as failure:
-        reason = str(failure) or type(failure).__name__
-        if "pickle" in reason:
-            reason = (
-                f"member {member!r} holds pickled objects"
-                if member is not None
-                else "not an .npz archive (numpy would need pickle to read it)"
-            ) + ", which are never loaded"
-        elif isinstance(failure, EOFError) or "No data left" in reason:
-            reason = "the file is empty"
-        elif member is not None:
-            reason = f"member {member!r}: {reason}"
-        raise invalid(reason) from None
 
 
 def _check_labels(labels, count: int) -> list[str]:
@@ -378,8 +332,6 @@ class Gallery:
 
     def save(self, path) -> str:
         """Write the gallery as one `.npz` (see the module docstring), atomically."""
-        from weights_convert import atomic_write
-
         if self._index is None and self.dim is not None:
             self._ensure_index(self.dim)
         index_arrays = self._index.to_arrays() if self._index is not None else {}
@@ -413,7 +365,7 @@ class Gallery:
         Raises `GalleryFileError` (a ValueError) for anything wrong with the file,
         FileNotFoundError if there is none, ImportError for a FAISS index without faiss.
         """
-        arrays = read_npz(path)
+        arrays = read_npz(path, error=GalleryFileError, what="gallery file")
         version = arrays.get("format")
         if version is None or (version.shape == () and version.dtype.kind in "iu" and version == 1):
             return cls._from_plain(path, arrays)
@@ -459,8 +411,6 @@ class Gallery:
 
     @classmethod
     def _from_v2(cls, arrays):
-        from embedding.metrics import Calibration
-
         for name in ("meta", "ids", "labels"):
             if name not in arrays:
                 raise ValueError(f"missing array {name!r}")

@@ -40,7 +40,7 @@ _GROUP = 32  # columns per group in the top-k prefilter
 
 def faiss_module():
     """`import faiss`, or an ImportError that says how to install it."""
-    try:
+    try:  # the `faiss` extra, optional: index="exact" needs nothing else
         import faiss
     except ImportError as error:
         raise ImportError(

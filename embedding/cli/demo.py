@@ -1,5 +1,9 @@
 """`python -m embedding demo`: embeddings of scikit-image's sample photographs.
 
+Keras, timm and torch are imported inside the functions: timm and torch (when
+installed) must come before Keras (with the TensorFlow backend the other order
+crashes), and `--backend` must be chosen before Keras loads.
+
 With the pretrained default model (network, or a cached copy) it prints their
 cosine-similarity matrix. Without either it says so, then shows what works
 offline: with timm installed (the `convert` extra: timm + torch), a timm
@@ -14,7 +18,16 @@ which extra adds the comparison with timm.
 
 from __future__ import annotations
 
-import sys
+import numpy as np
+from PIL import Image
+
+import weights_convert  # a light package face: each name loads its module when used
+from convnext_common.cli import CommandError
+from convnext_common.errors import error_message
+from convnext_common.jsonable import jsonable
+from embedding.errors import ModelUnavailableError
+from embedding.gallery import cosine_similarity
+from weights_convert.pretrained import DEFAULT_MODEL, license_notice
 
 RANDOM_ARCH = "convnext_atto"
 # (name, skimage.data function, augmentation); augmented copies show that a
@@ -33,7 +46,7 @@ SAMPLES = (
 
 def _import_convert_extra():
     """timm + torch, imported before Keras (TensorFlow backend: torch must come first)."""
-    try:
+    try:  # the `convert` extra, optional; before Keras when present (see above)
         import timm  # noqa: F401
         import torch
     except ImportError:
@@ -43,7 +56,7 @@ def _import_convert_extra():
 
 def sample_images():
     """[(name, HWC uint8 array)] from skimage.data (ships with scikit-image)."""
-    try:
+    try:  # the `demo` extra: scikit-image's photographs
         import skimage.data
     except ImportError as error:
         raise SystemExit(
@@ -62,10 +75,6 @@ def sample_images():
 
 
 def similarity_table(names, vectors) -> str:
-    import numpy as np
-
-    from embedding.gallery import cosine_similarity
-
     sims = np.atleast_2d(cosine_similarity(vectors, vectors))
     width = max(len(n) for n in names)
     short = [n.split(" ")[0][:8] for n in names]
@@ -77,8 +86,7 @@ def similarity_table(names, vectors) -> str:
 
 def _pretrained(source, offline):
     """An Embedder for `source`, or None (with the reason printed) if unavailable."""
-    from embedding.embedder import Embedder
-    from embedding.errors import ModelUnavailableError
+    from embedding.embedder import Embedder  # Keras: after timm / torch (see above)
 
     if offline:
         print("--offline: not trying the Hub.")
@@ -90,42 +98,26 @@ def _pretrained(source, offline):
         return None
 
 
-def _jsonable_cfg(pretrained_cfg):
-    import json
-
-    cfg = {}
-    for key, value in pretrained_cfg.items():
-        try:
-            json.dumps(value)
-            cfg[key] = value
-        except TypeError:
-            pass
-    return cfg
-
-
 def _port(timm_model, batch_size):
     """An Embedder holding the Keras port of `timm_model` (same weights)."""
+    # Keras: after timm / torch (see above)
     from embedding.embedder import Embedder
     from embedding.model import embedding_model_from_state
 
     state = {k: v.detach().numpy() for k, v in timm_model.state_dict().items()}
     config = {
         "architecture": RANDOM_ARCH,
-        "pretrained_cfg": _jsonable_cfg(timm_model.pretrained_cfg),
+        "pretrained_cfg": jsonable(timm_model.pretrained_cfg),
     }
     return Embedder(model=embedding_model_from_state(state, config), batch_size=batch_size)
 
 
 def _random_weights_demo(torch, images):
-    import numpy as np
-
     if torch is None:
         return _untrained_keras_demo(images)
+    # the `convert` extra, present here (imported by _import_convert_extra already)
     import timm
-    from PIL import Image
     from timm.data import create_transform, resolve_data_config
-
-    import weights_convert
 
     # 1. parity: every parameter random (timm's own init leaves blocks ~identity)
     timm_model = weights_convert.randomize_timm_parameters(
@@ -168,14 +160,13 @@ def _random_weights_demo(torch, images):
 
 def _untrained_keras_demo(images):
     """Without timm: an untrained ConvNeXt built by this library, clearly labelled."""
-    from embedding.embedder import Embedder
-    from weights_convert import keras_model_for
+    from embedding.embedder import Embedder  # Keras: only now (--backend is chosen)
 
     print(
         "timm is not installed, so the comparison of this port with timm is skipped; the "
         "`convert` extra adds it (timm + torch): pip install -e '.[convert]'."
     )
-    model = keras_model_for(RANDOM_ARCH, num_classes=0, normalize=True)
+    model = weights_convert.keras_model_for(RANDOM_ARCH, num_classes=0, normalize=True)
     embedder = Embedder(model=model, batch_size=len(images))
     vectors = embedder.embed([image for _, image in images])
     print()
@@ -191,17 +182,13 @@ def _untrained_keras_demo(images):
 
 def run_demo(model=None, offline=False) -> int:
     torch = _import_convert_extra()  # before Keras, see above
-    from embedding.model import DEFAULT_MODEL
-
     source = model or DEFAULT_MODEL
     images = sample_images()
-    import keras
+    import keras  # only now: after timm / torch, and --backend is chosen
 
     print(f"Keras {keras.__version__}, backend {keras.backend.backend()}")
     embedder = _pretrained(source, offline)
     if embedder is not None:
-        from weights_convert.pretrained import license_notice
-
         vectors = embedder.embed([image for _, image in images])
         license_name = embedder.pretrained_cfg.get("license", "unknown")
         print(f"Pretrained {source} (licence {license_name})")
@@ -219,5 +206,27 @@ def run_demo(model=None, offline=False) -> int:
     return _random_weights_demo(torch, images)
 
 
-if __name__ == "__main__":
-    sys.exit(run_demo())
+def register(subparsers):
+    p = subparsers.add_parser(
+        "demo",
+        help="embed scikit-image's sample photos (pretrained if available, else random weights)",
+    )
+    p.add_argument("--model", default=None, metavar="SOURCE", help="checkpoint to try first")
+    p.add_argument(
+        "--offline", action="store_true", help="skip the Hub, go straight to the offline demo"
+    )
+    p.set_defaults(handler=run)
+
+
+def run(args):
+    _import_convert_extra()  # before the model check below loads Keras
+    if args.model is not None and not args.offline:
+        problem = weights_convert.source_problem(args.model)
+        if problem is not None:
+            raise CommandError(f"--model {args.model}: {problem}")
+    try:
+        return run_demo(model=args.model, offline=args.offline)
+    except (ValueError, OSError) as error:
+        if args.model is None:
+            raise
+        raise CommandError(f"--model {args.model}: {error_message(error)}") from error

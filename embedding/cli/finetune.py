@@ -3,37 +3,31 @@ of `embedding.finetune` (which never imports this module).
 
 The options fill one `FinetuneConfig`; everything cheap is checked before the
 model is loaded (the data folder, the `-o` path and its suffix, the checkpoint
-folder, the model source), and every expected error is one `error:` line (see
-`embedding.cli`).
+folder, the model source), and every expected error is one `error:` line
+(`convnext_common.cli.run_command`).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
-from embedding.cli import (
-    CommandError,
-    add_model_options,
-    check_model_source,
-    finite_float,
-    non_negative_int,
-    positive_int,
-)
+from convnext_common.cli import CommandError, finite_float, non_negative_int, positive_int
+from convnext_common.files import check_output_path
+from embedding.cli import options
 from embedding.errors import ModelSourceError
-from embedding.files import check_output_path
+from embedding.preprocess import DEFAULT_MAX_PIXELS
 
 
 def _fraction(text: str) -> float:
-    import argparse
-
     value = finite_float(text)
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {text}")
     return value
 
 
-def add_finetune_parser(subparsers):
+def register(subparsers):
     p = subparsers.add_parser(
         "finetune",
         help="fine-tune with ArcFace on a folder of identities",
@@ -45,7 +39,7 @@ def add_finetune_parser(subparsers):
     )
     p.add_argument("data_dir", metavar="DATA_DIR")
     p.add_argument("-o", "--output", required=True, help="output .keras (best held-out EER)")
-    add_model_options(p)
+    options.add_model_options(p)
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=positive_int, default=10)
     t.add_argument("--lr", type=finite_float, default=1e-3, help="AdamW peak learning rate")
@@ -89,12 +83,12 @@ def add_finetune_parser(subparsers):
         help="auto: data-parallel over all local devices (JAX, >1 device)",
     )
     t.add_argument("--seed", type=non_negative_int, default=0)
-    p.set_defaults(handler=run_finetune)
+    p.set_defaults(handler=run)
 
 
 def config_from_args(args):
     """The `FinetuneConfig` the options describe (raises `FinetuneConfigError`)."""
-    from embedding.finetune import FinetuneConfig
+    from embedding.finetune import FinetuneConfig  # Keras loads here, after --backend
 
     return FinetuneConfig(
         epochs=args.epochs,
@@ -117,16 +111,15 @@ def config_from_args(args):
     )
 
 
-def run_finetune(args):
+def run(args):
     if not os.path.isdir(args.data_dir):
         what = "a file, not a folder" if os.path.exists(args.data_dir) else "no such folder"
         raise CommandError(f"DATA_DIR {args.data_dir}: {what}")
     check_output_path(args.output, option="-o", suffixes=(".keras",))
     checkpoint_dir = args.checkpoint_dir or args.output + ".ckpt"
     check_output_path(os.path.join(checkpoint_dir, "state.json"), option="--checkpoint-dir")
-    source = check_model_source(args)
-    from embedding.finetune import finetune
-    from embedding.preprocess import DEFAULT_MAX_PIXELS
+    source = options.check_model_source(args)
+    from embedding.finetune import finetune  # Keras loads here, after --backend
 
     config = config_from_args(args)
     try:

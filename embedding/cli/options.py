@@ -1,0 +1,190 @@
+"""Options and helpers the subcommands share: the model options and the `Embedder` they
+make, the face options, image files from the command line, skipped-file reports.
+
+Nothing here imports Keras at module level: `python -m embedding --help` is instant and
+`--backend` can still choose the backend. Keras loads in `make_embedder`, after that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import zipfile
+
+import weights_convert  # a light package face: each name loads its module when used
+from convnext_common.cli import CommandError, positive_int
+from convnext_common.errors import error_message
+from embedding.errors import InputError
+from embedding.faces import DEFAULT_MARGIN, DEFAULT_MIN_SIZE, YuNetDetector
+from embedding.files import IMAGE_EXTENSIONS, find_image_files
+from embedding.preprocess import DEFAULT_MAX_PIXELS
+from weights_convert.pretrained import DEFAULT_MODEL, license_notice
+
+
+def add_model_options(parser: argparse.ArgumentParser, batch_size: int = 32) -> None:
+    """--model, --batch-size, --pooling, --no-head-norm, --workers, --no-cache, --cache-dir,
+    --max-pixels, --no-progress."""
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model",
+        default=None,
+        metavar="SOURCE",
+        help="Hub id, .safetensors file, folder with model.safetensors + config.json, or a "
+        f".keras model written by weights_convert or finetune (default: {DEFAULT_MODEL})",
+    )
+    group.add_argument("--batch-size", type=positive_int, default=batch_size, metavar="N")
+    group.add_argument("--pooling", choices=("avg", "max", "gem"), default="avg")
+    group.add_argument(
+        "--no-head-norm", action="store_true", help="skip timm's head LayerNorm after pooling"
+    )
+    group.add_argument("--workers", type=positive_int, default=None, help="image decoding threads")
+    group.add_argument(
+        "--no-cache", action="store_true", help="do not read or write the converted-model cache"
+    )
+    group.add_argument(
+        "--cache-dir",
+        default=None,
+        help="converted-model cache (default $KERAS_CONVNEXT_CACHE or ~/.cache/keras-convnext)",
+    )
+    group.add_argument(
+        "--max-pixels",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="skip images with more pixels (decompression bombs; default PIL's limit, 89478485)",
+    )
+    group.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def model_source(args) -> str:
+    return args.model or DEFAULT_MODEL
+
+
+def check_model_source(args) -> str:
+    """Refuse a `--model` that names no file and no Hub id, before anything is loaded."""
+    source = model_source(args)
+    problem = weights_convert.source_problem(source)
+    if problem is not None:
+        raise CommandError(f"--model {source}: {problem}")
+    if weights_convert.source_kind(source) == "keras" and (
+        args.pooling != "avg" or args.no_head_norm
+    ):
+        raise CommandError(
+            f"--model {source}: a .keras model has its own pooling and head; "
+            "--pooling / --no-head-norm apply to checkpoints only"
+        )
+    return source
+
+
+def make_embedder(args, **kwargs):
+    """An `Embedder` from the options of `add_model_options` (any checkpoint source, or a
+    `.keras` model this project wrote); a model that cannot be loaded is reported as an
+    error naming `--model`, and a non-commercial licence gets a `note:` line."""
+    source = check_model_source(args)
+    # Keras loads here, after --backend chose the backend
+    from embedding.embedder import Embedder
+    from embedding.model import enable_compilation_cache
+
+    if not args.no_cache:  # JAX: reuse compiled executables across runs
+        enable_compilation_cache(args.cache_dir)
+    try:
+        embedder = Embedder(
+            source,
+            pooling=args.pooling,
+            head_norm=not args.no_head_norm,
+            cache=not args.no_cache,
+            cache_dir=args.cache_dir,
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+            max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
+            progress=not args.no_progress,
+            **kwargs,
+        )
+    except CommandError:
+        raise
+    except (InputError, ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        raise CommandError(f"--model {source}: {error_message(error)}") from error
+    notice = license_notice(embedder.pretrained_cfg)
+    if notice:
+        print(f"note: {notice}", file=sys.stderr)
+    return embedder
+
+
+def image_files(paths, *, allow_none: bool = False):
+    """The image files of the command line's paths (`embedding.files.find_image_files`: files
+    as given, folders searched), or a `CommandError` naming a missing path or (unless
+    `allow_none`) saying that nothing was found."""
+    try:
+        files = find_image_files(paths)
+    except FileNotFoundError as error:
+        raise CommandError(str(error)) from None
+    if not files and not allow_none:
+        raise CommandError(
+            "no image files found in " + ", ".join(map(str, paths)) + " (image names end in "
+            f"{', '.join(IMAGE_EXTENSIONS)})"
+        )
+    return files
+
+
+def find_images(paths) -> list[str]:
+    """The paths of `image_files(paths, allow_none=True)`."""
+    return [image.path for image in image_files(paths, allow_none=True)]
+
+
+def print_skipped(skipped):
+    """One "skipped: PATH: REASON" line on stderr per (path, reason)."""
+    for name, reason in skipped:
+        print(f"skipped: {name}: {reason}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------
+# Faces: enroll, identify
+# ----------------------------------------------------------------------------
+
+
+def add_face_options(parser: argparse.ArgumentParser) -> None:
+    """--yunet, --no-align, --margin, --flip, --min-size."""
+    group = parser.add_argument_group("faces")
+    group.add_argument(
+        "--yunet",
+        default=None,
+        metavar="MODEL",
+        help="detect with OpenCV's FaceDetectorYN and this YuNet .onnx file instead of the "
+        "default Haar cascade (a weak baseline)",
+    )
+    group.add_argument(
+        "--no-align", action="store_true", help="crop boxes with a margin, never warp landmarks"
+    )
+    group.add_argument(
+        "--margin",
+        type=float,
+        default=DEFAULT_MARGIN,
+        help="margin around unaligned boxes, a fraction of the box size per side "
+        f"(default {DEFAULT_MARGIN})",
+    )
+    group.add_argument(
+        "--flip", action="store_true", help="average each face with its mirror image"
+    )
+    group.add_argument(
+        "--min-size",
+        type=float,
+        default=DEFAULT_MIN_SIZE,
+        metavar="PX",
+        help=f"ignore faces whose box is smaller than PX pixels (default {DEFAULT_MIN_SIZE})",
+    )
+
+
+def face_options(args) -> dict:
+    """Keyword arguments of embedding.faces.enroll / identify from `add_face_options`."""
+    if not args.margin >= 0:
+        raise CommandError(f"--margin must be >= 0 (a fraction of the box size), got {args.margin}")
+    if not args.min_size >= 0:
+        raise CommandError(f"--min-size must be >= 0 pixels, got {args.min_size}")
+    detector = YuNetDetector(args.yunet) if args.yunet else None
+    return dict(
+        detector=detector,
+        align=not args.no_align,
+        margin=args.margin,
+        flip=args.flip,
+        min_size=args.min_size,
+    )

@@ -1,0 +1,107 @@
+"""convnext_common: the one writer leaves nothing behind, the one output check, the JSON
+sanitiser and the exit policy of both command lines (standard library + numpy only)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from convnext_common.cli import CommandError, run_command
+from convnext_common.errors import InputError, OutputPathError
+from convnext_common.files import atomic_path, atomic_write_text, check_output_path
+from convnext_common.jsonable import jsonable
+
+pytestmark = pytest.mark.once("jax")  # no Keras backend involved
+
+
+def test_companion_files_of_a_write_never_outlive_it(tmp_path):
+    """What a writer leaves beside the temporary file under its name (an exporter's
+    external data) is removed; a declared companion moves to the target's name."""
+    target = tmp_path / "model.onnx"
+    with atomic_path(target) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(b"graph")
+        with open(tmp + ".data", "wb") as f:  # as jax2onnx's external data
+            f.write(b"weights")
+    assert sorted(os.listdir(tmp_path)) == ["model.onnx"]
+
+    xml = tmp_path / "model.xml"
+    with atomic_path(xml, companions=(".bin",)) as tmp:
+        with open(tmp, "w") as f:
+            f.write("<net/>")
+        with open(tmp[: -len(".xml")] + ".bin", "wb") as f:  # OpenVINO's weights
+            f.write(b"weights")
+    assert sorted(os.listdir(tmp_path)) == ["model.bin", "model.onnx", "model.xml"]
+    assert (tmp_path / "model.bin").read_bytes() == b"weights"
+
+
+def test_a_failed_write_leaves_nothing_and_the_old_file_whole(tmp_path):
+    target = tmp_path / "out.json"
+    atomic_write_text(target, "old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        with open(tmp, "w") as f:
+            f.write("new, half")
+        with open(tmp + ".part", "w") as f:
+            f.write("x")
+        raise RuntimeError("killed")
+    assert sorted(os.listdir(tmp_path)) == ["out.json"]
+    assert target.read_text() == "old"
+
+
+def test_one_output_check_for_both_packages(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    for path, fragment in [
+        (tmp_path, "is a folder"),
+        (tmp_path / "a_file" / "out.keras", "is not a folder"),
+        ("", "empty"),
+    ]:
+        with pytest.raises(OutputPathError, match=fragment) as info:
+            check_output_path(path, option="-o")
+        assert isinstance(info.value, (InputError, ValueError))
+    with pytest.raises(OutputPathError, match=r"must end in \.keras or \.weights\.h5"):
+        check_output_path(tmp_path / "x.pt", suffixes=(".keras", ".weights.h5"))
+
+
+def test_jsonable_makes_plain_json():
+    value = {
+        1: (np.float32(0.5), np.int64(3)),
+        "array": np.arange(3),
+        "nan": math.nan,
+        "flag": np.bool_(True),
+        "dtype": np.dtype("float32"),
+    }
+    out = jsonable(value)
+    assert json.loads(json.dumps(out)) == {
+        "1": [0.5, 3],
+        "array": [0, 1, 2],
+        "nan": None,
+        "flag": True,
+    }
+    assert jsonable(value, unknown="str")["dtype"] == "float32"
+    with pytest.raises(TypeError, match="dtype"):
+        jsonable(value, unknown="raise")
+
+
+@pytest.mark.parametrize(
+    "error, status, fragment",
+    [
+        (CommandError("--x: bad"), 2, "error: --x: bad"),
+        (FileNotFoundError(2, "No such file or directory", "a.jpg"), 2, "error: No such file"),
+        (MemoryError(), 1, "error: out of memory"),
+        (KeyError("bug"), 1, "error: unexpected KeyError"),
+        (KeyboardInterrupt(), 130, "error: interrupted"),
+    ],
+)
+def test_exit_policy_is_one_error_line(error, status, fragment, capsys):
+    def handler(args):
+        raise error
+
+    assert run_command(handler, None) == status
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(fragment), err
+    with pytest.raises(type(error)):
+        run_command(handler, None, debug=True)
