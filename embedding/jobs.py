@@ -476,8 +476,7 @@ def _part_record(path):
         identity = None
     fields = ("shard_index", "num_shards", "dim", "chunk_size")
     if not isinstance(identity, dict) or not all(
-        isinstance(identity.get(f), int) and not isinstance(identity.get(f), bool)
-        for f in fields
+        isinstance(identity.get(f), int) and not isinstance(identity.get(f), bool) for f in fields
     ):
         raise JobError(f"{path} was not written by `embed` (no valid job record).")
     return path, identity, arrays

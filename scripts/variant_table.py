@@ -1,9 +1,11 @@
-"""Regenerate the README's generated tables: the variant sizes (parameters and GMACs
-at 224x224) and the supported timm architectures (what each has, and how many of
-timm's published tags it covers).
+"""Regenerate the documentation's model tables: the variant sizes (parameters and
+GMACs at 224x224; fenced `variant-table`, in README.md and docs/models.md) and the
+supported timm architectures (what each has, and how many of timm's published tags
+it covers; fenced `architecture-table`, in docs/converting.md). Any page of
+`markdown_pages.pages()` may hold either.
 
-    python scripts/variant_table.py          # rewrite the tables in README.md
-    python scripts/variant_table.py --check  # exit 1 if README.md is out of date
+    python scripts/variant_table.py          # rewrite the tables wherever they are
+    python scripts/variant_table.py --check  # exit 1 if a page is out of date
 
 Parameters come from the Keras models themselves (`count_params`, built without
 allocating their weights), MACs from `convnext_layers.count_macs`; published tags
@@ -16,13 +18,12 @@ import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-BEGIN = "<!-- variant-table:begin -->"
-END = "<!-- variant-table:end -->"
-ARCH_BEGIN = "<!-- architecture-table:begin -->"
-ARCH_END = "<!-- architecture-table:end -->"
+from markdown_pages import fences, replace_between, update_pages  # noqa: E402
+
+BEGIN, END = fences("variant-table")
+ARCH_BEGIN, ARCH_END = fences("architecture-table")
 
 HEADER = (
     "| variant | V1 params | V1 GMACs | V2 params | V2 GMACs | depths | widths |\n"
@@ -130,36 +131,28 @@ def architecture_table() -> str:
     return "\n".join([ARCH_HEADER, *rows]) + footer
 
 
-def replace_between(text: str, begin: str, end: str, table: str) -> str:
-    head, rest = text.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    return f"{head}{begin}\n{table}\n{end}{tail}"
+def updated_page(text: str, tables: dict[str, str] | None = None) -> str:
+    """`text` with its variant and architecture tables current (`tables`: the two
+    tables by fence name, computed once for several pages; None computes them)."""
+    if tables is None:
+        tables = current_tables()
+    for name, table in tables.items():
+        text = replace_between(text, name, table)
+    return text
 
 
-def updated_readme(text: str) -> str:
-    text = replace_between(text, BEGIN, END, variant_table())
-    return replace_between(text, ARCH_BEGIN, ARCH_END, architecture_table())
+def current_tables() -> dict[str, str]:
+    return {"variant-table": variant_table(), "architecture-table": architecture_table()}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="fail if README.md is stale")
+    parser.add_argument("--check", action="store_true", help="fail if a page is stale")
     args = parser.parse_args(argv)
     import timm  # noqa: F401  (before keras: see tests/conftest.py)
 
-    from convnext_common.files import atomic_write_text
-
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    updated = updated_readme(text)
-    if args.check:
-        if updated != text:
-            print("README.md tables are out of date: run scripts/variant_table.py")
-            return 1
-        return 0
-    atomic_write_text(readme, updated)
-    print(f"updated {readme}")
-    return 0
+    tables = current_tables()
+    return update_pages(lambda text: updated_page(text, tables), args.check, "variant_table.py")
 
 
 if __name__ == "__main__":

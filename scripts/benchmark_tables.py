@@ -1,0 +1,244 @@
+"""Regenerate the documentation's benchmark tables from `benchmarks/results/*.json`.
+
+    python scripts/benchmark_tables.py          # rewrite the tables wherever they are
+    python scripts/benchmark_tables.py --check  # exit 1 if a page is out of date
+
+A page asks for a table by fencing its place (see `markdown_pages`):
+
+    <!-- benchmark-table:inference:begin -->
+    <!-- benchmark-table:inference:end -->
+
+and this script writes it there, with the date, the machine and the load average of
+the run it comes from. The tables (`TABLES`): `inference` and `inference-memory`
+(speed and peak memory against timm), `end-to-end`, `cold-start` and
+`cold-start-user-install`, `gallery` and `gallery-sweep`, `export-parity`. A new
+results file gets a new entry in `TABLES`; rerunning a benchmark into the same file
+and then this script updates every page that shows it.
+
+The gallery tables are the benchmark's own (`gallery_benchmark.markdown`); the others
+are laid out for a reader here (one column per backend, phases without the
+zero-second ones), from the JSON the benchmarks' own `.md` files were written from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from markdown_pages import ROOT, fenced_names, replace_between, update_pages  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+PREFIX = "benchmark-table"
+# the benchmark's side names -> column titles
+COLUMNS = {
+    "keras-jax": "JAX",
+    "keras-tensorflow": "TensorFlow",
+    "keras-torch": "PyTorch",
+    "keras-jax +XLA_FLAGS": "JAX + XLA_FLAGS",
+}
+FORMATS = {"onnx": "ONNX", "litert": "LiteRT", "saved_model": "SavedModel (reloaded)"}
+
+
+def read(name: str) -> dict:
+    with open(RESULTS / f"{name}.json") as f:
+        return json.load(f)
+
+
+def _benchmark_module(module: str):
+    """benchmarks/<module>.py, whose renderer is one of these tables' source."""
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+    return importlib.import_module(module)
+
+
+def _load_range(values) -> str:
+    values = [v for v in values if v is not None]
+    return f"{min(values):.1f}-{max(values):.1f}" if values else "n/a"
+
+
+def _machine(report: dict) -> str:
+    m = report["machine"]
+    return f"{m['cpu']}, {m['usable_cpus'] or m['logical_cpus']} usable CPUs"
+
+
+def _caption(report: dict, rows) -> str:
+    loads = [v for row in rows for v in row.get("load_1min", [])]
+    return (
+        f"Measured {report['created'][:10]} on {_machine(report)}; 1-minute load average "
+        f"{_load_range(loads)} during the run (`benchmarks/results/{report['_name']}.md` "
+        "has every figure)."
+    )
+
+
+def _pivot(report: dict, first: tuple[str, str], cell) -> str:
+    """(variant, batch) rows; `first` = (title, format of timm's row), then one column
+    per Keras side with `cell(row)`."""
+    rows = report["results"]
+    sides = [name for name in dict.fromkeys(r["name"] for r in rows) if name != "timm"]
+    lines = [
+        f"| variant | batch | {first[0]} | " + " | ".join(COLUMNS.get(s, s) for s in sides) + " |",
+        "|---|---:|---:|" + "---:|" * len(sides),
+    ]
+    for variant, batch in dict.fromkeys((r["variant"], r["batch_size"]) for r in rows):
+        group = {r["name"]: r for r in rows if (r["variant"], r["batch_size"]) == (variant, batch)}
+        cells = [first[1].format(**group["timm"])]
+        cells += [cell(group[s]) if s in group else "" for s in sides]
+        lines.append(f"| {variant} | {batch} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def inference(name="cpu_r224_float32") -> str:
+    report = {**read(name), "_name": name}
+    cfg = report["config"]
+    table = _pivot(
+        report, ("timm eager img/s", "{images_per_s:.1f}"), lambda r: f"{r['ratio_to_timm']:.2f}x"
+    )
+    return (
+        f"{_caption(report, report['results'])} {cfg['resolution']}x{cfg['resolution']}, "
+        f"{cfg['dtype']}, Keras `{', '.join(cfg['calls'])}`; ratio = our images/s over timm "
+        "eager's, so > 1 is faster.\n\n" + table
+    )
+
+
+def inference_memory(name="cpu_r224_float32") -> str:
+    report = {**read(name), "_name": name}
+    table = _pivot(
+        report,
+        ("timm peak RSS MB", "{peak_rss_mb:,.0f}"),
+        lambda r: f"{r['rss_ratio_to_timm']:.2f}x",
+    )
+    return (
+        f"{_caption(report, report['results'])} Peak resident memory of the inference "
+        "worker over timm's, so < 1 is less memory.\n\n" + table
+    )
+
+
+def end_to_end(name="cpu_embed_e2e_b32") -> str:
+    report = {**read(name), "_name": name}
+    model_only = {r["name"]: r for r in report["results"]}
+    lines = [
+        "| implementation | images | end to end img/s | vs timm | model alone vs timm |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in report["end_to_end"]:
+        side = model_only.get(row["name"].split()[0])
+        alone = f"{side['ratio_to_timm']:.2f}x" if side else "-"
+        lines.append(
+            f"| {row['name']} | {row['images']} | {row['images_per_s']:.1f} "
+            f"| {row['ratio_to_timm']:.2f}x | {alone} |"
+        )
+    variants = ", ".join(report["config"]["variants"])
+    batches = ", ".join(map(str, report["config"]["batch_sizes"]))
+    return f"{_caption(report, report['results'])} {variants} at batch {batches}.\n\n" + "\n".join(
+        lines
+    )
+
+
+def _table_after(markdown: str, heading: str) -> str:
+    """The first Markdown table after the line starting with `heading`."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(heading))
+    table = []
+    for line in lines[start + 1 :]:
+        if line.startswith("|"):
+            table.append(line)
+        elif table:
+            break
+    return "\n".join(table)
+
+
+def cold_start(name="cpu_cold_start_atto") -> str:
+    report = {**read(name), "_name": name}
+    lines = [
+        "| process | median s | min-max s | vs timm | load (1 min) | where the time goes (s) |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for row in report["cold_start"]:
+        phases = ", ".join(f"{k} {v:.2f}" for k, v in row["phases_s"].items() if v >= 0.005)
+        lines.append(
+            f"| {row['name']} | {row['median_s']:.2f} | {row['min_s']:.2f}-{row['max_s']:.2f} "
+            f"| {row['ratio_to_timm']:.2f}x | {_load_range(row['load_1min'])} | {phases} |"
+        )
+    rounds = report["cold_start"][0]["runs"]
+    return (
+        f"{_caption(report, report['cold_start'])} {rounds} alternating runs per process, "
+        "median wall time; one more run per process times the phases from inside.\n\n"
+        + "\n".join(lines)
+    )
+
+
+def cold_start_user_install() -> str:
+    return cold_start("cpu_cold_start_atto_user_install")
+
+
+def gallery(name="gallery_cpu") -> str:
+    report = read(name)
+    markdown = _benchmark_module("gallery_benchmark").markdown(report)
+    start, end = (f"{v[0]:.1f}" for v in (report["load_start"], report["load_end"]))
+    return (
+        f"Measured {report['date'][:10]} on {report['machine']}, {report['faiss_threads']} "
+        f"thread(s) for FAISS and numpy's BLAS; 1-minute load average {start} at the start, "
+        f"{end} at the end (`benchmarks/results/{name}.md` has the parameters).\n\n"
+        + _table_after(markdown, "# Gallery benchmark")
+    )
+
+
+def gallery_sweep() -> str:
+    return gallery("gallery_cpu_1m_sweep")
+
+
+def export_parity(backends=("tensorflow", "jax", "torch")) -> str:
+    rows = [row for b in backends for row in read(f"export_{b}")["rows"] if "refused" not in row]
+    archs = list(dict.fromkeys(row["arch"] for row in rows))
+    lines = [
+        "| backend | format | dtype | "
+        + " | ".join(f"{arch}: max abs diff / min cosine" for arch in archs)
+        + " |",
+        "|---|---|---|" + "---:|" * len(archs),
+    ]
+    cells = {(r["backend"], r["format"], r["dtype"], r["arch"]): r for r in rows}
+    for key in dict.fromkeys((r["backend"], r["format"], r["dtype"]) for r in rows):
+        values = [cells.get((*key, arch)) for arch in archs]
+        text = [f"{v['max_abs_diff']:.1e} / {v['min_cosine']:.7f}" if v else "-" for v in values]
+        lines.append(
+            f"| {key[0]} | {FORMATS.get(key[1], key[1])} | {key[2]} | " + " | ".join(text) + " |"
+        )
+    return "\n".join(lines)
+
+
+TABLES = {
+    "inference": inference,
+    "inference-memory": inference_memory,
+    "end-to-end": end_to_end,
+    "cold-start": cold_start,
+    "cold-start-user-install": cold_start_user_install,
+    "gallery": gallery,
+    "gallery-sweep": gallery_sweep,
+    "export-parity": export_parity,
+}
+
+
+def updated_page(text: str) -> str:
+    """`text` with every benchmark table it fences current; an unknown table name is a
+    ValueError listing the known ones."""
+    for name in dict.fromkeys(fenced_names(text, PREFIX)):
+        if name not in TABLES:
+            raise ValueError(f"unknown benchmark table {name!r}; known: {', '.join(TABLES)}")
+        text = replace_between(text, f"{PREFIX}:{name}", TABLES[name]())
+    return text
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="fail if a page is stale")
+    args = parser.parse_args(argv)
+    return update_pages(updated_page, args.check, "benchmark_tables.py")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
