@@ -1004,7 +1004,7 @@ def main(argv=None):
     p.add_argument(
         "--xla-flags",
         default=None,
-        help="also time JAX with XLA_FLAGS set to this ('auto': docs/performance.md's measured flags)",
+        help="also time JAX with XLA_FLAGS set to this ('auto': docs/performance.md's flags)",
     )
     p.add_argument("--quick", action="store_true", help="tiny batch and few passes (CI smoke)")
     p.add_argument("--output", default=None, help="output path without extension")
