@@ -1,30 +1,38 @@
-"""`python -m embedding embed DIR_OR_FILE ... -o OUT.npz`: resumable, shardable embedding
-of image files (the library side is `embedding.jobs`)."""
+"""`python -m embedding embed DIR_OR_FILE ... -o OUT`: resumable, shardable embedding of
+image files into an .npz, a .parquet or a folder of Parquet parts (the name decides);
+`--engine ray` runs it on a Ray cluster. The library side is `embedding.jobs` and
+`embedding.raydata`."""
 
 from __future__ import annotations
 
 import sys
 
-import numpy as np
-
 from convnext_common.cli import CommandError
-from convnext_common.files import check_output_path
 from embedding.cli import options
+from embedding.formats import skipped_files
 
 
 def register(subparsers):
     p = subparsers.add_parser(
         "embed",
-        help="embed images (files or folders) into an .npz, resumably",
-        description="Embed images into an .npz with arrays embeddings (N, D) float32, "
-        "paths (N,), labels (N,) (for an image found in a folder given here, the top-level "
-        "sub-folder it lies in; for a file given by name, its folder's name; the file loads "
-        "as an embedding.Gallery), skipped (paths that could not be read) and their reasons. "
-        "Finished chunks of files are kept in a hidden .OUT.parts folder next to the "
-        "output: after an interruption, the same command continues from them.",
+        help="embed images (files or folders) into an .npz or Parquet, resumably",
+        description="Embed images into OUT: an .npz (arrays embeddings (N, D) float32, paths, "
+        "labels, skipped paths and their reasons), a .parquet file, or a folder of Parquet "
+        "parts (a name without a suffix or ending in /): one row per image with path, label, "
+        "embedding (null for an unreadable image) and error, the model in the metadata. "
+        "Labels: for an image found in a folder given here, the top-level sub-folder it "
+        "lies in; for a file given by name, its folder's name. Every output loads as an "
+        "embedding.Gallery. Finished chunks are kept (a folder's parts; a hidden .OUT.parts "
+        "folder for a file): after an interruption, the same command continues from them; "
+        "over a finished output it does nothing.",
     )
     p.add_argument("inputs", nargs="+", metavar="DIR_OR_FILE")
-    p.add_argument("-o", "--output", required=True, help="output .npz")
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="OUT.npz, OUT.parquet, or a folder of Parquet parts (the name decides)",
+    )
     group = p.add_argument_group("jobs")
     group.add_argument(
         "--chunk-size",
@@ -70,7 +78,7 @@ def shard_arguments(args):
 
 def run(args):
     shard_index, num_shards = shard_arguments(args)
-    check_output_path(args.output, option="-o")
+    options.check_embeddings_output(args.output)
     files = options.image_files(args.inputs)
     embedder = options.make_embedder(args)
     from embedding.jobs import JobError, NothingReadableError, embed_files  # Keras: loaded now
@@ -105,6 +113,4 @@ def run(args):
 
 def report_skipped(output):
     """The skipped files recorded in an `embed` output, one stderr line each."""
-    with np.load(output, allow_pickle=False) as data:
-        skipped = zip(data["skipped"].tolist(), data["skipped_reason"].tolist(), strict=True)
-        options.print_skipped(skipped)
+    options.print_skipped(skipped_files(output))
