@@ -429,3 +429,51 @@ class PartsFolder:
         for chunk in chunks:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self.path(chunk))
+
+
+class FolderJob:
+    """An embedding job into a folder of parts: which chunks are left, each written as a
+    part as soon as it is done (by `embed_missing`, the engine's), and the result."""
+
+    def __init__(self, paths, labels, output, identity, model_info, log):
+        self.paths, self.labels, self.output = paths, labels, os.fspath(output)
+        self.identity, self.log = identity, log
+        self.parts = PartsFolder(output, identity, model_info)
+
+    def run(self, chunks, restart, embed_missing) -> JobResult:
+        """`embed_missing(missing chunks, write)` embeds each missing (chunk, start, stop)
+        and calls `write(chunk, arrays)` with arrays as `embedding.jobs` makes them."""
+        parts, log = self.parts, self.log
+        parts.prepare(restart)
+        done = parts.finished(chunks, log)
+        if len(done) == len(chunks):
+            log(f"nothing to do: {self.output} holds all {len(chunks)} parts of this job")
+        elif done:
+            log(f"resuming: {len(done)} of {len(chunks)} parts already done (in {self.output})")
+        counts = dict(done)
+        missing = [c for c in chunks if c[0] not in done]
+
+        def write(chunk, arrays):
+            counts[chunk] = parts.write(chunk, arrays, self.paths, self.labels)
+
+        if missing:
+            embed_missing(missing, write)
+        return self.result(counts, len(chunks), len(done))
+
+    def result(self, counts: dict, chunks: int, resumed: int) -> JobResult:
+        """The JobResult; a job without one readable image writes nothing (its parts are
+        removed: an output without a vector would look like success)."""
+        count, skipped = (sum(c[k] for c in counts.values()) for k in (0, 1))
+        if count == 0 and self.identity["num_shards"] == 1:
+            unreadable = [read_rows(self.parts.path(chunk)) for chunk in sorted(counts)]
+            self.parts.remove(counts)
+            reasons = [
+                pair
+                for rows in unreadable
+                for pair in zip(rows.skipped.tolist(), rows.skipped_reason.tolist(), strict=True)
+            ]
+            raise NothingReadableError(
+                f"none of the {skipped} images could be read; nothing written to {self.output}",
+                reasons,
+            )
+        return JobResult(self.output, count, skipped, chunks, resumed)

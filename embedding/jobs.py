@@ -72,6 +72,7 @@ from embedding.job_files import (
     CHUNK_SIZE,
     JOB_FILE,
     PER_SHARD,
+    FolderJob,
     JobError,
     JobResult,
     NothingReadableError,
@@ -96,13 +97,7 @@ from embedding.job_files import (
 )
 from embedding.model import predict_padded
 from embedding.npz import NpyMemberReader, NpzStreamWriter
-from embedding.parquet import (
-    EmbeddingFileError,
-    EmbeddingRows,
-    metadata_record,
-    read_rows,
-    write_rows,
-)
+from embedding.parquet import EmbeddingFileError, EmbeddingRows, metadata_record, write_rows
 
 __all__ = [
     "CHUNK_SIZE", "JOB_FILE", "JobError", "JobResult", "NothingReadableError", "embed_files",
@@ -199,8 +194,16 @@ def embed_files(
     identity = job_identity(embedder, paths, chunk_size, shard_index, num_shards)
     chunks = shard_chunks(len(paths), chunk_size, shard_index, num_shards)
     if kind == "folder":
-        job = _FolderJob(embedder, paths, labels, output, identity, log)
-        return job.run(chunks, restart, progress, distribution)
+        job = FolderJob(paths, labels, output, identity, model_record(embedder, identity), log)
+
+        def embed_missing(missing, write):
+            with _Embedding(embedder, distribution, missing, len(paths), progress) as run:
+                for chunk, start, stop in missing:
+                    arrays = _embed_chunk(embedder, run.model, run.dist, paths[start:stop],
+                                          start, run.bar)  # fmt: skip
+                    write(chunk, arrays)
+
+        return job.run(chunks, restart, embed_missing)
     finished = None if restart else finished_output(output, kind, identity)
     if finished is not None:
         log(f"nothing to do: {output} holds this job's output already")
@@ -210,8 +213,10 @@ def embed_files(
     prepare_folder(folder, identity, restart)
     done = _finished_chunks(folder, chunks, key, int(embedder.dim), log)
 
-    with _Embedding(embedder, distribution, chunks, done, progress) as run:
-        for chunk, start, stop in run.missing:
+    missing = [c for c in chunks if c[0] not in done]
+    total = sum(stop - start for _, start, stop in chunks)
+    with _Embedding(embedder, distribution, missing, total, progress) as run:
+        for chunk, start, stop in missing:
             arrays = _embed_chunk(embedder, run.model, run.dist, paths[start:stop], start, run.bar)
             write_chunk(folder, chunk, arrays, key)
 
@@ -221,16 +226,14 @@ def embed_files(
 
 
 class _Embedding:
-    """The model (laid out under the distribution) and the progress bar of the chunks
-    still to embed; the model is set up only when some chunk is missing."""
+    """The model (laid out under the distribution) and the progress bar (of `total`
+    files) of the `missing` chunks; the model is set up only when some chunk is missing."""
 
-    def __init__(self, embedder, distribution, chunks, done: dict, progress):
-        self.missing = [c for c in chunks if c[0] not in done]
+    def __init__(self, embedder, distribution, missing, total, progress):
         self.model, self.dist = None, None
-        if self.missing:
+        if missing:
             self.model, self.dist = _distribution_model(embedder, distribution)
-        total = sum(stop - start for _, start, stop in chunks)
-        initial = total - sum(stop - start for _, start, stop in self.missing)
+        initial = total - sum(stop - start for _, start, stop in missing)
         self.bar = tqdm(
             total=total, initial=initial, disable=not progress, unit="img", desc="embed"
         )
@@ -240,50 +243,6 @@ class _Embedding:
 
     def __exit__(self, *exc):
         self.bar.close()
-
-
-class _FolderJob:
-    """A folder output: every chunk a Parquet part, written as soon as it is done."""
-
-    def __init__(self, embedder, paths, labels, output, identity, log):
-        self.embedder, self.paths, self.labels, self.output = embedder, paths, labels, output
-        self.identity, self.log = identity, log
-        self.parts = PartsFolder(output, identity, model_record(embedder, identity))
-
-    def run(self, chunks, restart, progress, distribution) -> JobResult:
-        parts, log = self.parts, self.log
-        parts.prepare(restart)
-        done = parts.finished(chunks, log)
-        if len(done) == len(chunks):
-            log(f"nothing to do: {self.output} holds all {len(chunks)} parts of this job")
-        elif done:
-            log(f"resuming: {len(done)} of {len(chunks)} parts already done (in {self.output})")
-        counts = dict(done)
-        embedder, paths = self.embedder, self.paths
-        with _Embedding(embedder, distribution, chunks, done, progress) as run:
-            for chunk, start, stop in run.missing:
-                arrays = _embed_chunk(embedder, run.model, run.dist, paths[start:stop], start,
-                                      run.bar)  # fmt: skip
-                counts[chunk] = parts.write(chunk, arrays, paths, self.labels)
-        return self.result(counts, len(chunks), len(done))
-
-    def result(self, counts: dict, chunks: int, resumed: int) -> JobResult:
-        """The JobResult; a job without one readable image writes nothing (its parts are
-        removed: an output without a vector would look like success)."""
-        count, skipped = (sum(c[k] for c in counts.values()) for k in (0, 1))
-        if count == 0 and self.identity["num_shards"] == 1:
-            unreadable = [read_rows(self.parts.path(chunk)) for chunk in sorted(counts)]
-            self.parts.remove(counts)
-            reasons = [
-                pair
-                for rows in unreadable
-                for pair in zip(rows.skipped.tolist(), rows.skipped_reason.tolist(), strict=True)
-            ]
-            raise NothingReadableError(
-                f"none of the {skipped} images could be read; nothing written to {self.output}",
-                reasons,
-            )
-        return JobResult(self.output, count, skipped, chunks, resumed)
 
 
 def _checked_paths(paths, labels) -> tuple[list[str], list[str]]:

@@ -5,9 +5,10 @@ image files into an .npz, a .parquet or a folder of Parquet parts (the name deci
 
 from __future__ import annotations
 
+import argparse
 import sys
 
-from convnext_common.cli import CommandError
+from convnext_common.cli import CommandError, finite_float, positive_int
 from embedding.cli import options
 from embedding.formats import skipped_files
 
@@ -58,8 +59,68 @@ def register(subparsers):
         default="auto",
         help="auto: on JAX with several devices, split every batch over them (DataParallel)",
     )
+    engine = p.add_argument_group("engine")
+    engine.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="local",
+        help="local: this process (default); ray: Ray Data, decoding in tasks and the model "
+        "in an actor pool, on a local or existing Ray cluster (-o must be a folder of parts; "
+        "inputs may be fsspec URLs such as s3://bucket/images/)",
+    )
+    engine.add_argument(
+        "--address",
+        default=None,
+        help="--engine ray: the Ray cluster to join (host:port, auto, ray://...; default "
+        "$RAY_ADDRESS, else a new local cluster)",
+    )
+    engine.add_argument(
+        "--actors", type=positive_int, default=None, metavar="N", help="model actors (--engine "
+        "ray; default: from 1 up to what the cluster's resources allow)",
+    )  # fmt: skip
+    engine.add_argument(
+        "--cpus-per-actor", type=positive_float, default=1.0, metavar="C",
+        help="logical CPUs each actor reserves (default 1; the model uses every core anyway)",
+    )  # fmt: skip
+    engine.add_argument(
+        "--gpus-per-actor", type=non_negative_float, default=0.0, metavar="G",
+        help="GPUs each actor reserves (default 0; 1 for a GPU per actor)",
+    )  # fmt: skip
     options.add_model_options(p)
     p.set_defaults(handler=run)
+
+
+ENGINES = ("local", "ray")
+
+
+def positive_float(text: str) -> float:
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def check_engine(args, kind) -> None:
+    """Refuse engine options that do not fit, before any work."""
+    if args.engine != "ray":
+        given = [o for o, v in (("--address", args.address), ("--actors", args.actors)) if v]
+        if given:
+            raise CommandError(f"{' and '.join(given)}: only with --engine ray")
+        return
+    if kind != "folder":
+        raise CommandError(
+            f"--engine ray writes a folder of Parquet parts: give -o a folder (a name without "
+            f"a suffix, or ending in /), not {args.output}"
+        )
+    if args.num_shards is not None:
+        raise CommandError("--engine ray schedules the whole job itself: leave out --shard-index")
 
 
 def shard_arguments(args):
@@ -78,25 +139,34 @@ def shard_arguments(args):
 
 def run(args):
     shard_index, num_shards = shard_arguments(args)
-    options.check_embeddings_output(args.output)
-    files = options.image_files(args.inputs)
+    kind = options.check_embeddings_output(args.output)
+    check_engine(args, kind)
+    if args.engine == "ray":
+        paths, labels = ray_inputs(args.inputs)
+    else:
+        files = options.image_files(args.inputs)
+        paths, labels = [f.path for f in files], [f.label for f in files]
     embedder = options.make_embedder(args)
     from embedding.jobs import JobError, NothingReadableError, embed_files  # Keras: loaded now
 
+    def log(message):
+        print(message, file=sys.stderr)
+
+    settings = dict(labels=labels, chunk_size=args.chunk_size, restart=args.restart,
+                    progress=not args.no_progress, log=log)  # fmt: skip
     try:
-        result = embed_files(
-            embedder,
-            [f.path for f in files],
-            args.output,
-            labels=[f.label for f in files],
-            chunk_size=args.chunk_size,
-            shard_index=shard_index,
-            num_shards=num_shards,
-            restart=args.restart,
-            progress=not args.no_progress,
-            distribution="auto" if args.distribute == "auto" else None,
-            log=lambda message: print(message, file=sys.stderr),
-        )
+        if args.engine == "ray":
+            result = run_on_ray(args, embedder, paths, settings)
+        else:
+            result = embed_files(
+                embedder,
+                paths,
+                args.output,
+                shard_index=shard_index,
+                num_shards=num_shards,
+                distribution="auto" if args.distribute == "auto" else None,
+                **settings,
+            )
     except NothingReadableError as error:
         options.print_skipped(error.skipped)
         raise CommandError(str(error)) from None
@@ -109,6 +179,36 @@ def run(args):
         + (f", {result.skipped} skipped" if result.skipped else "")
     )
     return 0
+
+
+def ray_inputs(inputs):
+    """(paths, labels) of the inputs, local or fsspec URLs (`embedding.raydata`)."""
+    from embedding.raydata import find_images  # no Keras: the job's listing
+
+    try:
+        paths, labels = find_images(inputs)
+    except FileNotFoundError as error:
+        raise CommandError(str(error)) from None
+    if not paths:
+        raise CommandError(f"no image files found in {', '.join(map(str, inputs))}")
+    return paths, labels
+
+
+def run_on_ray(args, embedder, paths, settings):
+    """The job on Ray: joins --address (or starts a local cluster), shuts down what it
+    started."""
+    from embedding.raydata import connect, embed_folder_job  # Ray: the ray extra
+
+    with connect(args.address):
+        return embed_folder_job(
+            embedder,
+            paths,
+            args.output,
+            actors=args.actors,
+            num_cpus_per_actor=args.cpus_per_actor,
+            num_gpus_per_actor=args.gpus_per_actor,
+            **settings,
+        )
 
 
 def report_skipped(output):
