@@ -155,7 +155,10 @@ def read_folder(folder, *, complete: bool = True) -> EmbeddingRows:
     if not parts:
         names = sorted(n for n in os.listdir(folder) if n.endswith(".parquet") and n[0] not in "._")
         if not names:
-            raise EmbeddingFileError(f"{folder}: a folder without Parquet files.")
+            raise EmbeddingFileError(
+                f"{folder}: it is a folder, and holds no Parquet files (an embedding folder "
+                "holds part-NNNNNN.parquet)."
+            )
         pieces = [read_rows(os.path.join(folder, n)) for n in names]
         offset = 0
         for piece in pieces:  # no job of ours: number the rows in name order

@@ -133,7 +133,7 @@ def run(args):
     check_output_path(os.path.join(checkpoint_dir, "state.json"), option="--checkpoint-dir")
     source = options.check_model_source(args)
     from embedding.distribution import initialize_processes  # Keras loads here, after --backend
-    from embedding.finetune import finetune
+    from embedding.finetune import finetune  # Keras: as above
 
     initialize_processes(args.coordinator, args.num_processes, args.process_id)
 
