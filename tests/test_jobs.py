@@ -303,6 +303,7 @@ def test_two_devices_embed_like_one(small_checkpoint, photo_folder, tmp_path):
 # Parquet outputs: one file, a folder of parts; read back by Gallery, merge, evaluate
 # ----------------------------------------------------------------------------
 
+
 def rows_of(path):
     from embedding.formats import read_embeddings
 

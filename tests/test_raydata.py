@@ -42,6 +42,8 @@ def ray_cluster():
     import ray
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # else Ray binds the public address
+    # no token in ~/.ray shared with a cluster another test session starts at the same time
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ["PYTHONPATH"] = os.pathsep.join(
         [ROOT, *filter(None, [os.environ.get("PYTHONPATH")])]
     )
@@ -165,18 +167,30 @@ def test_folder_job_equals_single_process_and_resumes(
     assert read_embeddings(out).embeddings.shape == (200, 320)
 
 
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
 def actor_pids() -> list[int]:
-    """Process ids of the model actors on this machine (by their process title)."""
+    """Process ids of this cluster's model actors (by their process title, among the
+    descendants of this process, which started the cluster: another test session may run
+    its own)."""
     found = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         try:
             with open(f"/proc/{name}/cmdline", "rb") as f:
-                if ACTOR_TITLE.encode() in f.read():
-                    found.append(int(name))
-        except OSError:
+                if ACTOR_TITLE.encode() not in f.read():
+                    continue
+            pid = int(name)
+            while pid > 1 and pid != os.getpid():
+                pid = _parent(pid)
+        except (OSError, ValueError, IndexError):
             continue
+        if pid == os.getpid():
+            found.append(int(name))
     return found
 
 
@@ -227,7 +241,9 @@ def test_killed_actor_is_replaced_and_every_image_is_written_once(
 
 
 def run_cli(*args, timeout=600):
-    env = dict(os.environ, PYTHONPATH=ROOT, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    env = dict(
+        os.environ, PYTHONPATH=ROOT, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled"
+    )
     command = [sys.executable, "-m", "embedding", "embed", *map(str, args), "--no-progress"]
     return subprocess.run(
         command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
