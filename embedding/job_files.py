@@ -35,6 +35,7 @@ from embedding.parquet import (
     metadata_record,
     part_files,
     part_name,
+    read_columns,
     read_meta,
     read_rows,
     rows_table,
@@ -351,8 +352,9 @@ def finished_output(output, kind, identity) -> tuple[int, int] | None:
             counts = arrays["index"].size, arrays["skipped_index"].size
         else:
             job = (read_meta(output) or {}).get("job")
-            rows = read_rows(output)
-            counts = rows.index.size, rows.skipped_index.size
+            errors = [row["error"] for row in read_columns(output, ("error",))]
+            skipped = sum(error is not None for error in errors)
+            counts = len(errors) - skipped, skipped
     except (ValueError, KeyError, OSError, InputError):
         return None  # not this job's: it is overwritten
     return counts if job == identity else None

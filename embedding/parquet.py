@@ -311,10 +311,12 @@ def _vectors(table, path, dim) -> tuple[np.ndarray, np.ndarray]:
 def read_rows(path, *, require_meta: bool = False) -> EmbeddingRows:
     """The rows of one Parquet embedding file (see the module docstring).
 
-    A file without the `index`, `error` or `path` column (written by another tool) is
-    read with the row order as index, every row with an embedding as readable, and
-    paths of "" (it needs `embedding` and `label`); `require_meta` refuses a file
-    without this package's metadata. Raises `EmbeddingFileError` naming the problem.
+    A file without the `index`, `error`, `path` or `label` column (written by another
+    tool, e.g. Ray Data's `write_parquet` after `embedding.raydata.embed_dataset`) is read
+    with the row order as index, every row with an embedding as readable, paths of "",
+    labels from the paths' folder names (it needs `embedding`, and `label` or `path`);
+    `require_meta` refuses a file without this package's metadata. Raises
+    `EmbeddingFileError` naming the problem.
     """
     pa, pq = arrow()
     path = os.fspath(path)
@@ -330,17 +332,21 @@ def read_rows(path, *, require_meta: bool = False) -> EmbeddingRows:
             f"{path}: not written by `embed` (no keras_convnext metadata naming the model "
             "and the job)."
         )
-    missing = [c for c in ("embedding", "label") if c not in table.column_names]
-    if missing:
+    names = table.column_names
+    if "embedding" not in names or ("label" not in names and "path" not in names):
         raise EmbeddingFileError(
-            f"{path}: not an embedding file (missing columns {missing}; an embedding file "
-            f"has {', '.join(COLUMNS)})."
+            f"{path}: not an embedding file (it needs an 'embedding' column and a 'label' or "
+            f"'path' one; an embedding file has {', '.join(COLUMNS)})."
         )
     dim = (meta or {}).get("model", {}).get("dim")
     vectors, readable = _vectors(table, path, dim)
     count = table.num_rows
-    labels = _string_column(table, "label", path)
-    paths = _string_column(table, "path", path) if "path" in table.column_names else [""] * count
+    paths = _string_column(table, "path", path) if "path" in names else [""] * count
+    labels = (
+        _string_column(table, "label", path)
+        if "label" in names
+        else [folder_label(p) for p in paths]  # embed's rule: the image's folder name
+    )
     errors = (
         _string_column(table, "error", path, nullable=True)
         if "error" in table.column_names

@@ -344,10 +344,17 @@ def find_images(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
         fs, root = fsspec.core.url_to_fs(item)
         protocol = item.split("://", 1)[0]
         if fs.isdir(root):
-            names = sorted(p for p in fs.find(root) if is_image_name(os.path.basename(p)))
-            for name in names:
-                relative = os.path.relpath(name, root).split("/")
-                paths.append(f"{protocol}://{name}")
+            found = [
+                os.path.relpath(p, root).split("/")
+                for p in fs.find(root)
+                if is_image_name(os.path.basename(p))
+            ]
+            # os.walk's order (a folder's files, then its sub-folders, each sorted) and its
+            # rule (no hidden folders), so a URL lists a folder as its local path does
+            found = [r for r in found if not any(part.startswith(".") for part in r[:-1])]
+            found.sort(key=lambda r: [(1, part) for part in r[:-1]] + [(0, r[-1])])
+            for relative in found:
+                paths.append(f"{protocol}://{root.rstrip('/')}/{'/'.join(relative)}")
                 labels.append(relative[0] if len(relative) > 1 else os.path.basename(root))
         elif fs.isfile(root):
             paths.append(item)
@@ -402,8 +409,16 @@ def embed_folder_job(
             num_gpus_per_actor=num_gpus_per_actor, num_cpus_per_actor=num_cpus_per_actor,
         )  # fmt: skip
         total = sum(stop - start for _, start, stop in missing)
-        with tqdm(total=total, disable=not progress, unit="img", desc="embed (ray)") as bar:
-            _collect(out, missing, chunk_size, int(embedder.dim), write, bar)
+        ray = _ray()
+        try:
+            with tqdm(total=total, disable=not progress, unit="img", desc="embed (ray)") as bar:
+                _collect(out, missing, chunk_size, int(embedder.dim), write, bar)
+        except ray.exceptions.RayError as error:  # the parts written so far are kept
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise JobError(
+                f"the Ray job failed ({type(error).__name__}: {first}); the parts written so "
+                "far are kept: run the same command again to finish"
+            ) from error
 
     return job.run(shard_chunks(len(paths), chunk_size), restart, embed_missing)
 

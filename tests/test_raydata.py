@@ -25,7 +25,7 @@ from PIL import Image
 pytest.importorskip("ray")
 pytest.importorskip("pyarrow")
 
-from embedding import Embedder, jobs, raydata  # noqa: E402
+from embedding import Embedder, Gallery, jobs, raydata  # noqa: E402
 from embedding.formats import read_embeddings  # noqa: E402
 from embedding.parquet import part_files  # noqa: E402
 
@@ -104,12 +104,15 @@ def assert_same_rows(rows, reference):
     assert rows.skipped_reason.tolist() == reference.skipped_reason.tolist()
 
 
-def test_embed_dataset_equals_single_process(ray_cluster, embedder, image_folder, reference):
+def test_embed_dataset_equals_single_process(
+    ray_cluster, embedder, image_folder, reference, tmp_path
+):
     """The library call on a dataset of encoded bytes (`read_binary_files`): one row per
     file, `embedding` a fixed-size list of float32, null with an `error` when unreadable."""
     root, _, _ = image_folder
     ds = ray_cluster.data.read_binary_files(root, include_paths=True)
     out = raydata.embed_dataset(ds, embedder, column="bytes", batch_size=8, actors=1)
+    out = out.materialize()  # run once, read twice below
     table = out.to_arrow_refs()
     import pyarrow as pa
 
@@ -124,6 +127,10 @@ def test_embed_dataset_equals_single_process(ray_cluster, embedder, image_folder
         np.testing.assert_allclose(row["embedding"], vector, rtol=0, atol=1e-6)
     for path, reason in zip(reference.skipped, reference.skipped_reason, strict=True):
         assert rows[path]["embedding"] is None and rows[path]["error"] == reason
+    written = tmp_path / "written"
+    out.write_parquet(str(written))  # Ray's own writer: loads as a gallery
+    gallery = Gallery.load(written)
+    assert len(gallery) == 200 and sorted(set(gallery.labels)) == sorted(PHOTOS)
 
 
 def test_folder_job_equals_single_process_and_resumes(
@@ -277,3 +284,20 @@ def test_too_many_actors_for_the_cluster_are_refused(ray_cluster, embedder):
     ds = ray_cluster.data.from_items([{"path": "x.jpg"}])
     with pytest.raises(jobs.JobError, match=r"2 actor\(s\) of 1 CPU leave less than 1 CPU"):
         raydata.embed_dataset(ds, embedder, column="path", actors=2)
+
+
+def test_a_url_lists_a_folder_as_its_local_path_does(tmp_path):
+    """fsspec listing (file://) = `embedding.files.find_image_files`: the same files in
+    the same order with the same labels, hidden folders left out."""
+    from embedding.files import find_image_files
+
+    for name in ("a/x.jpg", "a/sub/y.jpg", "a/z.jpg", "b.jpg", ".h/q.jpg", "c/.hid/k.png",
+                 "c/k2.png", "c/notes.txt"):  # fmt: skip
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    local = [(f.path, f.label) for f in find_image_files([str(tmp_path)])]
+    paths, labels = raydata.find_images([f"file://{tmp_path}"])
+    assert [
+        (p.removeprefix("file://"), label) for p, label in zip(paths, labels, strict=True)
+    ] == local
+    assert len(local) == 5
