@@ -14,6 +14,9 @@ a random-weight convnext_atto at 224x224 (timm's layout, every parameter randomi
                  compilation)
   job s          the whole job, from the call to the last part (model already built in
                  the driver; the Ray cluster already started)
+  CPU ms/img     CPU time of the job's processes (the driver and every process under it:
+                 Ray's GCS, raylet, tasks and actors, those already ended included) per
+                 image, over the whole job: what it costs whatever else runs on the machine
 
 single: `embedding.jobs.embed_files` (decoding threads + the model in one process);
 ray-1: `embedding.raydata.embed_folder_job` with 1 actor (1 CPU) on a local cluster of
@@ -28,6 +31,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,7 +43,20 @@ CONFIGS = ("single", "ray-1", "ray-2")
 
 RUN = """
 import json, os, sys, time
+import psutil
 config, model, images, out, chunk, batch = sys.argv[1:7]
+
+def cpu_seconds():  # this process and every process under it (Ray's too), reaped ones included
+    me = psutil.Process()
+    total = 0.0
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+        except psutil.Error:
+            pass
+    return total
+
 from embedding import Embedder
 from embedding.raydata import find_images
 embedder = Embedder(model, batch_size=int(batch), cache=False)
@@ -47,19 +64,21 @@ paths, labels = find_images([images])
 embedder.embed(paths[: int(batch)])  # compile before the clock starts (single-process)
 if config == "single":
     from embedding.jobs import embed_files
-    start = time.time()
+    start, cpu = time.time(), cpu_seconds()
     embed_files(embedder, paths, out, labels=labels, chunk_size=int(chunk), progress=False)
+    cpu = cpu_seconds() - cpu
 else:
     import ray
     from embedding.raydata import embed_folder_job
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 << 20,
              log_to_driver=False)
     actors = int(config.split("-")[1])
-    start = time.time()
+    start, cpu = time.time(), cpu_seconds()
     embed_folder_job(embedder, paths, out, labels=labels, chunk_size=int(chunk),
                      actors=actors, num_cpus_per_actor=1.0 / actors, progress=False)
+    cpu = cpu_seconds() - cpu
     ray.shutdown()
-print("RESULT" + json.dumps({"start": start, "count": len(paths)}))
+print("RESULT" + json.dumps({"start": start, "count": len(paths), "cpu": cpu}))
 """
 
 
@@ -112,6 +131,7 @@ def run_once(config, model, images, work, chunk, batch) -> dict:
         "config": config,
         "steady_img_s": after_first / (times[-1] - times[0]),
         "job_s": times[-1] - info["start"],
+        "cpu_ms_per_img": 1000 * info["cpu"] / info["count"],
         "load_before": load_before,
         "load_after": os.getloadavg(),
     }
@@ -141,12 +161,15 @@ def main(argv=None):
     for config in CONFIGS:
         mine = [r for r in runs if r["config"] == config]
         summary[config] = {
-            "steady_img_s": sorted(r["steady_img_s"] for r in mine)[len(mine) // 2],
-            "job_s": sorted(r["job_s"] for r in mine)[len(mine) // 2],
+            key: statistics.median(r[key] for r in mine)
+            for key in ("steady_img_s", "job_s", "cpu_ms_per_img")
         }
-    single = summary["single"]["steady_img_s"]
+    single = summary["single"]
     for config in CONFIGS:
-        summary[config]["vs_single"] = summary[config]["steady_img_s"] / single
+        summary[config]["vs_single"] = summary[config]["steady_img_s"] / single["steady_img_s"]
+        summary[config]["cpu_vs_single"] = (
+            summary[config]["cpu_ms_per_img"] / single["cpu_ms_per_img"]
+        )
     record = {
         "date": _dt.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
@@ -166,18 +189,21 @@ def main(argv=None):
             f" KERAS_BACKEND={record['backend']}, {args.images} images 240x320, convnext_atto"
             " 224)",
             "",
-            "| engine | steady img/s (median) | vs single | job s (median) |",
-            "| --- | --- | --- | --- |",
+            "| engine | steady img/s | vs single | CPU ms per image | vs single | job s |",
+            "| --- | --- | --- | --- | --- | --- |",
         ]
         for config in CONFIGS:
             s = summary[config]
             lines.append(
-                f"| {config} | {s['steady_img_s']:.1f} | {s['vs_single']:.2f}x | {s['job_s']:.1f} |"
+                f"| {config} | {s['steady_img_s']:.1f} | {s['vs_single']:.2f}x | "
+                f"{s['cpu_ms_per_img']:.0f} | {s['cpu_vs_single']:.2f}x | {s['job_s']:.1f} |"
             )
+        lines += ["", "Medians of the runs below."]
         lines += ["", "Load average (1 min) before / after each run:", ""]
         lines += [
             f"- {r['config']}: {r['load_before'][0]:.2f} / {r['load_after'][0]:.2f}, "
-            f"{r['steady_img_s']:.1f} img/s, job {r['job_s']:.1f} s"
+            f"{r['steady_img_s']:.1f} img/s, {r['cpu_ms_per_img']:.0f} CPU ms/img, "
+            f"job {r['job_s']:.1f} s"
             for r in runs
         ]
         with open(args.output + ".md", "w") as f:

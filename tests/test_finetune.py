@@ -584,7 +584,7 @@ if os.environ.get("BLOCK"):
         original(self, epoch)
     ft.TrainBatches.set_epoch = block
 from embedding.cli import main
-sys.exit(main(["finetune", *sys.argv[1:], "--epochs", "3", "--batch-size", "8",
+sys.exit(main(["finetune", *sys.argv[1:], "--epochs", "2", "--batch-size", "8",
                "--holdout", "0.3", "--keep-checkpoint", "--no-progress", "--seed", "1"]))
 """
 
@@ -640,7 +640,7 @@ def _checkpoint(out):
 def test_two_processes_train_like_one_and_resume(digit_identities, digit_keras, tmp_path):
     """Two processes on 127.0.0.1, each with one CPU device, DataParallel over both
     (the global batch of 8 split 4 + 4), end with the one-process run's weights within
-    1e-5 after 3 epochs; killed after epoch 1 (one process by SIGKILL, then the other,
+    1e-5 after 2 epochs (14 steps); killed after epoch 1 (one process by SIGKILL, then the other,
     as a launcher does), the same two commands resume and end there too."""
     one = str(tmp_path / "one.keras")
     _finish(_start_processes(digit_identities, digit_keras, one, 1))
@@ -651,7 +651,9 @@ def test_two_processes_train_like_one_and_resume(digit_identities, digit_keras, 
     printed = _finish(_start_processes(digit_identities, digit_keras, two, 2))
     assert "on 2 devices" in printed[0] and "on 2 devices" in printed[1]
     weights, eers = _checkpoint(two)
-    assert max(np.abs(a - b).max() for a, b in zip(weights, reference, strict=True)) <= 1e-5
+    difference = max(np.abs(a - b).max() for a, b in zip(weights, reference, strict=True))
+    print(f"two processes vs one: largest weight difference {difference:.2e}")
+    assert difference <= 1e-5
     np.testing.assert_allclose(eers, reference_eers, atol=1e-6)
 
     killed = str(tmp_path / "killed.keras")
@@ -666,7 +668,7 @@ def test_two_processes_train_like_one_and_resume(digit_identities, digit_keras, 
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     printed = _finish(_start_processes(digit_identities, digit_keras, killed, 2))
-    assert "after epoch 1/3" in printed[0] and "after epoch 1/3" in printed[1]
+    assert "after epoch 1/2" in printed[0] and "after epoch 1/2" in printed[1]
     weights, eers = _checkpoint(killed)
     assert max(np.abs(a - b).max() for a, b in zip(weights, reference, strict=True)) <= 1e-5
     np.testing.assert_allclose(eers, reference_eers, atol=1e-6)

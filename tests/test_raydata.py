@@ -133,6 +133,7 @@ def test_embed_dataset_equals_single_process(
     assert len(gallery) == 200 and sorted(set(gallery.labels)) == sorted(PHOTOS)
 
 
+@pytest.mark.once("tensorflow")  # the driver's bookkeeping; the actors' backend: above
 def test_folder_job_equals_single_process_and_resumes(
     ray_cluster, embedder, image_folder, reference, tmp_path
 ):
