@@ -373,6 +373,7 @@ class PartsFolder:
         self.folder = os.fspath(folder)
         self.identity = job_without_shard(identity)
         self.meta = metadata_record(model_info, self.identity)
+        self.created = False  # whether `prepare` made the folder
 
     def path(self, chunk) -> str:
         return os.path.join(self.folder, part_name(chunk))
@@ -381,6 +382,7 @@ class PartsFolder:
         """Create the folder; with `restart`, remove its parts (only those)."""
         if os.path.exists(self.folder) and not os.path.isdir(self.folder):
             raise JobError(f"{self.folder} is a file; a folder of parts needs a folder.")
+        self.created = not os.path.exists(self.folder)
         os.makedirs(self.folder, exist_ok=True)
         if restart:
             for path in part_files(self.folder).values():
@@ -428,9 +430,13 @@ class PartsFolder:
         write_rows(self.path(chunk), rows)
 
     def remove(self, chunks) -> None:
+        """Remove these chunks' parts (and the folder, if this job made it and it is empty)."""
         for chunk in chunks:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self.path(chunk))
+        if self.created:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.folder)  # only when empty
 
 
 class FolderJob:
