@@ -587,6 +587,14 @@ from embedding.cli import main
 sys.exit(main(["finetune", *sys.argv[1:], "--epochs", "2", "--batch-size", "8",
                "--holdout", "0.3", "--keep-checkpoint", "--no-progress", "--seed", "1"]))
 """
+ONE_RUN = ["--batch-size", "8", "--holdout", "0.3", "--keep-checkpoint", "--no-progress",
+           "--seed", "1"]  # fmt: skip
+
+
+def embedding_cli_main(argv):
+    from embedding.cli import main
+
+    return main(argv)
 
 
 def _free_port() -> int:
@@ -647,8 +655,9 @@ def test_two_processes_train_like_one_and_resume(digit_identities, digit_keras, 
     (the global batch of 8 split 4 + 4), end with the one-process run's weights within
     1e-5 after 2 epochs (14 steps); killed after epoch 1 (one process by SIGKILL, then the other,
     as a launcher does), the same two commands resume and end there too."""
-    one = str(tmp_path / "one.keras")
-    _finish(_start_processes(digit_identities, digit_keras, one, 1))
+    one = str(tmp_path / "one.keras")  # the one-process run: in this process
+    argv = [digit_identities, "--model", digit_keras, "-o", one, "--epochs", "2"]
+    assert embedding_cli_main(["finetune", *argv, *ONE_RUN]) == 0
     reference, reference_eers = _checkpoint(one)
     start = ft.load_model(digit_keras).get_weights()
     moved = max(np.abs(a - b).max() for a, b in zip(_embedding_weights(one), start, strict=True))

@@ -488,3 +488,13 @@ def test_evaluate_scores_pairs_from_an_embeddings_file(lfw_people, tiny_keras, t
     code = embedding_cli.main(["evaluate", pairs, "--root", root, "--model", tiny_keras,
                                "--embeddings", str(tmp_path / "v.parquet")])  # fmt: skip
     assert code == 2 and "fixes the model" in capsys.readouterr().err
+
+
+def test_nothing_readable_writes_nothing_in_any_format(embedder, photo_folder, tmp_path):
+    _, paths = photo_folder
+    broken = [p for p in paths if p.endswith("broken.jpg")]
+    for name in ("none.npz", "none.parquet", "none"):
+        with pytest.raises(jobs.NothingReadableError) as caught:
+            embed_files(embedder, broken, tmp_path / name, progress=False)
+        assert caught.value.skipped[0][0] == broken[0]
+        assert not (tmp_path / name).exists()  # not even the folder it made
