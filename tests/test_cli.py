@@ -122,7 +122,7 @@ def test_cli_outputs_are_checked_before_the_model_loads(
     (tmp_path / "a_file").write_text("x")
     model = ["--model", tiny_keras]
     cases = [
-        (["embed", root, "-o", tmp_path], "-o", "is a folder"),
+        (["embed", root, "-o", tmp_path / "v.csv"], "-o", "names none"),
         (["embed", root, "-o", os.path.join(unwritable_dir, "v.npz")], "-o", "cannot write"),
         (["embed", root, "-o", tmp_path / "a_file" / "v.npz"], "-o", "is a file"),
         (["embed", root, tmp_path / "nothere", "-o", tmp_path / "v.npz"], "nothere", "no such"),

@@ -564,3 +564,127 @@ def test_killed_finetune_resumes_in_a_new_process(kind, digit_identities, digit_
         open(weights_convert.sidecar_path(straight)) as g,
     ):
         assert abs(json.load(f)["heldout_eer"] - json.load(g)["heldout_eer"]) <= 1e-6
+
+
+# ----------------------------------------------------------------------------
+# Fine-tuning over two processes (JAX, CPU collectives through gloo)
+# ----------------------------------------------------------------------------
+
+# The command line; with BLOCK set it stops (sleeps) once the first epoch's checkpoint
+# is written, so that the test can kill it there.
+PROCESS_RUNNER = """
+import os, sys, time
+import embedding.finetune as ft
+if os.environ.get("BLOCK"):
+    original = ft.TrainBatches.set_epoch
+    def block(self, epoch):
+        if epoch == 1:
+            print("BLOCKED", flush=True)
+            time.sleep(600)
+        original(self, epoch)
+    ft.TrainBatches.set_epoch = block
+from embedding.cli import main
+sys.exit(main(["finetune", *sys.argv[1:], "--epochs", "2", "--batch-size", "8",
+               "--holdout", "0.3", "--keep-checkpoint", "--no-progress", "--seed", "1"]))
+"""
+ONE_RUN = ["--batch-size", "8", "--holdout", "0.3", "--keep-checkpoint", "--no-progress",
+           "--seed", "1"]  # fmt: skip
+
+
+def embedding_cli_main(argv):
+    from embedding.cli import main
+
+    return main(argv)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_processes(data, model, out, count, block=False):
+    """`count` finetune processes of one run (count 1: a plain single-process run)."""
+    env = {**os.environ, "PYTHONPATH": ROOT, "KERAS_BACKEND": "jax", "BLOCK": "1" if block else ""}
+    env.pop("XLA_FLAGS", None)  # one CPU device per process
+    port = _free_port()
+    procs = []
+    for index in range(count):
+        hosts = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(count),
+                 "--process-id", str(index)]  # fmt: skip
+        hosts = hosts if count > 1 else []
+        args = [sys.executable, "-c", PROCESS_RUNNER, data, "--model", model, "-o", out, *hosts]
+        procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))  # fmt: skip
+    return procs
+
+
+def _finish(procs):
+    """Every process's output, once all have ended with status 0 (those left running
+    when one fails are killed)."""
+    try:
+        outputs = [proc.communicate(timeout=600)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for proc, stdout in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, stdout[-4000:]
+    return outputs
+
+
+def _checkpoint(out):
+    """(weights of the training checkpoint, held-out EER per epoch)."""
+    weights = ft.load_training_checkpoint(out + ".ckpt/train.keras").get_weights()
+    with open(out + ".ckpt/state.json") as f:
+        return weights, [h["heldout_eer"] for h in json.load(f)["history"]]
+
+
+def _embedding_weights(out):
+    train = ft.load_training_checkpoint(out + ".ckpt/train.keras")
+    return ft.embedding_model_of(train).get_weights()
+
+
+@pytest.mark.slow
+@pytest.mark.once("jax")  # multi-process keras.distribution exists on JAX only
+def test_two_processes_train_like_one_and_resume(digit_identities, digit_keras, tmp_path):
+    """Two processes on 127.0.0.1, each with one CPU device, DataParallel over both
+    (the global batch of 8 split 4 + 4), end with the one-process run's weights within
+    1e-5 after 2 epochs (14 steps); killed after epoch 1 (one process by SIGKILL, then the other,
+    as a launcher does), the same two commands resume and end there too."""
+    one = str(tmp_path / "one.keras")  # the one-process run: in this process
+    argv = [digit_identities, "--model", digit_keras, "-o", one, "--epochs", "2"]
+    assert embedding_cli_main(["finetune", *argv, *ONE_RUN]) == 0
+    reference, reference_eers = _checkpoint(one)
+    start = ft.load_model(digit_keras).get_weights()
+    moved = max(np.abs(a - b).max() for a, b in zip(_embedding_weights(one), start, strict=True))
+    assert moved > 1e-3  # training changed the model: the comparison below can fail
+
+    two = str(tmp_path / "two.keras")
+    printed = _finish(_start_processes(digit_identities, digit_keras, two, 2))
+    assert "on 2 devices" in printed[0] and "on 2 devices" in printed[1]
+    weights, eers = _checkpoint(two)
+    difference = max(np.abs(a - b).max() for a, b in zip(weights, reference, strict=True))
+    print(f"two processes vs one: largest weight difference {difference:.2e}")
+    assert difference <= 1e-5
+    np.testing.assert_allclose(eers, reference_eers, atol=1e-6)
+
+    killed = str(tmp_path / "killed.keras")
+    procs = _start_processes(digit_identities, digit_keras, killed, 2, block=True)
+    state = killed + ".ckpt/state.json"
+    deadline = time.time() + 600
+    while not os.path.exists(state):
+        assert all(p.poll() is None for p in procs), procs[0].stdout.read()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.2)
+    for proc in reversed(procs):  # process 1 first; the coordinator goes with it
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    printed = _finish(_start_processes(digit_identities, digit_keras, killed, 2))
+    assert "after epoch 1/2" in printed[0] and "after epoch 1/2" in printed[1]
+    weights, eers = _checkpoint(killed)
+    assert max(np.abs(a - b).max() for a, b in zip(weights, reference, strict=True)) <= 1e-5
+    np.testing.assert_allclose(eers, reference_eers, atol=1e-6)
