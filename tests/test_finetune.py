@@ -388,7 +388,7 @@ def test_resume_key_names_every_changed_setting(tmp_path, monkeypatch):
 
     def model():
         keras.utils.set_random_seed(0)
-        return tiny_model()
+        return tiny_model(SIZE)
 
     original = _interrupt_after_first_epoch(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
@@ -428,7 +428,7 @@ def test_resume_key_names_every_changed_setting(tmp_path, monkeypatch):
             assert fragment in str(info.value), (fragment, str(info.value))
     keras.utils.set_random_seed(5)
     with pytest.raises(ResumeMismatchError, match="model content"):
-        ft.finetune(data, tiny_model(), output=out, **base)  # other weights
+        ft.finetune(data, tiny_model(SIZE), output=out, **base)  # other weights
     with pytest.raises(ResumeMismatchError, match="data .*was 48 images of 6 identities, now 40"):
         ft.finetune((x[:40], np.arange(40) % 6), model(), output=out, **base)
     with open(out + ".ckpt/train.keras", "rb") as f:
