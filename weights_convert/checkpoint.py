@@ -14,10 +14,13 @@ import struct
 
 import numpy as np
 
-from convnext_layers.config import ConvNeXtConfig
+from convnext_layers.errors import ConfigError
+from convnext_layers.timm_args import split_timm_args
 from weights_convert.architectures import (
+    TENSOR_ARGS,
     architecture_config,
     canonical_architecture,
+    check_architecture,
     infer_architecture,
 )
 from weights_convert.errors import (
@@ -26,7 +29,11 @@ from weights_convert.errors import (
     CheckpointNotFoundError,
     UnsupportedArchitectureError,
 )
-from weights_convert.pretrained import check_pretrained_cfg, complete_pretrained_cfg
+from weights_convert.pretrained import (
+    check_pretrained_cfg,
+    complete_pretrained_cfg,
+    fit_channels,
+)
 
 logger = logging.getLogger("weights_convert")
 
@@ -357,8 +364,10 @@ def resolve_source(source) -> tuple[str, str | None, str | None]:
     if repo_id is not None:
         revision = _HUB_ID.match(text)[2]
         offline = not hub_reachable()
-        weights = _hub_download(repo_id, revision, "model.safetensors", True, offline)
         config = _hub_download(repo_id, revision, "config.json", False, offline)
+        if config is not None:  # a refused architecture costs no weights download
+            timm_model_args(read_config_json(config), None)
+        weights = _hub_download(repo_id, revision, "model.safetensors", True, offline)
         return weights, config, repo_id
     raise CheckpointNotFoundError(
         f"{text!r} is neither an existing file / folder nor a Hub id like {DEFAULT_MODEL!r}."
@@ -397,8 +406,11 @@ def read_config_json(path) -> dict:
     for key in ("model_args", "pretrained_cfg"):
         if key in config and config[key] is not None and not isinstance(config[key], dict):
             fail(key, "a JSON object")
-    if "global_pool" in config and config["global_pool"] not in (None, "", "avg", "max"):
-        fail("global_pool", "'avg' or 'max'")
+    if "global_pool" in config and config["global_pool"] is not None:
+        try:
+            split_timm_args({"global_pool": config["global_pool"]})
+        except ConfigError:
+            fail("global_pool", "'avg', 'max', 'avgmax' or 'catavgmax'")
     config["pretrained_cfg"] = check_pretrained_cfg(
         config.get("pretrained_cfg") or {}, f"{name}: pretrained_cfg"
     )
@@ -423,10 +435,28 @@ def classifier_size(state_dict) -> int:
     return int(np.shape(fc)[0])
 
 
-def input_channels(state_dict) -> int:
-    """Input channels of the checkpoint's stem (3 when it cannot be told)."""
-    stem = state_dict.get("stem.0.weight")
-    return int(np.shape(stem)[1]) if stem is not None and np.ndim(stem) == 4 else 3
+def timm_model_args(config: dict, arch: str | None) -> tuple[str | None, dict, dict]:
+    """(architecture name or None, model_args, model options) of a config.json, checked
+    before any weight is read: an unknown architecture, or a timm argument the Keras
+    models cannot compute exactly, is refused naming it. `arch` overrides the file's
+    architecture and model_args entirely."""
+    if arch is not None:
+        name, model_args = canonical_architecture(arch), {}
+    else:
+        name = (
+            canonical_architecture(config["architecture"]) if config.get("architecture") else None
+        )
+        model_args = dict(config.get("model_args") or {})
+    if name is not None:
+        check_architecture(name)
+    try:
+        _, options = split_timm_args(model_args)
+        if "pooling" not in options and config.get("global_pool") and arch is None:
+            _, options = split_timm_args({**model_args, "global_pool": config["global_pool"]})
+    except ConfigError as error:
+        where = f"config.json builds {name or 'the checkpoint'} with"
+        raise UnsupportedArchitectureError(f"{where} {error}") from None
+    return name, model_args, options
 
 
 def load_checkpoint(source, *, arch: str | None = None) -> tuple[dict[str, np.ndarray], dict]:
@@ -437,39 +467,37 @@ def load_checkpoint(source, *, arch: str | None = None) -> tuple[dict[str, np.nd
       "architecture": timm's name (`arch`, else config.json's, else inferred);
       "convnext_config": the `ConvNeXtConfig` (config.json's model_args applied);
       "num_classes": the checkpoint's classifier size (0 without one);
-      "pooling": "avg" or "max" (timm's global_pool);
+      "pooling": timm's global_pool ("avg", "max", "avgmax", "catavgmax");
+      "drop_rate", "drop_path_rate": timm's training-time dropout and stochastic
+          depth, kept for fine-tuning;
       "pretrained_cfg": timm's, completed from timm's registry when importable,
-          else timm's ConvNeXt defaults;
+          else timm's ConvNeXt defaults; its mean / std / input_size fitted to the
+          input channels (`pretrained.fit_channels`);
       "source": the source as given.
     """
     weights, config_path, repo_id = resolve_source(source)
-    state_dict, _ = read_safetensors(weights)
     config = read_config_json(config_path) if config_path is not None else {}
+    name, model_args, options = timm_model_args(config, arch)
+    state_dict, _ = read_safetensors(weights)
     tag = None
     if repo_id and "." in repo_id.rsplit("/", 1)[-1]:
         tag = repo_id.rsplit("/", 1)[-1].split(".", 1)[1]
-    model_args = dict(config.get("model_args") or {})
-    if arch is not None:
-        name = canonical_architecture(arch)
-        model_args = {}  # arch= overrides the file's description entirely
-    elif config.get("architecture"):
-        name = canonical_architecture(config["architecture"])
-    else:
+    if name is None:
         name = infer_architecture(state_dict)
-    convnext_config: ConvNeXtConfig = architecture_config(name, model_args)
-    pooling = model_args.get("global_pool", config.get("global_pool")) or "avg"
-    if pooling not in ("avg", "max"):
-        raise UnsupportedArchitectureError(
-            f"global_pool={pooling!r}: the Keras models pool with 'avg' or 'max'."
-        )
+    # arch= names the network: only the input channels come from the tensors then
+    from_tensors = ("in_chans",) if arch is not None else TENSOR_ARGS
+    convnext_config = architecture_config(name, model_args, state_dict, from_tensors)
     num_classes = classifier_size(state_dict)
     pretrained_cfg = complete_pretrained_cfg(name, config["pretrained_cfg"] if config else {},
                                              num_classes, tag)  # fmt: skip
+    pretrained_cfg = fit_channels(pretrained_cfg, convnext_config.in_chans)
     info = {
         "architecture": name,
         "convnext_config": convnext_config,
         "num_classes": num_classes,
-        "pooling": pooling,
+        "pooling": options.get("pooling", "avg"),
+        "drop_rate": float(options.get("drop_rate") or 0.0),
+        "drop_path_rate": float(options.get("drop_path_rate") or 0.0),
         "pretrained_cfg": pretrained_cfg,
         "source": os.fspath(source),
     }

@@ -1,0 +1,17 @@
+"""The exceptions of `convnext_layers` (no Keras needed to import them)."""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A ConvNeXt description with a field of the wrong type or value, or a timm
+    argument the Keras models cannot compute exactly."""
+
+
+class ModelArgumentError(ValueError):
+    """An argument to a ConvNeXt model that is of the wrong type or value."""
+
+
+class PresetError(ValueError):
+    """A preset folder or Hub repository that is not a ConvNeXt preset, is incomplete,
+    or was altered after it was written."""
