@@ -60,6 +60,7 @@ _EXPORTS = {
     ),
     "checkpoint": (
         "DEFAULT_MODEL",
+        "head_is_embedding",
         "hub_reachable",
         "hub_repo_id",
         "load_checkpoint",

@@ -459,6 +459,22 @@ def timm_model_args(config: dict, arch: str | None) -> tuple[str | None, dict, d
     return name, model_args, options
 
 
+FACE_CROP_SIZE = (112, 112)  # insightface's aligned face crop (embedding.faces aligns to it)
+
+
+def head_is_embedding(info: dict) -> bool:
+    """Whether a checkpoint's classifier is its embedding layer rather than class logits:
+    a face-recognition ConvNeXt (trained with a margin loss such as CosFace / ArcFace
+    whose class weights are not in the checkpoint; its `head.fc` gives the 512-d face
+    embedding) takes the 112x112 aligned face crop as input. `pretrained_cfg`
+    "embedding_head" (true / false) says so explicitly where present."""
+    cfg = info.get("pretrained_cfg") or {}
+    if isinstance(cfg.get("embedding_head"), bool):
+        return cfg["embedding_head"]
+    size = tuple(cfg.get("input_size") or ())[-2:]
+    return bool(info.get("num_classes")) and size == FACE_CROP_SIZE
+
+
 def load_checkpoint(source, *, arch: str | None = None) -> tuple[dict[str, np.ndarray], dict]:
     """(state_dict, info) of a Hub id, a .safetensors file or a folder.
 
