@@ -34,6 +34,7 @@ from convnext_layers.layers import (
     tanh_gelu,
 )
 from convnext_layers.model import POOLING_CHOICES, ConvNeXt, count_macs, load_saved_model
+from convnext_layers.presets import upload_preset
 from convnext_layers.strides import (
     MIN_FINAL_SIZE,
     STANDARD_STRIDES,
@@ -81,6 +82,7 @@ __all__ = [
     "plan_strides",
     "resolve_variant",
     "tanh_gelu",
+    "upload_preset",
 ]
 
 

@@ -3,6 +3,7 @@ reading `.keras` files that way, and the small helpers saving needs."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import keras
@@ -39,6 +40,15 @@ class _FastLoad:
     random initializers (their values are about to be read from a file)."""
 
     active = False
+
+    @contextlib.contextmanager
+    def enabled(self):
+        previous = self.active
+        self.active = True
+        try:
+            yield
+        finally:
+            self.active = previous
 
 
 FAST_LOAD = _FastLoad()
@@ -83,12 +93,8 @@ def load_saved_model(path, **kwargs):
     """`keras.saving.load_model(path)` of a file holding `ConvNeXt` models, without
     the random initialisation of every weight before the file's values replace it
     (on JAX that compiled one kernel per weight shape: 28 for convnext_atto)."""
-    previous = FAST_LOAD.active
-    FAST_LOAD.active = True
-    try:
+    with FAST_LOAD.enabled():
         return keras.saving.load_model(path, **kwargs)
-    finally:
-        FAST_LOAD.active = previous
 
 
 def count_macs(model: keras.Model) -> int:

@@ -31,7 +31,7 @@ import inspect
 import keras
 import numpy as np
 
-from convnext_layers import fast_ops
+from convnext_layers import fast_ops, presets
 from convnext_layers.config import ConvNeXtConfig
 from convnext_layers.errors import ConfigError, ModelArgumentError
 from convnext_layers.layers import POOLINGS
@@ -441,6 +441,22 @@ class ConvNeXt(keras.Model):
         if FAST_LOAD.active:  # the weights are read from the file next: skip random init
             return build_deferred(cls, config)
         return cls(**config)
+
+    def save_to_preset(self, preset_dir, *, parity="auto") -> str:
+        """Write this model as a keras-hub preset folder (config.json with its
+        registered_name, model.weights.h5, metadata.json, README.md model card); see
+        `convnext_layers.presets.save_preset`. parity: "auto" measures it against timm
+        where timm and weights_convert are importable, None leaves it out."""
+        return presets.save_preset(self, preset_dir, parity=parity)
+
+    @classmethod
+    def from_preset(cls, preset, **head_options) -> ConvNeXt:
+        """The model of a preset: a folder `save_to_preset` wrote, "hf://owner/repo[@rev]"
+        holding one, or a timm repository ("hf://timm/convnext_atto.d2_in1k", read by
+        weights_convert). `head_options` (num_classes, normalize, ...) give it another
+        head (`with_head`). Raises `PresetError` for an incomplete or altered preset."""
+        model = presets.load_preset(cls, preset)
+        return model.with_head(**head_options) if head_options else model
 
     def weights_by_path(self) -> dict:
         """{variable path: numpy array} of every weight (what `from_config(weights=...)` takes)."""

@@ -15,6 +15,7 @@ import struct
 import numpy as np
 
 from convnext_layers.errors import ConfigError
+from convnext_layers.hub import hub_cache_dir, hub_offline, hub_reachable
 from convnext_layers.timm_args import split_timm_args
 from weights_convert.architectures import (
     TENSOR_ARGS,
@@ -175,17 +176,7 @@ def read_safetensors(path) -> tuple[dict[str, np.ndarray], dict]:
 # ----------------------------------------------------------------------------
 
 _HUB_ID = re.compile(r"^(?:hf-hub:|hf_hub:)?([\w.-]+/[\w.-]+)(?:@([\w./-]+))?$")
-_TRUE = {"1", "on", "yes", "true"}
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pkl", ".pickle", ".tar")
-
-
-def _hub_cache_dir():
-    for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if os.environ.get(variable):
-            return os.environ[variable]
-    if os.environ.get("HF_HOME"):
-        return os.path.join(os.environ["HF_HOME"], "hub")
-    return None
 
 
 def _local_hint(source):
@@ -197,29 +188,6 @@ def _local_hint(source):
     )
 
 
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face Hub answers a TCP connect (False under HF_HUB_OFFLINE).
-
-    Asked once before a download, so that with no network the Hub cache is
-    used at once instead of after huggingface_hub's ~20 s of retries.
-    """
-    import socket
-    from urllib.parse import urlparse
-
-    if hub_offline():
-        return False
-    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def _hub_download(repo_id, revision, filename, required, offline):
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
@@ -229,14 +197,14 @@ def _hub_download(repo_id, revision, filename, required, offline):
             repo_id,
             filename,
             revision=revision,
-            cache_dir=_hub_cache_dir(),
+            cache_dir=hub_cache_dir(),
             local_files_only=offline,
             library_name="keras-convnext",
         )
     except LocalEntryNotFoundError as error:
         if not required and offline:
             return None
-        cache = _hub_cache_dir() or "the default Hugging Face cache"
+        cache = hub_cache_dir() or "the default Hugging Face cache"
         why = (
             "HF_HUB_OFFLINE is set and it is not in the cache"
             if hub_offline()
@@ -456,6 +424,8 @@ def timm_model_args(config: dict, arch: str | None) -> tuple[str | None, dict, d
     except ConfigError as error:
         where = f"config.json builds {name or 'the checkpoint'} with"
         raise UnsupportedArchitectureError(f"{where} {error}") from None
+    if name is not None:
+        architecture_config(name, model_args)  # every value checked, still no tensor read
     return name, model_args, options
 
 

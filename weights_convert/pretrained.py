@@ -58,7 +58,7 @@ def builtin_pretrained_cfg(arch: str) -> dict:
     }
 
 
-def _timm_module():
+def timm_module():
     """timm, if it can be used here: already imported, or importable without TensorFlow
     loaded (importing torch after TensorFlow crashes some builds)."""
     if "timm" in sys.modules:
@@ -79,7 +79,7 @@ def timm_default_cfg(arch, tag=None, num_classes=None) -> dict:
     Without a tag, the first of the architecture's pretrained tags whose
     num_classes matches is used, and its tag / source fields are dropped.
     """
-    timm = _timm_module()
+    timm = timm_module()
     if timm is None:
         return {}
     try:
