@@ -20,6 +20,7 @@ from convnext_layers.strides import OUTPUT_STRIDES, StageLayout, plan_layout
 from convnext_layers.timm_args import (
     ACTIVATION_NAMES,
     NORM_NAMES,
+    TIMM_ARGUMENTS,
     canonical_activation,
     split_timm_args,
     timm_args,
@@ -220,9 +221,14 @@ class ConvNeXtConfig:
         model (`timm_args.split_timm_args` gives them); anything the models cannot
         compute exactly is a `ConfigError` naming the argument and its value."""
         changes, _ = split_timm_args(model_args)
-        if base is None:
-            return cls(**changes)
-        return dataclasses.replace(base, **changes)
+        try:
+            return cls(**changes) if base is None else dataclasses.replace(base, **changes)
+        except ConfigError as error:  # name timm's argument (dims, not widths)
+            field = str(error).split(" ", 1)[0]
+            for name, value in model_args.items():
+                if TIMM_ARGUMENTS.get(name, (None, None))[1] == field:
+                    raise ConfigError(f"timm argument {name}={value!r}: {error}") from None
+            raise
 
     def to_timm_args(self) -> dict:
         """The arguments of `timm.models.convnext.ConvNeXt` that build this network."""

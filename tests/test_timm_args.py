@@ -259,3 +259,29 @@ def test_dilated_model_takes_the_plain_depthwise_path_on_every_inference_path(
         outputs["portable"] = keras.ops.convert_to_numpy(model(nhwc))
     for path, got in outputs.items():
         np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0, err_msg=path)
+
+
+@pytest.mark.once("jax")
+def test_config_errors_name_timms_argument():
+    with pytest.raises(ConfigError, match=r"timm argument dims=\[8, 16, 24\]: widths must be 4"):
+        ConvNeXtConfig.from_timm_args({"depths": [1, 1, 1, 1], "dims": [8, 16, 24]})
+    with pytest.raises(
+        ConfigError, match=r"timm argument kernel_sizes=6: kernel_sizes must be odd"
+    ):
+        ConvNeXtConfig.from_timm_args({"depths": [1] * 4, "dims": [8] * 4, "kernel_sizes": 6})
+
+
+def test_input_channels_live_in_the_config():
+    """An input_shape of other than 3 channels sets the default in_chans (models saved before
+    the config held it load so); a config that says otherwise must agree."""
+    grey = ConvNeXtConfig(depths=(1, 1, 1, 1), widths=(8, 16, 24, 32), in_chans=1)
+    model = ConvNeXt(grey, num_classes=0)
+    assert model.input_shape == (None, None, None, 1)
+    old = model.get_config()
+    del old["config"]["in_chans"]  # a .keras file from before: the channels in input_shape
+    old["input_shape"] = [None, None, 1]
+    assert ConvNeXt.from_config(old).convnext_config.in_chans == 1
+    with pytest.raises(
+        ValueError, match="input_shape has 3 channels but the config's in_chans is 1"
+    ):
+        ConvNeXt(grey, input_shape=(64, 64, 3))
