@@ -122,9 +122,15 @@ def _check_unknown_arguments(kwargs):
     )
 
 
-def _check_rate(argument, rate):
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
-        raise ModelArgumentError(f"{argument} must be a number in [0, 1), got {rate!r}.")
+def _check_rates_and_records(drop_path_rate, drop_rate, pretrained_cfg, metadata):
+    for argument, rate in (("drop_path_rate", drop_path_rate), ("drop_rate", drop_rate)):
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+            raise ModelArgumentError(f"{argument} must be a number in [0, 1), got {rate!r}.")
+    for argument, value in (("pretrained_cfg", pretrained_cfg), ("metadata", metadata)):
+        if value is not None and not isinstance(value, dict):
+            raise ModelArgumentError(
+                f"{argument} must be a dict or None, got {type(value).__name__}."
+            )
 
 
 def _with_channels(config: ConvNeXtConfig, channels: int) -> ConvNeXtConfig:
@@ -251,13 +257,7 @@ class ConvNeXt(keras.Model):
             num_classes, include_top, pooling, head_norm, normalize, output_stages
         )
         check_pooling(config, pooling, include_top, head_norm)
-        for argument, rate in (("drop_path_rate", drop_path_rate), ("drop_rate", drop_rate)):
-            _check_rate(argument, rate)
-        for argument, value in (("pretrained_cfg", pretrained_cfg), ("metadata", metadata)):
-            if value is not None and not isinstance(value, dict):
-                raise ModelArgumentError(
-                    f"{argument} must be a dict or None, got {type(value).__name__}."
-                )
+        _check_rates_and_records(drop_path_rate, drop_rate, pretrained_cfg, metadata)
         num_classes = int(num_classes)
         inputs, shape = _input_layer(input_shape, input_tensor, config.in_chans)
         config = _with_channels(config, shape[2])
