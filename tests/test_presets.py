@@ -93,6 +93,7 @@ def test_parity_figure_is_timms_not_the_models_own(face_preset, monkeypatch):
     assert honest < 1e-4
 
 
+@pytest.mark.once("tensorflow")  # reading the files is Keras', not the backend's
 def test_preset_reloads_alone_in_a_fresh_process(face_preset, tmp_path):
     folder, model = face_preset
     x = _images(1)
