@@ -501,7 +501,11 @@ def _embeds_with_output(source, head, pre_logits_model) -> bool:
     """Whether `head` asks for the checkpoint's own output rather than the pre-logits
     model `build_model` made of it (whose pretrained_cfg still holds the checkpoint's
     classifier size). `.keras` models keep their own head."""
-    if head == "pre_logits" or os.fspath(source).endswith(".keras"):
+    if head == "pre_logits":
+        return False
+    if os.fspath(source).endswith(".keras"):
+        if head == "output":
+            raise ValueError(f"head='output': {source} is a .keras model, whose head is its own.")
         return False
     if head == "output":
         return True
