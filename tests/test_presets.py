@@ -323,7 +323,7 @@ def test_command_line_writes_and_uploads_a_preset(
     "extra,message",
     [
         (["--upload", "hf://me/face"], "--upload pushes the preset: it needs --preset DIR"),
-        ([], "give -o OUT"),
+        ([], "give -o/--output OUT"),
         (["--preset", "{busy}"], "holds other files"),
         (["--preset", "{new}", "--upload", "me/face"], "hf://owner/repo"),
         (["--preset", "{new}", "--dynamic-size"], "need -o OUT"),

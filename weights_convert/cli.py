@@ -194,7 +194,9 @@ def check_preset_options(args) -> None:
     if args.upload is not None and args.preset is None:
         raise ValueError("--upload pushes the preset: it needs --preset DIR.")
     if args.output is None and args.preset is None:
-        raise ValueError("give -o OUT (a Keras file or an export) or --preset DIR (or both).")
+        raise ValueError(
+            "give -o/--output OUT (a Keras file or an export) or --preset DIR, or both."
+        )
     if args.preset is None:
         return
     exporting = args.format or args.with_normalization or args.uint8 or args.dynamic_size
