@@ -323,7 +323,7 @@ def test_command_line_writes_and_uploads_a_preset(
     "extra,message",
     [
         (["--upload", "hf://me/face"], "--upload pushes the preset: it needs --preset DIR"),
-        ([], "give -o/--output OUT"),
+        ([], "required: -o/--output (or --preset DIR)"),
         (["--preset", "{busy}"], "holds other files"),
         (["--preset", "{new}", "--upload", "me/face"], "hf://owner/repo"),
         (["--preset", "{new}", "--dynamic-size"], "need -o OUT"),
@@ -336,7 +336,11 @@ def test_command_line_preset_errors_are_one_line_before_any_work(
     (tmp_path / "busy" / "notes.txt").write_text("")
     extra = [e.format(busy=tmp_path / "busy", new=tmp_path / "new") for e in extra]
     monkeypatch.setattr(wc.convert, "load_timm", lambda *a, **k: pytest.fail("converted first"))
-    assert wc.main([timm_atto_checkpoint[0], *extra, "-q"]) == 2
+    try:
+        code = wc.main([timm_atto_checkpoint[0], *extra, "-q"])
+    except SystemExit as usage:  # argparse's usage errors
+        code = usage.code
+    assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not (tmp_path / "new").exists()

@@ -189,6 +189,15 @@ def run_export(args) -> int:
     return 0
 
 
+def check_outputs_given(parser, args) -> None:
+    """A usage error (argparse's one line, exit 2) without -o or --preset, or with --upload
+    but no --preset."""
+    if args.upload is not None and args.preset is None:
+        parser.error("--upload pushes the preset: it needs --preset DIR")
+    if args.output is None and args.preset is None:
+        parser.error("the following arguments are required: -o/--output (or --preset DIR)")
+
+
 def check_preset_options(args) -> None:
     """The --preset / --upload combination and the preset folder, checked before any work."""
     if args.upload is not None and args.preset is None:
@@ -304,7 +313,9 @@ def run_keras_file(args) -> int:
 
 def main(argv=None) -> int:
     argv = None if argv is None else [os.fspath(a) for a in argv]
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_outputs_given(parser, args)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     try:
         return run(args)
