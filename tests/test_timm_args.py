@@ -40,44 +40,46 @@ CASES = {
     "face_v1": ("convnext_atto", {"patch_size": 2, "num_classes": 512}),
     "face_v2": ("convnextv2_atto", {"patch_size": 2, "num_classes": 512}),
     "output_stride_16": ("convnext_atto", {"output_stride": 16}),
-    "output_stride_8": ("convnext_atto", {"output_stride": 8}),
     "output_stride_8_v2": ("convnextv2_atto", {"output_stride": 8}),
     "no_layer_scale": ("convnext_atto", {"ls_init_value": None}),
     "greyscale": ("convnext_atto", {"in_chans": 1}),
-    "four_channels": ("convnext_atto", {**SMALL, "in_chans": 4}),
-    "kernel_sizes": ("convnext_atto", {**SMALL, "kernel_sizes": [3, 5, 7, 9]}),
-    "linear_mlp": ("convnext_atto", {**SMALL, "conv_mlp": False}),
-    "no_conv_bias": ("convnext_atto", {**SMALL, "conv_bias": False}),
-    "head_hidden_size": ("convnext_atto", {**SMALL, "head_hidden_size": 48}),
-    "head_norm_first": ("convnext_atto", {**SMALL, "head_norm_first": True}),
-    "global_pool_max": ("convnext_atto", {**SMALL, "global_pool": "max"}),
-    "global_pool_avgmax": ("convnext_atto", {**SMALL, "global_pool": "avgmax"}),
-    "catavgmax_norm_first": (
+    "four_channels_kernel_sizes_no_bias": (
         "convnext_atto",
-        {**SMALL, "head_norm_first": True, "global_pool": "catavgmax"},
+        {**SMALL, "in_chans": 4, "kernel_sizes": [3, 5, 7, 9], "conv_bias": False},
     ),
-    "act_silu": ("convnext_atto", {**SMALL, "act_layer": "silu"}),
-    "act_hard_swish": ("convnext_atto", {**SMALL, "act_layer": "hard_swish"}),
-    "act_quick_gelu": ("convnext_atto", {**SMALL, "act_layer": "quick_gelu"}),
-    "norm_eps": ("convnext_atto", {**SMALL, "norm_eps": 1e-3}),
-    "rms_norm": ("convnext_atto", {**SMALL, "norm_layer": "rmsnorm2d"}),
-    "simple_norm": ("convnext_atto", {**SMALL, "norm_layer": "simplenorm"}),
-    "stem_overlap": ("convnext_atto", {**SMALL, "stem_type": "overlap"}),
-    "stem_overlap_tiered": ("convnext_atto", {**SMALL, "stem_type": "overlap_tiered"}),
-    "stem_overlap_act": ("convnext_atto", {**SMALL, "stem_type": "overlap_act"}),
+    "linear_mlp_head_hidden_size_max_pool_norm_eps": (
+        "convnext_atto",
+        {**SMALL, "conv_mlp": False, "head_hidden_size": 48, "global_pool": "max",
+         "norm_eps": 1e-3},
+    ),
+    "head_norm_first_catavgmax_quick_gelu": (
+        "convnext_atto",
+        {**SMALL, "head_norm_first": True, "global_pool": "catavgmax", "act_layer": "quick_gelu"},
+    ),
+    "avgmax_hard_swish_rms_norm": (
+        "convnext_atto",
+        {**SMALL, "global_pool": "avgmax", "act_layer": "hard_swish", "norm_layer": "rmsnorm2d"},
+    ),
+    "simple_norm_overlap_act_silu": (
+        "convnext_atto",
+        {**SMALL, "norm_layer": "simplenorm", "stem_type": "overlap_act", "act_layer": "silu"},
+    ),
+    "overlap_tiered_output_stride_8": (
+        "convnext_atto", {**SMALL, "stem_type": "overlap_tiered", "output_stride": 8}
+    ),
     "depths_dims_empty_stage": (
         "convnext_atto", {"depths": [1, 2, 0, 1], "dims": [16, 24, 24, 40]}
     ),
     "patch_1": ("convnext_atto", {**SMALL, "patch_size": 1}),
     "patch_8_output_stride_16": ("convnext_atto", {**SMALL, "patch_size": 8, "output_stride": 16}),
-    "overlap_output_stride_8": (
-        "convnext_atto", {**SMALL, "stem_type": "overlap", "output_stride": 8}
+    "v2_kernel_size_head_hidden_size": (
+        "convnextv2_atto", {**SMALL, "kernel_sizes": 5, "head_hidden_size": 32}
     ),
-    "v2_kernels_hidden": ("convnextv2_atto", {**SMALL, "kernel_sizes": 5, "head_hidden_size": 32}),
-    "face_grey_dilated_no_scale": (
+    "face_grey_dilated_no_layer_scale": (
         "convnext_atto",
         {**SMALL, "patch_size": 2, "output_stride": 16, "in_chans": 1, "ls_init_value": None},
     ),
+    "grn_with_layer_scale": ("convnext_atto", {**SMALL, "use_grn": True}),
     "training_only": (
         "convnext_atto",
         {**SMALL, "drop_rate": 0.1, "drop_path_rate": 0.2, "head_init_scale": 0.5},
@@ -114,6 +116,9 @@ def test_every_timm_constructor_argument_is_classified():
     assert sorted(set(TIMM_ARGUMENTS) - set(names)) == []  # no stale entries
     fields = {f for f in ConvNeXtConfig.__dataclass_fields__}
     model_arguments = set(inspect.signature(ConvNeXt.__init__).parameters)
+    covered = {name for _, args in CASES.values() for name in args}
+    untested = [n for n, (kind, _) in TIMM_ARGUMENTS.items() if kind != "placement"]
+    assert sorted(set(untested) - covered) == []  # each one is in a parity case below
     for name, (kind, where) in TIMM_ARGUMENTS.items():
         assert kind in ("config", "model", "init", "placement"), name
         if kind == "config":
