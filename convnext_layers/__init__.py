@@ -1,27 +1,24 @@
 """What ConvNeXt V1 (`convnext_v1`) and V2 (`convnext_v2`) are made of.
 
-- `config`: `ConvNeXtConfig`, one frozen dataclass describing any ConvNeXt
-  architecture timm registers, and the small-input stride rule (`plan_strides`).
+- `config`: `ConvNeXtConfig`, one frozen dataclass describing any ConvNeXt timm's
+  constructor builds (`timm_args`: how each of timm's arguments is held).
+- `strides`: where a ConvNeXt downsamples (`StageLayout`: timm's strides and
+  dilations) and the small-input stride rule (`plan_layout`, `plan_strides`).
 - `layers`: the registered Keras layers (depthwise conv, downsampling conv,
   pointwise dense, norms, layer scale, stochastic depth, GRN, GeM pooling).
 - `model`: `ConvNeXt`, the functional model class every variant, converted
-  checkpoint and embedding model is an instance of.
+  checkpoint and embedding model is an instance of; `plan`: the steps of its
+  forward pass (`LayerPlan`); `loading`: building it straight from weight values.
+- `presets`: keras-hub's preset layout (`ConvNeXt.save_to_preset`,
+  `ConvNeXt.from_preset`, `upload_preset`).
 - `fast_ops`: every private or backend-specific API the layers use, each with a
   portable fallback.
 
 All tensors are channels-last: (batch, height, width, channels).
 """
 
-from convnext_layers.config import (
-    MIN_FINAL_SIZE,
-    STANDARD_STRIDES,
-    STEMS,
-    ConfigError,
-    ConvNeXtConfig,
-    final_feature_size,
-    make_divisible,
-    plan_strides,
-)
+from convnext_layers.config import STEMS, ConvNeXtConfig, make_divisible
+from convnext_layers.errors import ConfigError, ModelArgumentError, PresetError
 from convnext_layers.layers import (
     NORMS,
     POOLINGS,
@@ -36,13 +33,17 @@ from convnext_layers.layers import (
     exact_gelu,
     tanh_gelu,
 )
-from convnext_layers.model import (
-    POOLING_CHOICES,
-    ConvNeXt,
-    ModelArgumentError,
-    count_macs,
-    load_saved_model,
+from convnext_layers.model import POOLING_CHOICES, ConvNeXt, count_macs, load_saved_model
+from convnext_layers.presets import upload_preset
+from convnext_layers.strides import (
+    MIN_FINAL_SIZE,
+    STANDARD_STRIDES,
+    StageLayout,
+    final_feature_size,
+    plan_layout,
+    plan_strides,
 )
+from convnext_layers.timm_args import TIMM_ARGUMENTS
 
 LAYER_NORM_EPSILON = 1e-6  # timm's default for every ConvNeXt norm (xxlarge: 1e-5)
 Variant = ConvNeXtConfig  # the name the variant tables used before the config held everything
@@ -56,6 +57,9 @@ __all__ = [
     "STANDARD_STRIDES",
     "STEMS",
     "ConfigError",
+    "PresetError",
+    "StageLayout",
+    "TIMM_ARGUMENTS",
     "ConvNeXt",
     "ConvNeXtConfig",
     "DepthwiseConv",
@@ -74,9 +78,11 @@ __all__ = [
     "final_feature_size",
     "load_saved_model",
     "make_divisible",
+    "plan_layout",
     "plan_strides",
     "resolve_variant",
     "tanh_gelu",
+    "upload_preset",
 ]
 
 

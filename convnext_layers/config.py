@@ -1,11 +1,11 @@
-"""`ConvNeXtConfig`: what a ConvNeXt network is, as data, and the stride rule for
-small inputs.
+"""`ConvNeXtConfig`: what a ConvNeXt network is, as data.
 
 One frozen dataclass describes every ConvNeXt / ConvNeXt V2 architecture timm
 registers: sizes, stem, normalisation and its epsilon, activation, GRN / layer
 scale, and the head layout. The field names follow timm's `ConvNeXt` constructor
 (`dims` is `widths` here), so `ConvNeXtConfig.from_timm_args(model_args)` reads
-timm's `model_args` directly; the variant tables in `convnext_v1` / `convnext_v2`
+timm's `model_args` directly (`convnext_layers.timm_args` says how each of timm's
+constructor arguments is held); the variant tables in `convnext_v1` / `convnext_v2`
 are rows of it, and a `ConvNeXt` model saves it in its `.keras` config.
 """
 
@@ -15,45 +15,19 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from convnext_common.errors import InputError
+from convnext_layers.errors import ConfigError
+from convnext_layers.strides import OUTPUT_STRIDES, StageLayout, plan_layout
+from convnext_layers.timm_args import (
+    ACTIVATION_NAMES,
+    NORM_NAMES,
+    TIMM_ARGUMENTS,
+    canonical_activation,
+    split_timm_args,
+    timm_args,
+)
 
 STEMS = ("patch", "overlap", "overlap_tiered", "overlap_act")
-NORMS = ("layernorm", "rmsnorm", "simplenorm")
-ACTIVATION_NAMES = ("gelu", "gelu_tanh", "silu", "swish", "relu")
-
-# timm's norm_layer spellings -> ours (the 2-D and channels-last timm classes compute the same)
-_TIMM_NORMS = {
-    None: "layernorm",
-    "layernorm": "layernorm",
-    "layernorm2d": "layernorm",
-    "rmsnorm": "rmsnorm",
-    "rmsnorm2d": "rmsnorm",
-    "simplenorm": "simplenorm",
-    "simplenorm2d": "simplenorm",
-}
-# timm ConvNeXt constructor arguments -> ConvNeXtConfig fields
-_TIMM_FIELDS = {
-    "depths": "depths",
-    "dims": "widths",
-    "kernel_sizes": "kernel_sizes",
-    "stem_type": "stem",
-    "patch_size": "patch_size",
-    "norm_layer": "norm",
-    "norm_eps": "norm_eps",
-    "act_layer": "activation",
-    "use_grn": "use_grn",
-    "ls_init_value": "layer_scale_init_value",
-    "conv_bias": "conv_bias",
-    "mlp_ratio": "mlp_ratio",
-    "head_norm_first": "head_norm_first",
-    "head_hidden_size": "head_hidden_size",
-    "conv_mlp": "conv_mlp",
-}
-# timm constructor arguments that change neither the weights nor the forward pass at inference
-TIMM_ARGS_WITHOUT_EFFECT = frozenset(
-    {"in_chans", "num_classes", "global_pool", "drop_rate", "drop_path_rate", "head_init_scale",
-     "output_stride", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_strict"}
-)  # fmt: skip
+NORMS = tuple(dict.fromkeys(NORM_NAMES.values()))
 
 
 def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
@@ -64,10 +38,6 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
     if new_value < 0.9 * value:
         new_value += divisor
     return new_value
-
-
-class ConfigError(InputError, ValueError):
-    """A ConvNeXt description with a field of the wrong type or value."""
 
 
 @dataclass(frozen=True)
@@ -82,7 +52,9 @@ class ConvNeXtConfig:
             norm), "overlap" (two 3x3 stride-2 convs, padding 1, widths[0] each),
             "overlap_tiered" (the first one make_divisible(widths[0] // 2) wide) or
             "overlap_act" (widths[0] wide, with the activation between the two convs).
-        patch_size: the patch stem's kernel and stride (4).
+        patch_size: the patch stem's kernel and stride (4). A stride of 2 gives stage 0
+            a norm + 2x2 stride-2 downsampling of its own, as timm (the
+            face-recognition ConvNeXts: 112x112 inputs); the overlapping stems ignore it.
         norm: "layernorm", "rmsnorm" (timm's RmsNorm2d) or "simplenorm" (timm's
             SimpleNorm2d); used everywhere (stem, downsampling, blocks, head).
         norm_eps: epsilon of every norm (1e-6; 1e-5 for xxlarge).
@@ -98,6 +70,9 @@ class ConvNeXtConfig:
             head norm and the classifier (convnext_large_mlp: 1536).
         conv_mlp: timm stores the block MLP as 1x1 convs (O, I, 1, 1) rather than
             Linear (O, I); the same numbers, only the checkpoint layout differs.
+        in_chans: input channels (timm's `in_chans`: 3 for RGB, 1 for greyscale, ...).
+        output_stride: 32, or 16 / 8 for timm's dilated backbones (dense tasks):
+            the last stages keep their resolution and dilate their convolutions.
     """
 
     depths: tuple[int, ...]
@@ -115,13 +90,38 @@ class ConvNeXtConfig:
     head_norm_first: bool = False
     head_hidden_size: int | None = None
     conv_mlp: bool = False
+    in_chans: int = 3
+    output_stride: int = 32
 
     def __post_init__(self):
+        self._check_sizes()
+        _choice("stem", self.stem, STEMS)
+        _choice("norm", self.norm, NORMS)
+        activation = canonical_activation(self.activation)
+        if activation is None:
+            _choice("activation", self.activation, ACTIVATION_NAMES)
+        object.__setattr__(self, "activation", activation)
+        for name in ("patch_size", "in_chans"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive int, got {getattr(self, name)!r}.")
+        if self.output_stride not in OUTPUT_STRIDES or isinstance(self.output_stride, bool):
+            raise ConfigError(
+                f"output_stride must be one of {', '.join(map(str, OUTPUT_STRIDES))} (as timm), "
+                f"got {self.output_stride!r}."
+            )
+        self._check_numbers()
+        hidden = self.head_hidden_size
+        if hidden is not None and (not _is_int(hidden) or hidden < 1):
+            raise ConfigError(f"head_hidden_size must be a positive int or None, got {hidden!r}.")
+        if hidden is not None and self.head_norm_first:
+            raise ConfigError("head_hidden_size cannot be combined with head_norm_first (as timm).")
+
+    def _check_sizes(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
         for name in ("depths", "widths"):
             value = getattr(self, name)
             if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
-                raise ConfigError(f"{name} must be a sequence of 4 positive ints, got {value!r}.")
+                raise ConfigError(f"{name} must be a sequence of 4 ints, got {value!r}.")
             set_(name, tuple(value))
         kernel_sizes = self.kernel_sizes
         if isinstance(kernel_sizes, int) and not isinstance(kernel_sizes, bool):
@@ -129,18 +129,20 @@ class ConvNeXtConfig:
         if not hasattr(kernel_sizes, "__len__"):
             raise ConfigError(f"kernel_sizes must be an int or 4 ints, got {kernel_sizes!r}.")
         set_("kernel_sizes", tuple(kernel_sizes))
-        for name in ("depths", "widths", "kernel_sizes"):
+        for name, least in (("depths", 0), ("widths", 1), ("kernel_sizes", 1)):
             value = getattr(self, name)
-            if len(value) != 4 or not all(_is_int(v) and v >= 1 for v in value):
-                raise ConfigError(f"{name} must be 4 positive ints, got {value!r}.")
+            if len(value) != 4 or not all(_is_int(v) and v >= least for v in value):
+                kind = "non-negative" if least == 0 else "positive"
+                raise ConfigError(f"{name} must be 4 {kind} ints, got {value!r}.")
             set_(name, tuple(int(v) for v in value))
         if not all(k % 2 == 1 for k in self.kernel_sizes):
-            raise ConfigError(f"kernel_sizes must be odd, got {self.kernel_sizes!r}.")
-        _choice("stem", self.stem, STEMS)
-        _choice("norm", self.norm, NORMS)
-        _choice("activation", self.activation, ACTIVATION_NAMES)
-        if not _is_int(self.patch_size) or self.patch_size < 1:
-            raise ConfigError(f"patch_size must be a positive int, got {self.patch_size!r}.")
+            raise ConfigError(
+                f"kernel_sizes must be odd (timm's 'same' padding of an even kernel shrinks "
+                f"the map and breaks the residual), got {self.kernel_sizes!r}."
+            )
+
+    def _check_numbers(self):
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
         if not _is_number(self.norm_eps) or not 0 < self.norm_eps < 1:
             raise ConfigError(f"norm_eps must be a number in (0, 1), got {self.norm_eps!r}.")
         set_("norm_eps", float(self.norm_eps))
@@ -157,11 +159,6 @@ class ConvNeXtConfig:
                     f"layer_scale_init_value must be a number or None, got {scale!r}."
                 )
             set_("layer_scale_init_value", float(scale))
-        hidden = self.head_hidden_size
-        if hidden is not None and (not _is_int(hidden) or hidden < 1):
-            raise ConfigError(f"head_hidden_size must be a positive int or None, got {hidden!r}.")
-        if hidden is not None and self.head_norm_first:
-            raise ConfigError("head_hidden_size cannot be combined with head_norm_first (as timm).")
 
     # -- derived -----------------------------------------------------------
 
@@ -174,6 +171,13 @@ class ConvNeXtConfig:
     def pre_logits_size(self) -> int:
         """Size of timm's pre-logits features (`forward_head(pre_logits=True)`)."""
         return self.head_hidden_size or self.widths[-1]
+
+    def layout(self, height=None, width=None) -> StageLayout:
+        """Strides and dilations of every downsampling layer for an input of
+        `height` x `width` (`convnext_layers.strides.plan_layout`)."""
+        return plan_layout(
+            height, width, self.stem, self.patch_size, self.output_stride, self.widths
+        )
 
     @property
     def stem_mid_width(self) -> int:
@@ -212,35 +216,23 @@ class ConvNeXtConfig:
     @classmethod
     def from_timm_args(cls, model_args: dict, base: ConvNeXtConfig | None = None):
         """A config from timm's `ConvNeXt(**model_args)` arguments (e.g. a config.json's
-        `model_args` over a registered architecture's row `base`). Arguments that
-        do not change the network (num_classes, drop rates, ...) are ignored;
-        anything the models do not have is a `ConfigError` naming it."""
-        if not isinstance(model_args, dict):
-            raise ConfigError(f"model_args must be a JSON object, got {type(model_args).__name__}.")
-        changes, unknown = {}, []
-        for key, value in model_args.items():
-            if key in TIMM_ARGS_WITHOUT_EFFECT:
-                continue
-            if key not in _TIMM_FIELDS:
-                unknown.append(f"{key}={value!r}")
-                continue
-            if key == "norm_layer":
-                if value not in _TIMM_NORMS:
-                    raise ConfigError(
-                        f"norm_layer={value!r} is not supported; one of "
-                        f"{', '.join(k for k in _TIMM_NORMS if k)}."
-                    )
-                value = _TIMM_NORMS[value]
-            if key == "norm_eps" and value is None:
-                continue  # timm: each norm's own default, 1e-6 for all of them
-            changes[_TIMM_FIELDS[key]] = value
-        if unknown:
-            raise ConfigError(
-                "timm model_args the Keras models do not have: " + ", ".join(sorted(unknown))
-            )
-        if base is None:
-            return cls(**changes)
-        return dataclasses.replace(base, **changes)
+        `model_args` over a registered architecture's row `base`). The head's and
+        training's arguments (num_classes, global_pool, drop rates) are left to the
+        model (`timm_args.split_timm_args` gives them); anything the models cannot
+        compute exactly is a `ConfigError` naming the argument and its value."""
+        changes, _ = split_timm_args(model_args)
+        try:
+            return cls(**changes) if base is None else dataclasses.replace(base, **changes)
+        except ConfigError as error:  # name timm's argument (dims, not widths)
+            field = str(error).split(" ", 1)[0]
+            for name, value in model_args.items():
+                if TIMM_ARGUMENTS.get(name, (None, None))[1] == field:
+                    raise ConfigError(f"timm argument {name}={value!r}: {error}") from None
+            raise
+
+    def to_timm_args(self) -> dict:
+        """The arguments of `timm.models.convnext.ConvNeXt` that build this network."""
+        return timm_args(self)
 
     def replace(self, **changes) -> ConvNeXtConfig:
         return dataclasses.replace(self, **changes)
@@ -257,75 +249,3 @@ def _is_number(value) -> bool:
 def _choice(name, value, choices):
     if value not in choices:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}.")
-
-
-# ----------------------------------------------------------------------------
-# Strides for small inputs
-# ----------------------------------------------------------------------------
-
-STANDARD_STRIDES = (4, 2, 2, 2)  # stem, then the downsampling before stages 1, 2, 3
-# Tried in order until the last stage keeps a feature map of at least 2x2: first
-# the stem gives up resolution loss, then the late downsampling layers do.
-STRIDE_PLANS = (
-    (4, 2, 2, 2),
-    (2, 2, 2, 2),
-    (1, 2, 2, 2),
-    (1, 2, 2, 1),
-    (1, 2, 1, 1),
-    (1, 1, 1, 1),
-)
-MIN_FINAL_SIZE = 2
-STANDARD_FROM = 64  # sides of 64 px and more always get the standard strides
-
-
-def stem_strides(stem: str, stride: int) -> tuple[int, ...]:
-    """Strides of the stem's convolutions for a total stem stride of 4, 2 or 1."""
-    if stem == "patch":
-        return (stride,)
-    return (min(stride, 2), stride // min(stride, 2))
-
-
-def _conv_output_size(size, kernel, stride):
-    # stride == kernel: non-overlapping "valid" conv, as timm (floor);
-    # stride < kernel: "same" padding (ceil).
-    if stride == kernel:
-        return size // stride
-    return -(-size // stride)
-
-
-def final_feature_size(size, strides, stem: str = "patch", patch_size: int = 4):
-    """Spatial size of the last stage for an input side `size` under `strides`."""
-    if stem == "patch":
-        size = _conv_output_size(size, patch_size, strides[0])
-    else:  # 3x3 convs with padding 1: ceil(size / stride) each
-        for stride in stem_strides(stem, strides[0]):
-            size = -(-size // stride)
-    for stride in strides[1:]:
-        size = _conv_output_size(size, 2, stride)
-    return size
-
-
-def plan_strides(height, width, stem: str = "patch", patch_size: int = 4):
-    """Strides (stem, down1, down2, down3) for an input of `height` x `width`.
-
-    Inputs with a side of 64 or more (224, 256, 384, ...) get the standard
-    strides (4, 2, 2, 2), total stride 32, exactly as timm. A smaller input
-    lowers strides, stem first (4 -> 2 -> 1), then the downsampling layers from
-    the last stage backwards, until the last stage is at least 2x2. Kernel
-    shapes never change, so pretrained weights load into any of these layouts.
-    Unknown (None) sizes get the standard strides.
-    """
-    known = [s for s in (height, width) if s is not None]
-    if not known:
-        return STANDARD_STRIDES
-    side = min(known)
-    if side >= STANDARD_FROM:
-        return STANDARD_STRIDES
-    for strides in STRIDE_PLANS:
-        if final_feature_size(side, strides, stem, patch_size) >= MIN_FINAL_SIZE:
-            return strides
-    raise ValueError(
-        f"Input {height}x{width} is too small: ConvNeXt needs at least "
-        f"{MIN_FINAL_SIZE}x{MIN_FINAL_SIZE} pixels (every stride lowered to 1) and "
-        f"uses its standard strides from {STANDARD_FROM}x{STANDARD_FROM} up."
-    )

@@ -48,13 +48,46 @@ keras.saving.get_custom_objects()["convnext>_exact_gelu"] = exact_gelu
 exact_gelu = keras.saving.register_keras_serializable(package="convnext")(exact_gelu)
 tanh_gelu = keras.saving.register_keras_serializable(package="convnext")(tanh_gelu)
 
-# timm act_layer name -> keras activation
+
+@keras.saving.register_keras_serializable(package="convnext")
+def quick_gelu(x):
+    """timm's QuickGELU: x * sigmoid(1.702 x)."""
+    return x * ops.sigmoid(1.702 * x)
+
+
+@keras.saving.register_keras_serializable(package="convnext")
+def leaky_relu(x):
+    """torch's LeakyReLU default (negative slope 0.01; keras' default is 0.2)."""
+    return keras.activations.leaky_relu(x, negative_slope=0.01)
+
+
+@keras.saving.register_keras_serializable(package="convnext")
+def hard_mish(x):
+    """timm's HardMish: x / 2 * clip(x + 2, 0, 2)."""
+    return 0.5 * x * ops.clip(x + 2.0, 0.0, 2.0)
+
+
+# timm act_layer name (`convnext_layers.timm_args.ACTIVATION_NAMES`) -> keras activation.
+# keras' own hard_sigmoid / hard_silu are torch's Hardsigmoid / Hardswish (relu6(x + 3) / 6),
+# its elu / selu use torch's constants, and CELU with timm's alpha 1 is ELU.
 ACTIVATIONS = {
     "gelu": exact_gelu,
     "gelu_tanh": tanh_gelu,
+    "quick_gelu": quick_gelu,
     "silu": keras.activations.silu,
-    "swish": keras.activations.silu,
+    "mish": keras.activations.mish,
     "relu": keras.activations.relu,
+    "relu6": keras.activations.relu6,
+    "leaky_relu": leaky_relu,
+    "elu": keras.activations.elu,
+    "celu": keras.activations.elu,
+    "selu": keras.activations.selu,
+    "sigmoid": keras.activations.sigmoid,
+    "tanh": keras.activations.tanh,
+    "hard_sigmoid": keras.activations.hard_sigmoid,
+    "hard_swish": keras.activations.hard_silu,
+    "hard_mish": hard_mish,
+    "identity": keras.activations.linear,
 }
 
 
@@ -376,15 +409,39 @@ class GeneralizedMeanPooling(keras.layers.Layer):
         }
 
 
-POOLINGS = ("avg", "max", "gem")
+@keras.saving.register_keras_serializable(package="convnext")
+class GlobalAvgMaxPooling(keras.layers.Layer):
+    """timm's "avgmax" pooling, (B, H, W, C) -> (B, C): (mean + max) / 2 over H, W; or
+    with `concat` its "catavgmax", (B, H, W, C) -> (B, 2C): [mean, max]."""
+
+    def __init__(self, concat: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.concat = bool(concat)
+
+    def call(self, x):
+        mean, top = ops.mean(x, axis=(1, 2)), ops.max(x, axis=(1, 2))
+        return ops.concatenate([mean, top], axis=-1) if self.concat else 0.5 * (mean + top)
+
+    def compute_output_shape(self, input_shape):
+        channels = input_shape[-1]
+        return (input_shape[0], None if channels is None else channels * (1 + self.concat))
+
+    def get_config(self):
+        return {**super().get_config(), "concat": self.concat}
+
+
+POOLINGS = ("avg", "max", "avgmax", "catavgmax", "gem")
 
 
 def pooling_layer(kind: str, name: str, gem_p: float = 3.0) -> keras.layers.Layer:
-    """Global pooling (B, H, W, C) -> (B, C): "avg" (timm's), "max" or "gem"."""
+    """Global pooling (B, H, W, C) -> (B, C): "avg" (timm's), "max", "avgmax", "gem";
+    "catavgmax" gives (B, 2C)."""
     if kind == "avg":
         return keras.layers.GlobalAveragePooling2D(name=name)
     if kind == "max":
         return keras.layers.GlobalMaxPooling2D(name=name)
+    if kind in ("avgmax", "catavgmax"):
+        return GlobalAvgMaxPooling(concat=kind == "catavgmax", name=name)
     if kind == "gem":
         return GeneralizedMeanPooling(p=gem_p, name=name)
     raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}; got {kind!r}.")

@@ -7,7 +7,8 @@ the head, the input shape, and timm's architecture name and `pretrained_cfg`),
 so `keras.saving.load_model("m.keras")` rebuilds a model that knows what it is
 and how its inputs are preprocessed, with no sidecar file.
 
-Layer names follow timm's module paths, which is what `weights_convert` maps:
+Layer names follow timm's module paths, which is what `weights_convert` maps
+(stage 0 has a downsampling too where timm's has one: a patch stem of stride 2):
 
 | Keras layer | timm module |
 |---|---|
@@ -30,255 +31,32 @@ import inspect
 import keras
 import numpy as np
 
-from convnext_common.errors import InputError
 from convnext_common.jsonable import jsonable
-from convnext_layers import fast_ops
-from convnext_layers.config import (
-    ConfigError,
-    ConvNeXtConfig,
-    plan_strides,
-    stem_strides,
+from convnext_layers import fast_ops, presets
+from convnext_layers.config import ConvNeXtConfig
+from convnext_layers.errors import ConfigError, ModelArgumentError
+from convnext_layers.layers import POOLINGS
+from convnext_layers.loading import (
+    FAST_LOAD,
+    build_deferred,
+    count_macs,
+    load_saved_model,
+    weights_by_name,
 )
-from convnext_layers.layers import (
-    POOLINGS,
-    DepthwiseConv,
-    DownsampleConv,
-    GlobalResponseNorm,
-    LayerScale,
-    PointwiseDense,
-    StochasticDepth,
-    activation_function,
-    acts_per_position,
-    exact_gelu,
-    norm_layer,
-    pooling_layer,
+from convnext_layers.plan import (
+    apply_layer_directly,
+    build_layer_plan,
+    check_pooling,
 )
 
 POOLING_CHOICES = (None, *POOLINGS)
-
-
-class ModelArgumentError(InputError, ValueError):
-    """An argument to a ConvNeXt model that is of the wrong type or value."""
-
-
-def downsample_conv(filters, kernel, stride, name, use_bias=True):
-    # stride == kernel: timm's non-overlapping conv ("valid", floor); a lowered
-    # stride for small inputs overlaps, padded "same"
-    padding = "valid" if stride == kernel else "same"
-    return DownsampleConv(
-        filters, kernel, strides=stride, padding=padding, use_bias=use_bias, name=name
-    )
-
-
-def apply_layer(layer, x):
-    """`layer(x)`: keras' full call (build, dtype casting, masks, symbolic tensors)."""
-    return layer(x)
-
-
-def apply_layer_directly(layer, x):
-    """`layer.call(x)`: a built float layer's computation without keras' per-call
-    bookkeeping, for inference where every dtype already matches (see
-    `LayerPlan.runs_directly`). Measured per layer on torch: about 5-40 us of
-    `__call__` work (argument flattening, autocast and name scopes, call context);
-    that flattening also leaves each input in a reference cycle until the garbage
-    collector runs, so the tensor outlives its last use."""
-    return layer.call(x)
-
-
-class Residual:
-    """x + branch(x): a ConvNeXt block as its layers, (B, H, W, C) -> (B, H, W, C).
-
-    Calling it runs the branch's layers in order and then the `Add` layer on
-    (shortcut, branch output); the same call builds the functional graph (on
-    keras tensors) and runs the layer-by-layer inference (on backend tensors).
-    `apply(layer, x)` is how each layer is run (`apply_layer` or
-    `apply_layer_directly`). `by_rows(tail, x, shortcut, width)`, when given,
-    runs the block's per-position tail (`_pointwise_tail`) instead of calling it
-    once: `tail(x, shortcut)` is the rest of the branch and the add, and `width`
-    the widest channel count inside it (`fast_ops.jax_by_row_blocks`,
-    `fast_ops.torch_by_row_blocks`).
-    """
-
-    def __init__(self, branch, add):
-        self.branch = tuple(branch)
-        self.add = add
-        self._tail = _pointwise_tail(self.branch)
-
-    @property
-    def layers(self):
-        return (*self.branch, self.add)
-
-    def __call__(self, x, apply=apply_layer, by_rows=None):
-        shortcut = x
-        start = len(self.branch) if by_rows is None or self._tail is None else self._tail[0]
-        for layer in self.branch[:start]:
-            x = apply(layer, x)
-
-        def tail(x, shortcut):
-            for layer in self.branch[start:]:
-                x = apply(layer, x)
-            return apply(self.add, [shortcut, x])
-
-        if start == len(self.branch):
-            return tail(x, shortcut)
-        return by_rows(tail, x, shortcut, self._tail[1])
-
-
-def _pointwise_tail(branch) -> tuple[int, int] | None:
-    """(where, width): the branch from layer `where` on acts on each position on its
-    own (`acts_per_position`) and holds every pointwise Dense of the block (the
-    inverted bottleneck, whose hidden tensor is `width` channels wide); None when
-    the block has no such tail (V2: GRN sits between the two Dense layers)."""
-    where = len(branch)
-    while where > 0 and acts_per_position(branch[where - 1]):
-        where -= 1
-    denses = [i for i, layer in enumerate(branch) if isinstance(layer, PointwiseDense)]
-    if not denses or denses[0] < where:
-        return None
-    return where, max(branch[i].units for i in denses)
-
-
-def block_layers(width, kernel_size, prefix, drop_path, config: ConvNeXtConfig) -> Residual:
-    """The layers of one ConvNeXt block (C = `width`):
-
-    dwconv k x k -> norm -> Dense (mlp_ratio C) -> activation (-> GRN, V2) ->
-    Dense C (-> layer scale, V1) -> stochastic depth -> + shortcut.
-    """
-    branch = [
-        DepthwiseConv(kernel_size, use_bias=config.conv_bias, name=f"{prefix}_dwconv"),
-        norm_layer(config.norm, config.norm_eps, f"{prefix}_norm"),
-    ]
-    # the activation inside the Dense, so torch and TensorFlow can fuse the two
-    hidden = int(config.mlp_ratio * width)
-    activation = activation_function(config.activation)
-    branch.append(PointwiseDense(hidden, activation=activation, name=f"{prefix}_pwconv1"))
-    if config.use_grn:
-        branch.append(GlobalResponseNorm(name=f"{prefix}_grn"))
-    branch.append(PointwiseDense(width, name=f"{prefix}_pwconv2"))
-    if config.layer_scale_init_value is not None:
-        branch.append(LayerScale(config.layer_scale_init_value, name=f"{prefix}_layer_scale"))
-    if drop_path > 0.0:
-        branch.append(StochasticDepth(drop_path, name=f"{prefix}_drop_path"))
-    return Residual(branch, keras.layers.Add(name=f"{prefix}_add"))
-
-
-def convnext_block(x, width, kernel_size, prefix, drop_path, config: ConvNeXtConfig):
-    """One ConvNeXt block applied to `x`: (B, H, W, C) -> (B, H, W, C), C = `width`."""
-    return block_layers(width, kernel_size, prefix, drop_path, config)(x)
-
-
-def _stem_layers(config: ConvNeXtConfig, stride: int) -> list:
-    """(B, H, W, C_in) -> (B, H/stride, W/stride, widths[0])."""
-    width, norm = config.widths[0], config.norm
-    if config.stem == "patch":
-        return [
-            downsample_conv(width, config.patch_size, stride, "stem_conv", config.conv_bias),
-            norm_layer(norm, config.norm_eps, "stem_norm"),
-        ]
-    # overlapping stems: two 3x3 convs, padding 1 on every side (as torch), the
-    # names carry timm's Sequential index
-    first, second = stem_strides(config.stem, stride)
-    layers = [
-        DownsampleConv(
-            config.stem_mid_width,
-            3,
-            strides=first,
-            explicit_padding=1,
-            use_bias=config.conv_bias,
-            name="stem_0_conv",
-        )
-    ]
-    if config.stem == "overlap_act":
-        activation = activation_function(config.activation)
-        layers.append(keras.layers.Activation(activation, name="stem_1_act"))
-    index = len(layers)
-    layers.append(
-        DownsampleConv(
-            width, 3, strides=second, explicit_padding=1, use_bias=config.conv_bias,
-            name=f"stem_{index}_conv",
-        )
-    )  # fmt: skip
-    layers.append(norm_layer(norm, config.norm_eps, f"stem_{index + 1}_norm"))
-    return layers
-
-
-class LayerPlan:
-    """A ConvNeXt as the ordered steps its forward pass runs: the stem's layers, each
-    stage's layers and `Residual` blocks, and the head's layers.
-
-    `run(x, output_stages, apply, by_rows)` applies them in order to `x`
-    (B, H, W, C) and returns the head's output, or the requested stages' feature
-    maps (`apply` and `by_rows`: see `Residual`). Only the current
-    tensor (and inside a block its shortcut) is held, so on eager backends each
-    intermediate is freed after its last use; the model's functional graph is
-    built by the same `run` on keras tensors.
-    """
-
-    def __init__(self, stem, stages, head):
-        self.stem = list(stem)
-        self.stages = [list(stage) for stage in stages]
-        self.head = list(head)
-        self._direct = None  # (dtype, the layers' dtype policies, answer)
-
-    def layers(self):
-        """Every layer of the plan, in the order they run."""
-        steps = [*self.stem, *(step for stage in self.stages for step in stage), *self.head]
-        return [layer for step in steps for layer in getattr(step, "layers", (step,))]
-
-    def runs_directly(self, dtype) -> bool:
-        """Whether inference on `dtype` inputs may call each layer's `call` directly:
-        every layer is built, unquantised, and computes in `dtype` with `dtype`
-        variables (nothing for keras' `__call__` to cast). The answer is kept until a
-        layer's dtype policy object changes (mixed precision, `quantize`): checking
-        every layer took ~100 us, a twentieth of a batch-1 atto pass at 32x32."""
-        layers = self.layers()
-        policies = [layer.dtype_policy for layer in layers]
-        cached = self._direct
-        if (
-            cached is not None
-            and cached[0] == dtype
-            and len(cached[1]) == len(policies)
-            and all(a is b for a, b in zip(cached[1], policies, strict=True))
-        ):
-            return cached[2]
-        name = keras.backend.standardize_dtype(dtype)
-        answer = all(
-            layer.built
-            and getattr(layer, "quantization_mode", None) is None
-            and layer.compute_dtype == name
-            and layer.variable_dtype == name
-            for layer in layers
-        )
-        if all(layer.built for layer in layers):
-            self._direct = (dtype, policies, answer)
-        return answer
-
-    def run(self, x, output_stages=None, apply=apply_layer, by_rows=None):
-        for step in self.stem:
-            x = _apply_step(step, x, apply, by_rows)
-        wanted = {} if output_stages is None else dict.fromkeys(output_stages)
-        for index, stage in enumerate(self.stages):
-            if output_stages is not None and index > max(output_stages):
-                break
-            for step in stage:
-                x = _apply_step(step, x, apply, by_rows)
-            if index in wanted:
-                wanted[index] = x
-        if output_stages is not None:
-            return [wanted[s] for s in output_stages]
-        for step in self.head:
-            x = _apply_step(step, x, apply, by_rows)
-        return x
-
-
-def _apply_step(step, x, apply, by_rows):
-    return step(x, apply, by_rows) if isinstance(step, Residual) else apply(step, x)
-
-
-def _drop_path_rates(depths, drop_path_rate):
-    # a linear rise 0 -> drop_path_rate over all blocks, as timm
-    total = sum(depths)
-    return [drop_path_rate * i / (total - 1) if total > 1 else 0.0 for i in range(total)]
+__all__ = [
+    "POOLING_CHOICES",
+    "ConvNeXt",
+    "ModelArgumentError",
+    "count_macs",
+    "load_saved_model",
+]
 
 
 def _check_head_arguments(num_classes, include_top, pooling, head_norm, normalize, output_stages):
@@ -343,12 +121,30 @@ def _check_unknown_arguments(kwargs):
     )
 
 
-def _check_drop_path_rate(rate):
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
-        raise ModelArgumentError(f"drop_path_rate must be a number in [0, 1), got {rate!r}.")
+def _check_rates_and_records(drop_path_rate, drop_rate, pretrained_cfg, metadata):
+    for argument, rate in (("drop_path_rate", drop_path_rate), ("drop_rate", drop_rate)):
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+            raise ModelArgumentError(f"{argument} must be a number in [0, 1), got {rate!r}.")
+    for argument, value in (("pretrained_cfg", pretrained_cfg), ("metadata", metadata)):
+        if value is not None and not isinstance(value, dict):
+            raise ModelArgumentError(
+                f"{argument} must be a dict or None, got {type(value).__name__}."
+            )
 
 
-def _input_layer(input_shape, input_tensor):
+def _with_channels(config: ConvNeXtConfig, channels: int) -> ConvNeXtConfig:
+    """`config` for an input of `channels` channels: an input_shape with other than 3
+    channels sets the default in_chans of 3; any other disagreement is an error."""
+    if channels == config.in_chans:
+        return config
+    if config.in_chans == 3:
+        return config.replace(in_chans=int(channels))
+    raise ModelArgumentError(
+        f"input_shape has {channels} channels but the config's in_chans is {config.in_chans}."
+    )
+
+
+def _input_layer(input_shape, input_tensor, channels=3):
     """(keras input, (H, W, C)) for the model; H and W may be None (any size)."""
     if input_tensor is not None:
         if input_shape is None:
@@ -357,7 +153,7 @@ def _input_layer(input_shape, input_tensor):
             return keras.Input(tensor=input_tensor, shape=input_shape), tuple(input_shape)
         return input_tensor, tuple(input_shape)
     if input_shape is None:
-        input_shape = (None, None, 3)
+        input_shape = (None, None, channels)
     if isinstance(input_shape, (str, bytes)) or not hasattr(input_shape, "__len__"):
         raise ModelArgumentError(
             f"input_shape must be (height, width, channels), e.g. (224, 224, 3); "
@@ -401,19 +197,22 @@ class ConvNeXt(keras.Model):
         include_top: build the head (pool, head norm, pre-logits layer, classifier).
             False: the backbone's feature map (B, h, w, C), or with `pooling`
             only that pooling (B, C), as keras.applications does.
-        pooling: None, "avg", "max" or "gem" (generalised mean, learnable p
+        pooling: None, "avg", "max", "avgmax" (their mean), "catavgmax" (both,
+            concatenated: 2C features) or "gem" (generalised mean, learnable p
             starting at `gem_p`). With include_top the head pools with it
             (default "avg", as timm).
         head_norm: with include_top, apply the head norm after pooling (timm's).
         normalize: L2-normalise the output (an embedding model).
         classifier_activation: activation of the classifier (None: logits).
-        input_shape: (height, width, channels); default (None, None, 3): any
-            size, like timm, with the standard strides. A fixed side under 64
-            gets lowered strides (see `plan_strides`).
+        input_shape: (height, width, channels); default (None, None, in_chans):
+            any size, like timm, with timm's strides. A fixed side under 64 gets
+            lowered strides (see `plan_layout`). Its channels set the config's
+            `in_chans` when that is the default 3, else must equal it.
         input_tensor: an optional tensor to use as the model input.
         output_stages: with include_top=False, a tuple of stage indices (0..3):
             the model returns those stages' feature maps (timm's features_only).
         drop_path_rate: stochastic depth, rising linearly from 0 over all blocks.
+        drop_rate: dropout before the classifier in training (timm's drop_rate).
         timm_architecture: timm's name for this architecture (e.g. "convnext_atto").
         pretrained_cfg: timm's pretrained_cfg of the weights (input size,
             interpolation, crop, mean/std, license, ...), saved with the model.
@@ -421,8 +220,9 @@ class ConvNeXt(keras.Model):
             results, a calibrated verification threshold, ...).
         name: the model's name.
 
-    Input (B, H, W, C) float images, normalised as the weights expect
-    (`pretrained_cfg`: RGB in [0, 1], then (x - mean) / std).
+    Input (B, H, W, C) float images, C = `config.in_chans`, normalised as the
+    weights expect (`pretrained_cfg`: RGB, or grey for one channel, in [0, 1],
+    then (x - mean) / std).
     """
 
     def __init__(
@@ -440,6 +240,7 @@ class ConvNeXt(keras.Model):
         input_tensor=None,
         output_stages=None,
         drop_path_rate: float = 0.0,
+        drop_rate: float = 0.0,
         timm_architecture: str | None = None,
         pretrained_cfg: dict | None = None,
         metadata: dict | None = None,
@@ -454,44 +255,26 @@ class ConvNeXt(keras.Model):
         _check_head_arguments(
             num_classes, include_top, pooling, head_norm, normalize, output_stages
         )
-        _check_drop_path_rate(drop_path_rate)
-        for argument, value in (("pretrained_cfg", pretrained_cfg), ("metadata", metadata)):
-            if value is not None and not isinstance(value, dict):
-                raise ModelArgumentError(
-                    f"{argument} must be a dict or None, got {type(value).__name__}."
-                )
+        check_pooling(config, pooling, include_top, head_norm)
+        _check_rates_and_records(drop_path_rate, drop_rate, pretrained_cfg, metadata)
         num_classes = int(num_classes)
-        inputs, shape = _input_layer(input_shape, input_tensor)
-        strides = plan_strides(shape[0], shape[1], config.stem, config.patch_size)
-
-        rates = iter(_drop_path_rates(config.depths, float(drop_path_rate)))
-        stages = []
-        for stage, (depth, width) in enumerate(zip(config.depths, config.widths, strict=True)):
-            steps = []
-            if stage > 0:
-                steps.append(
-                    norm_layer(config.norm, config.norm_eps, f"stage{stage}_downsample_norm")
-                )
-                steps.append(
-                    downsample_conv(
-                        width, 2, strides[stage], f"stage{stage}_downsample_conv", config.conv_bias
-                    )
-                )
-            for block in range(depth):
-                prefix = f"stage{stage}_block{block}"
-                kernel = config.kernel_sizes[stage]
-                steps.append(block_layers(width, kernel, prefix, next(rates), config))
-            stages.append(steps)
-        head = []
-        if output_stages is None:
-            if config.head_norm_first:  # timm's forward_features ends with norm_pre
-                head.append(norm_layer(config.norm, config.norm_eps, "norm_pre"))
-            head += self._head_layers(
-                config, num_classes, include_top, pooling, head_norm, gem_p, classifier_activation
-            )
-            if normalize:
-                head.append(keras.layers.UnitNormalization(axis=-1, name="embedding_l2"))
-        plan = LayerPlan(_stem_layers(config, strides[0]), stages, head)
+        inputs, shape = _input_layer(input_shape, input_tensor, config.in_chans)
+        config = _with_channels(config, shape[2])
+        try:
+            layout = config.layout(shape[0], shape[1])
+        except ValueError as error:
+            raise ModelArgumentError(str(error)) from None
+        head = {
+            "num_classes": num_classes,
+            "include_top": include_top,
+            "pooling": pooling,
+            "head_norm": head_norm,
+            "normalize": normalize,
+            "gem_p": gem_p,
+            "drop_rate": float(drop_rate),
+            "classifier_activation": classifier_activation,
+        }
+        plan = build_layer_plan(config, layout, head, output_stages, drop_path_rate)
         outputs = plan.run(inputs, output_stages)
         super().__init__(inputs, outputs, name=name or timm_architecture or "convnext", **kwargs)
 
@@ -507,7 +290,9 @@ class ConvNeXt(keras.Model):
             ("classifier_activation", classifier_activation),
             ("output_stages", None if output_stages is None else tuple(output_stages)),
             ("drop_path_rate", float(drop_path_rate)),
-            ("strides", strides),
+            ("drop_rate", float(drop_rate)),
+            ("layout", layout),
+            ("strides", layout.summary()),
             ("timm_architecture", timm_architecture),
             ("pretrained_cfg", dict(pretrained_cfg or {})),
             ("metadata", dict(metadata or {})),
@@ -515,24 +300,6 @@ class ConvNeXt(keras.Model):
         ):
             object.__setattr__(self, attribute, value)
         object.__setattr__(self, "_input_shape_arg", None if input_shape is None else list(shape))
-
-    @staticmethod
-    def _head_layers(config, num_classes, include_top, pooling, head_norm, gem_p, activation):
-        """The one place the head is laid out: the layers (B, h, w, C) -> the output."""
-        if not include_top:
-            return [] if pooling is None else [pooling_layer(pooling, "head_pool", gem_p)]
-        layers = [pooling_layer(pooling or "avg", "head_pool", gem_p)]
-        if head_norm and not config.head_norm_first:
-            layers.append(norm_layer(config.norm, config.norm_eps, "head_norm"))
-        if config.head_hidden_size:  # timm's NormMlpClassifierHead: Linear + GELU pre-logits
-            layers.append(
-                keras.layers.Dense(
-                    config.head_hidden_size, activation=exact_gelu, name="head_pre_logits"
-                )
-            )
-        if num_classes:
-            layers.append(keras.layers.Dense(num_classes, activation=activation, name="head_fc"))
-        return layers
 
     def call(self, inputs, training=None, mask=None, **kwargs):
         """Inference (`training` falsy, one image batch) runs the layers one after
@@ -611,10 +378,10 @@ class ConvNeXt(keras.Model):
         metadata. Head layers both models have (same name and shapes) keep their
         weights; new ones get their initialisers."""
         config = {**self.get_config(), **head_options}
-        values = _weights_by_name(self)
+        values = weights_by_name(self)
 
         def initial_values(model):
-            names = {id(v): key for key, v in _weights_by_name(model).items()}
+            names = {id(v): key for key, v in weights_by_name(model).items()}
 
             def value_of(variable):
                 source = values.get(names.get(id(variable)))
@@ -649,6 +416,7 @@ class ConvNeXt(keras.Model):
             "input_shape": self._input_shape_arg,
             "output_stages": None if self.output_stages is None else list(self.output_stages),
             "drop_path_rate": self.drop_path_rate,
+            "drop_rate": self.drop_rate,
             "timm_architecture": self.timm_architecture,
             "pretrained_cfg": jsonable(self.pretrained_cfg),
             "metadata": jsonable(self.metadata),
@@ -668,110 +436,27 @@ class ConvNeXt(keras.Model):
                 activation, custom_objects=custom_objects
             )
         if weights is not None:
-            return _build_deferred(cls, config, weights)
-        if _FAST_LOAD.active:  # the weights are read from the file next: skip random init
-            return _build_deferred(cls, config)
+            return build_deferred(cls, config, weights)
+        if FAST_LOAD.active:  # the weights are read from the file next: skip random init
+            return build_deferred(cls, config)
         return cls(**config)
+
+    def save_to_preset(self, preset_dir, *, parity="auto") -> str:
+        """Write this model as a keras-hub preset folder (config.json with its
+        registered_name, model.weights.h5, metadata.json, README.md model card); see
+        `convnext_layers.presets.save_preset`. parity: "auto" measures it against timm
+        where timm and weights_convert are importable, None leaves it out."""
+        return presets.save_preset(self, preset_dir, parity=parity)
+
+    @classmethod
+    def from_preset(cls, preset, **head_options) -> ConvNeXt:
+        """The model of a preset: a folder `save_to_preset` wrote, "hf://owner/repo[@rev]"
+        holding one, or a timm repository ("hf://timm/convnext_atto.d2_in1k", read by
+        weights_convert). `head_options` (num_classes, normalize, ...) give it another
+        head (`with_head`). Raises `PresetError` for an incomplete or altered preset."""
+        model = presets.load_preset(cls, preset)
+        return model.with_head(**head_options) if head_options else model
 
     def weights_by_path(self) -> dict:
         """{variable path: numpy array} of every weight (what `from_config(weights=...)` takes)."""
         return {v.path: keras.ops.convert_to_numpy(v) for v in self.weights}
-
-
-def _weights_by_name(model) -> dict:
-    """{(layer name, variable name): variable} of every weight in `model`."""
-    return {
-        (layer.name, variable.path.split("/")[-1]): variable
-        for layer in fast_ops.flatten_layers(model)
-        for variable in layer.weights
-    }
-
-
-def _copy_matching(model, values):
-    for key, variable in _weights_by_name(model).items():
-        source = values.get(key)
-        if source is not None and tuple(source.shape) == tuple(variable.shape):
-            variable.assign(keras.ops.convert_to_numpy(source))
-
-
-class _FastLoad:
-    """While active, `ConvNeXt.from_config` builds its variables without running their
-    random initializers (their values are about to be read from a file)."""
-
-    active = False
-
-
-_FAST_LOAD = _FastLoad()
-
-
-def _check_weights(variables, weights):
-    problems = []
-    for variable in variables:
-        array = weights.get(variable.path)
-        if array is None:
-            problems.append(f"missing {variable.path}")
-        elif tuple(np.shape(array)) != tuple(variable.shape):
-            problems.append(
-                f"{variable.path}: expected {tuple(variable.shape)}, found {np.shape(array)}"
-            )
-    extra = set(weights) - {v.path for v in variables}
-    problems += [f"unexpected {path}" for path in sorted(extra)]
-    if problems:
-        raise ValueError("The weights do not fit the model: " + "; ".join(problems[:10]))
-
-
-def _build_deferred(cls, config, weights=None):
-    """`cls(**config)` with its variables initialised from `weights` ({path: array}), or
-    with zeros when `weights` is None (their values are loaded right after), never
-    with their random initializers (on JAX, one compiled kernel per weight shape)."""
-
-    def initial_values(model):
-        if weights is None:
-            return lambda variable: lambda shape, dtype=None: np.zeros(shape, dtype or "float32")
-        _check_weights(model.weights, weights)
-
-        def value_of(variable):
-            array = weights[variable.path]
-            return lambda shape, dtype=None: np.asarray(array, dtype=dtype or array.dtype)
-
-        return value_of
-
-    return fast_ops.build_with_initial_values(lambda: cls(**config), initial_values)
-
-
-def load_saved_model(path, **kwargs):
-    """`keras.saving.load_model(path)` of a file holding `ConvNeXt` models, without
-    the random initialisation of every weight before the file's values replace it
-    (on JAX that compiled one kernel per weight shape: 28 for convnext_atto)."""
-    previous = _FAST_LOAD.active
-    _FAST_LOAD.active = True
-    try:
-        return keras.saving.load_model(path, **kwargs)
-    finally:
-        _FAST_LOAD.active = previous
-
-
-def count_macs(model: keras.Model) -> int:
-    """Multiply-accumulates of one image through `model`'s convolutions and dense
-    layers (what `torch.utils.flop_counter` counts for timm, divided by 2).
-
-    Needs a model built with a fixed input size. Norms, activations and
-    additions are left out, as in the published ConvNeXt GMAC figures.
-    """
-    macs = 0
-    for layer in fast_ops.flatten_layers(model):
-        kernel = getattr(layer, "kernel", None)
-        if not layer.weights or kernel is None:
-            continue
-        out_shape = layer.output.shape
-        if any(d is None for d in out_shape[1:]):
-            raise ModelArgumentError(
-                "count_macs needs a model built with a fixed input size, e.g. "
-                "input_shape=(224, 224, 3)."
-            )
-        positions = int(np.prod(out_shape[1:-1])) if len(out_shape) > 2 else 1
-        if isinstance(
-            layer, (keras.layers.DepthwiseConv2D, keras.layers.Conv2D, keras.layers.Dense)
-        ):
-            macs += positions * int(np.prod(kernel.shape))
-    return macs

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+import weights_convert
 from embedding.errors import (
     EmptyInputError,
     ImageLoadError,
@@ -46,6 +47,9 @@ from embedding.preprocess import ACCEPTED_INPUTS, DEFAULT_MAX_PIXELS, Preprocess
 from weights_convert.export import export_model
 
 ON_ERROR = ("raise", "skip")
+# what a checkpoint's embedding is: timm's pre-logits features, or the network's own output
+# (a face-recognition ConvNeXt's 512-d head); "auto" asks weights_convert.head_is_embedding
+HEADS = ("auto", "pre_logits", "output")
 
 
 @dataclass
@@ -120,6 +124,12 @@ class Embedder:
             `build_model`); its `pretrained_cfg` attribute (or `pretrained_cfg`)
             sets the preprocessing.
         pooling, head_norm, cache, cache_dir: passed to `build_model`.
+        head: what the embedding is: "pre_logits" (timm's pre-logits features:
+            pooling, head norm; ImageNet checkpoints), "output" (the checkpoint's
+            whole network, its classifier output: face-recognition ConvNeXts, whose
+            `head.fc` is the 512-d face embedding), or "auto" (default: "output"
+            where `weights_convert.head_is_embedding` says so: a classifier on the
+            112x112 aligned face crop). L2-normalised either way.
         batch_size: images per model call.
         num_workers: decoding threads (default min(4, CPU count)).
         threshold: verification threshold; None uses `DEFAULT_THRESHOLD` until
@@ -146,6 +156,7 @@ class Embedder:
         pretrained_cfg=None,
         pooling: str = "avg",
         head_norm: bool = True,
+        head: str = "auto",
         batch_size: int = 32,
         num_workers: int | None = None,
         threshold: float | None = None,
@@ -163,6 +174,8 @@ class Embedder:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}.")
         if threshold is not None:
             threshold = check_threshold(threshold)
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {', '.join(HEADS)}; got {head!r}.")
         if model is None:
             model = build_model(
                 source,
@@ -172,6 +185,8 @@ class Embedder:
                 cache_dir=cache_dir,
                 verbose=verbose,
             )
+            if _embeds_with_output(source, head, model):
+                model = _output_head_model(source, head, pooling, head_norm, verbose)
         else:
             source = None
         self.model = model
@@ -183,6 +198,7 @@ class Embedder:
             use_test_size=use_test_size,
             max_pixels=max_pixels,
             data_format=data_format,
+            channels=model.input_shape[-1],  # greyscale models get one channel, not three
         )
         model_hw = tuple(model.input_shape[1:3])
         if None not in model_hw and model_hw != self.preprocessor.config.input_size:
@@ -217,7 +233,8 @@ class Embedder:
     def preprocess(
         self, item, channel_order: str | None = None, data_format: str | None = None
     ) -> np.ndarray:
-        """One input -> the normalised (H, W, 3) float32 array the model sees."""
+        """One input -> the normalised (H, W, C) float32 array the model sees (C the
+        model's input channels)."""
         return self.preprocessor(
             item, channel_order=channel_order or self.channel_order, data_format=data_format
         )
@@ -467,6 +484,43 @@ class Embedder:
         options.setdefault("pretrained_cfg", self.pretrained_cfg)
         options.setdefault("threshold", self.threshold)
         return export_model(self.model, path, **options)
+
+
+def _embeds_with_output(source, head, pre_logits_model) -> bool:
+    """Whether `head` asks for the checkpoint's own output rather than the pre-logits
+    model `build_model` made of it (whose pretrained_cfg still holds the checkpoint's
+    classifier size). `.keras` models keep their own head."""
+    if head == "pre_logits":
+        return False
+    if os.fspath(source).endswith(".keras"):
+        if head == "output":
+            raise ValueError(f"head='output': {source} is a .keras model, whose head is its own.")
+        return False
+    if head == "output":
+        return True
+    cfg = getattr(pre_logits_model, "pretrained_cfg", None) or {}
+    return weights_convert.head_is_embedding(
+        {"pretrained_cfg": cfg, "num_classes": cfg.get("num_classes")}
+    )
+
+
+def _output_head_model(source, head, pooling, head_norm, verbose):
+    """The checkpoint's whole network, its output L2-normalised (`head` "output" or an
+    "auto" that `_embeds_with_output` resolved so)."""
+    state_dict, info = weights_convert.load_checkpoint(source)
+    if not info["num_classes"]:
+        raise ValueError(f"head='output': {source} has no classifier (use head='pre_logits').")
+    if pooling != "avg" or not head_norm:
+        raise ValueError(
+            f"{source}: its head is the embedding (head={head!r}), run as timm runs it; "
+            "pooling / head_norm choose among pre-logits features (pass head='pre_logits')."
+        )
+    name = f"{info['architecture']}_embedding"
+
+    def build():
+        return weights_convert.keras_model_for(info, normalize=True, name=name)
+
+    return weights_convert.build_ported(build, state_dict, progress=verbose)
 
 
 def _check_finite(vectors: np.ndarray, indices, items) -> None:

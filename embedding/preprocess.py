@@ -13,13 +13,19 @@ to an RGB PIL image, without importing timm or torch:
    image is smaller, offsets `int(round((size - crop) / 2))`);
 3. scale to [0, 1] in float32, subtract `mean`, divide by `std`.
 
-The output is channels-last (H, W, 3) float32, ready for the Keras models.
+The output is channels-last (H, W, C) float32, ready for the Keras models: C is the
+model's input channels (`in_chans`, the first entry of the checkpoint's
+`input_size`), 3 (RGB) for timm's ImageNet checkpoints, 1 for greyscale ones.
 
 Inputs (`load_image`): a path (str or `pathlib.Path`), raw encoded bytes, a
 binary file object, a PIL image, or a numpy array (H, W), (H, W, 1), (H, W, 3)
 or (H, W, 4) of uint8 (0..255), uint16 (0..65535), bool, or float in [0, 1].
-Grey, palette, RGBA and other PIL modes go through `Image.convert("RGB")` (alpha
-is dropped, exactly as timm's dataset loader does); 16-bit images (PIL modes
+Images are brought to the model's channels as timm's dataset loader does
+(`Image.convert(mode)`, mode "RGB" for 3 channels, "L" for 1, "LA" for 2, "RGBA"
+for 4): for an RGB model grey, palette and RGBA images become RGB (alpha dropped);
+for a greyscale model colour images become luma, one channel, never replicated to
+three (float arrays use the same ITU-R 601-2 weights). An array of any other
+channel count is taken as it is when it matches the model. 16-bit images (PIL modes
 I;16*, I, and F) are first scaled to 8 bits (`round(v / 257)`), where PIL alone
 would clip them to white. Numpy arrays are RGB unless `channel_order="bgr"` is
 given (OpenCV frames). uint8 arrays take the exact PIL path; float arrays are
@@ -63,6 +69,7 @@ from PIL import Image, UnidentifiedImageError
 
 from convnext_common.files import open_regular_file
 from embedding.errors import ImageLoadError, UnsupportedInputError, without_traceback
+from weights_convert.pretrained import channel_mean_std
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -77,6 +84,9 @@ _FILTERS = {
     "lanczos": Image.Resampling.LANCZOS,
 }
 CHANNEL_ORDERS = ("rgb", "bgr")
+# PIL mode of an image of this many channels (what timm's loader converts to)
+CHANNEL_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # PIL's "L" conversion (ITU-R 601-2)
 DATA_FORMATS = (None, "channels_last", "channels_first")
 # PIL's own warning limit; above twice this PIL refuses to open an image at all
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
@@ -121,14 +131,19 @@ class PreprocessConfig:
     crop_pct: float = DEFAULT_CROP_PCT
     crop_mode: str = "center"
     interpolation: str = "bicubic"
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    mean: tuple[float, ...] = IMAGENET_MEAN  # one per channel
+    std: tuple[float, ...] = IMAGENET_STD
+    channels: int = 3
 
     @classmethod
-    def from_pretrained_cfg(cls, cfg: Mapping | None, use_test_size: bool = False):
+    def from_pretrained_cfg(
+        cls, cfg: Mapping | None, use_test_size: bool = False, channels: int | None = None
+    ):
         """As `timm.data.resolve_data_config({}, pretrained_cfg=cfg, use_test_size=...)`:
         with `use_test_size`, the checkpoint's `test_input_size` and `test_crop_pct`
-        (where it has them) replace `input_size` and `crop_pct`."""
+        (where it has them) replace `input_size` and `crop_pct`. `channels`: the
+        model's input channels (default the first entry of a 3-entry `input_size`,
+        else 3); mean / std are fitted to them as timm does (`channel_mean_std`)."""
         cfg = dict(cfg or {})
         if use_test_size:
             if cfg.get("test_input_size") is not None:
@@ -140,9 +155,16 @@ class PreprocessConfig:
             size = (3, size, size)
         size = tuple(int(s) for s in size)
         if len(size) == 3:
-            if size[0] != 3:
-                raise ValueError(f"Only 3-channel models are supported; input_size={size}.")
+            if channels is not None and size[0] != channels:
+                raise ValueError(
+                    f"pretrained_cfg input_size {size} is for {size[0]}-channel inputs; the "
+                    f"model takes {channels} channels."
+                )
+            channels = size[0]
             size = size[1:]
+        channels = 3 if channels is None else int(channels)
+        if channels < 1:
+            raise ValueError(f"channels must be a positive int, got {channels}.")
         if len(size) != 2 or min(size) < 1:
             raise ValueError(f"Bad input_size {cfg.get('input_size')!r} in pretrained_cfg.")
         interpolation = cfg.get("interpolation") or "bilinear"
@@ -153,10 +175,7 @@ class PreprocessConfig:
         crop_mode = cfg.get("crop_mode") or "center"
         if crop_mode not in ("center", "squash"):
             raise ValueError(f"Unsupported crop_mode {crop_mode!r}; 'center' or 'squash'.")
-        mean = tuple(float(v) for v in (cfg.get("mean") or IMAGENET_MEAN))
-        std = tuple(float(v) for v in (cfg.get("std") or IMAGENET_STD))
-        if len(mean) != 3 or len(std) != 3:
-            raise ValueError(f"mean/std must have 3 values, got {mean!r} and {std!r}.")
+        mean, std = channel_mean_std(cfg, channels)
         return cls(
             input_size=size,
             crop_pct=float(cfg.get("crop_pct") or DEFAULT_CROP_PCT),
@@ -164,6 +183,7 @@ class PreprocessConfig:
             interpolation=interpolation,
             mean=mean,
             std=std,
+            channels=channels,
         )
 
     @property
@@ -247,18 +267,27 @@ def _sixteen_bit_to_8(image: Image.Image) -> Image.Image:
     return Image.fromarray(scaled.astype(np.uint8), mode="L")
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def _to_mode(image: Image.Image, channels: int = 3):
+    """A PIL image in the mode of `channels` channels (`CHANNEL_MODES`), as timm's loader
+    converts it; for other channel counts a float (H, W, channels) array when the
+    image has that many channels (it never has: PIL holds at most 4), else an error."""
     if image.mode in _SIXTEEN_BIT_MODES or image.mode == "F":
         image = _sixteen_bit_to_8(image)
-    return image if image.mode == "RGB" else image.convert("RGB")
+    mode = CHANNEL_MODES.get(channels)
+    if mode is None:
+        raise ValueError(
+            f"a {channels}-channel model takes (H, W, {channels}) arrays; a {image.mode} "
+            f"image has {len(image.getbands())}"
+        )
+    return image if image.mode == mode else image.convert(mode)
 
 
-def _channels_last(array: np.ndarray, data_format: str | None) -> np.ndarray:
+def _channels_last(array: np.ndarray, data_format: str | None, channels: int = 3) -> np.ndarray:
     """A 3-D array in (H, W, C) layout, following `data_format` (None: detect)."""
     if array.ndim != 3:
         return array
-    channels = (1, 3, 4)
-    first, last = array.shape[0] in channels, array.shape[2] in channels
+    counts = {1, 3, 4, channels}
+    first, last = array.shape[0] in counts, array.shape[2] in counts
     if data_format is None:
         if first and last:
             raise ValueError(
@@ -271,37 +300,73 @@ def _channels_last(array: np.ndarray, data_format: str | None) -> np.ndarray:
     if data_format == "channels_first":
         if not first:
             raise ValueError(
-                f"data_format='channels_first' needs 1, 3 or 4 channels on the first axis, "
-                f"got shape {array.shape}"
+                f"data_format='channels_first' needs {', '.join(map(str, sorted(counts)))} "
+                f"channels on the first axis, got shape {array.shape}"
             )
         return np.moveaxis(array, 0, -1)
     return array
 
 
+def _float_channels(array: np.ndarray, channels: int) -> np.ndarray:
+    """A float (H, W) / (H, W, C) image in [0, 1] with `channels` channels, converted as
+    PIL converts (grey <-> RGB[A], luma by `LUMA_WEIGHTS`, opaque alpha added)."""
+    if array.ndim == 2:
+        array = array[:, :, None]
+    have = array.shape[2]
+    if have == channels:
+        return np.ascontiguousarray(array)
+    if have not in (1, 3, 4) or channels not in CHANNEL_MODES:
+        raise ValueError(f"a {have}-channel array cannot feed a {channels}-channel model")
+    colour = array[:, :, :3] if have >= 3 else np.repeat(array[:, :, :1], 3, axis=2)
+    alpha = array[:, :, 3:4] if have == 4 else np.ones_like(array[:, :, :1])
+    if channels == 3:
+        return np.ascontiguousarray(colour)
+    if channels == 4:
+        return np.concatenate([colour, alpha], axis=2)
+    grey = (
+        array[:, :, :1] if have == 1 else (colour @ np.asarray(LUMA_WEIGHTS, np.float32))[..., None]
+    )
+    return np.ascontiguousarray(grey if channels == 1 else np.concatenate([grey, alpha], axis=2))
+
+
+def _uint8_channels(array: np.ndarray, channels: int):
+    """A uint8 (H, W[, C]) array as a PIL image of `channels` channels (the exact PIL
+    conversion timm's loader makes), or as the (H, W, C) array itself when it has
+    `channels` channels and no PIL mode does."""
+    have = 1 if array.ndim == 2 else array.shape[2]
+    if have == channels and channels not in CHANNEL_MODES:
+        return np.ascontiguousarray(array)
+    if have not in (1, 3, 4) or channels not in CHANNEL_MODES:
+        raise ValueError(f"a {have}-channel array cannot feed a {channels}-channel model")
+    image = Image.fromarray(np.ascontiguousarray(array if array.ndim == 2 else array[..., :have]))
+    return _to_mode(image, channels)
+
+
 def _array_to_image(
-    array: np.ndarray, channel_order: str, data_format: str | None = None, max_pixels=None
-):
-    """uint8/uint16/bool arrays -> PIL RGB image; float arrays -> float32 (H, W, 3) in [0, 1]."""
-    array = _channels_last(array, data_format)
+    array: np.ndarray, channel_order: str, data_format: str | None = None, max_pixels=None,
+    channels: int = 3,
+):  # fmt: skip
+    """uint8/uint16/bool arrays -> PIL image of `channels` channels (an (H, W, C) uint8
+    array when no PIL mode has that many); float arrays -> float32 (H, W, channels)."""
+    array = _channels_last(array, data_format, channels)
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
-    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in {3, 4, channels}):
         raise ValueError(
-            f"expected an (H, W) array or (H, W, C) / (C, H, W) with 1, 3 or 4 channels, "
-            f"got shape {array.shape}"
+            f"expected an (H, W) array or (H, W, C) / (C, H, W) with 1, 3 or 4 channels "
+            f"(or the model's {channels}), got shape {array.shape}"
         )
     if array.shape[0] < 1 or array.shape[1] < 1:
         raise ValueError(f"empty image of shape {array.shape}")
     _check_pixels(array.shape[1], array.shape[0], max_pixels)
-    if array.ndim == 3 and channel_order == "bgr":
+    if array.ndim == 3 and channel_order == "bgr" and array.shape[2] in (3, 4):
         array = array[:, :, [2, 1, 0, 3][: array.shape[2]]]
     if array.dtype == np.bool_:
         array = array.astype(np.uint8) * 255
     if array.dtype == np.uint16:  # 16-bit (OpenCV's IMREAD_UNCHANGED): as 16-bit PIL images
         array = ((array.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
     if array.dtype == np.uint8:
-        image = Image.fromarray(np.ascontiguousarray(array))
-        return image if image.mode == "RGB" else image.convert("RGB")
+        return _uint8_channels(array, channels)
     if np.issubdtype(array.dtype, np.floating):
         array = array.astype(np.float32)
         if not np.all(np.isfinite(array)):
@@ -314,9 +379,7 @@ def _array_to_image(
             )
         if lo < 0.0 or hi > 1.0:  # rounding error within FLOAT_TOLERANCE
             array = np.clip(array, 0.0, 1.0)
-        if array.ndim == 2:
-            return np.repeat(array[:, :, None], 3, axis=2)
-        return np.ascontiguousarray(array[:, :, :3])  # alpha dropped, as convert("RGB")
+        return _float_channels(array, channels)
     raise ValueError(
         f"unsupported array dtype {array.dtype} (use uint8, uint16, bool or float in [0, 1])"
     )
@@ -335,21 +398,21 @@ def check_input_kind(item, index: int | None = None) -> None:
     )
 
 
-def _load(item, channel_order, data_format, max_pixels, draft_size):
+def _load(item, channel_order, data_format, max_pixels, draft_size, channels=3):
     check_input_kind(item)
     if isinstance(item, np.ndarray):
-        return _array_to_image(item, channel_order, data_format, max_pixels)
+        return _array_to_image(item, channel_order, data_format, max_pixels, channels)
     if isinstance(item, Image.Image):
         _check_pixels(item.width, item.height, max_pixels)
         if getattr(item, "tile", None):  # opened but not decoded yet: decode it here
             item.load()
-        return _to_rgb(item)
+        return _to_mode(item, channels)
     if isinstance(item, (bytes, bytearray, memoryview)):
         item = io.BytesIO(bytes(item))
     elif not hasattr(item, "read"):
         with open_regular_file(os.fspath(item)) as file:  # never a pipe or a device
-            return _to_rgb(_decode(file, max_pixels, draft_size))
-    return _to_rgb(_decode(item, max_pixels, draft_size))
+            return _to_mode(_decode(file, max_pixels, draft_size), channels)
+    return _to_mode(_decode(item, max_pixels, draft_size), channels)
 
 
 def _failure_reason(error: BaseException) -> str:
@@ -381,8 +444,10 @@ def load_image(
     data_format: str | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     draft_size=None,
+    channels: int = 3,
 ):
-    """Read one input as an RGB PIL image (or a float (H, W, 3) array in [0, 1]).
+    """Read one input as a PIL image of `channels` channels, RGB by default (or a float
+    (H, W, channels) array in [0, 1]; a uint8 one for channel counts PIL has no mode for).
 
     Args:
         item: see the module docstring for the accepted kinds.
@@ -394,6 +459,8 @@ def load_image(
             but PIL's own).
         draft_size: (width, height) a JPEG above `DRAFT_ABOVE_PIXELS` may be
             decoded down to (never below).
+        channels: the model's input channels (3: RGB; 1: greyscale, converted as
+            PIL's "L", not replicated; see the module docstring).
 
     Raises `ImageLoadError` naming the input (and `index`) when it cannot be
     read, and `UnsupportedInputError` (an `ImageLoadError` and a `TypeError`)
@@ -407,7 +474,7 @@ def load_image(
             f"data_format must be None, 'channels_last' or 'channels_first', got {data_format!r}."
         )
     try:
-        return _load(item, channel_order, data_format, max_pixels, draft_size)
+        return _load(item, channel_order, data_format, max_pixels, draft_size, channels)
     except ImageLoadError as error:
         failure = error
         if failure.index is None and index is not None:
@@ -492,9 +559,10 @@ def _resize_region(image: Image.Image, new_w: int, new_h: int, span_x, span_y, r
 
 
 class Preprocessor:
-    """Callable: one input -> float32 (H, W, 3) array, normalised as timm evaluates.
+    """Callable: one input -> float32 (H, W, C) array, normalised as timm evaluates.
 
-    Built from a timm `pretrained_cfg` dict (or a `PreprocessConfig`).
+    Built from a timm `pretrained_cfg` dict (or a `PreprocessConfig`); C is
+    `channels` (the model's input channels; default the checkpoint's input_size).
     `max_pixels`: larger images are refused before decoding (None: no limit
     but PIL's own); `data_format`: the default layout of 3-D arrays (None:
     detect, see `load_image`).
@@ -507,11 +575,14 @@ class Preprocessor:
         use_test_size: bool = False,
         max_pixels=DEFAULT_MAX_PIXELS,
         data_format=None,
+        channels: int | None = None,
     ):
         if isinstance(pretrained_cfg, PreprocessConfig):
             self.config = pretrained_cfg
         else:
-            self.config = PreprocessConfig.from_pretrained_cfg(pretrained_cfg, use_test_size)
+            self.config = PreprocessConfig.from_pretrained_cfg(
+                pretrained_cfg, use_test_size, channels
+            )
         if max_pixels is not None and (isinstance(max_pixels, bool) or int(max_pixels) < 1):
             raise ValueError(f"max_pixels must be a positive int or None, got {max_pixels!r}.")
         if data_format not in DATA_FORMATS:
@@ -527,7 +598,7 @@ class Preprocessor:
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        return (*self.config.input_size, 3)
+        return (*self.config.input_size, self.config.channels)
 
     def __repr__(self):
         return f"Preprocessor({self.config})"
@@ -545,24 +616,24 @@ class Preprocessor:
         return np.asarray(_resize_region(image, new_w, new_h, *spans, self._filter))
 
     def resize_crop(self, image):
-        """Resize + centre crop, still in 0..255 (uint8 for PIL input, float32 otherwise)."""
+        """Resize + centre crop to (H, W, C), still in 0..255 (uint8 for PIL input and
+        uint8 arrays, float32 otherwise)."""
         if isinstance(image, Image.Image):
             array = np.asarray(self._resize_crop_pil(image), dtype=np.uint8)
-        else:  # float (H, W, 3) in [0, 1]: resize each channel in PIL's float mode
-            channels = image * np.float32(255.0)
-            array = np.stack(
-                [
-                    np.asarray(
-                        self._resize_crop_pil(
-                            Image.fromarray(np.ascontiguousarray(channels[:, :, c]), mode="F")
-                        ),
-                        dtype=np.float32,
-                    )
-                    for c in range(3)
-                ],
-                axis=2,
-            )
+        elif image.dtype == np.uint8:  # channels PIL has no mode for: each as an "L" image
+            array = self._resize_each_channel(image, "L", np.uint8)
+        else:  # float (H, W, C) in [0, 1]: resize each channel in PIL's float mode
+            array = self._resize_each_channel(image * np.float32(255.0), "F", np.float32)
+        if array.ndim == 2:  # a one-channel ("L") image
+            array = array[:, :, None]
         return _center_crop(array, *self.config.input_size)
+
+    def _resize_each_channel(self, array, mode, dtype):
+        planes = [
+            self._resize_crop_pil(Image.fromarray(np.ascontiguousarray(array[:, :, c]), mode=mode))
+            for c in range(array.shape[2])
+        ]
+        return np.stack([np.asarray(plane, dtype=dtype) for plane in planes], axis=2)
 
     def normalize(self, array: np.ndarray) -> np.ndarray:
         """0..255 values -> (x / 255 - mean) / std, float32."""
@@ -583,6 +654,7 @@ class Preprocessor:
             data_format=data_format or self.data_format,
             max_pixels=self.max_pixels,
             draft_size=self.draft_size(),
+            channels=self.config.channels,
         )
 
     def __call__(

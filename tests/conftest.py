@@ -114,11 +114,16 @@ def random_timm_model(arch: str, seed: int = 0, **kwargs) -> torch.nn.Module:
     Built on the meta device, then given uninitialised storage: timm's own init
     would be overwritten anyway (2-4 s for the large variants). ConvNeXt has no
     buffers, which randomising would not cover; a model with some is built as usual.
+    An argument of None goes to timm's constructor as it is (`create_model` would drop
+    it: `ls_init_value=None` would keep the layer scale), through the registry's entry.
     """
+    create = timm.create_model
+    if any(value is None for value in kwargs.values()):
+        create = lambda name, **options: timm.models.model_entrypoint(name)(**options)  # noqa: E731
     with torch.device("meta"):
-        model = timm.create_model(arch, pretrained=False, **kwargs)
+        model = create(arch, pretrained=False, **kwargs)
     if any(True for _ in model.buffers()):
-        model = timm.create_model(arch, pretrained=False, **kwargs)
+        model = create(arch, pretrained=False, **kwargs)
     else:
         model = model.to_empty(device="cpu")
     return randomize_timm_parameters(model, seed)
@@ -411,3 +416,64 @@ def lfw_people(tmp_path_factory):
     pairs = root / "pairs.txt"
     pairs.write_text("\n".join(["2 1", *lines]) + "\n")
     return str(root), str(pairs)
+
+
+def save_timm_hf(model: torch.nn.Module, folder, model_args=None, pretrained_cfg=None):
+    """`model` saved with timm's own writer, as people publish: `save_for_hf(model, folder,
+    model_args=..., safe_serialization=True)` (model.safetensors + config.json whose
+    model_args are the constructor arguments); `pretrained_cfg` entries (input_size,
+    mean, std, ...) go in as timm's data_config."""
+    from timm.models import save_for_hf
+
+    save_for_hf(
+        model,
+        str(folder),
+        model_args=dict(model_args or {}),
+        safe_serialization=True,
+        data_config=dict(pretrained_cfg) if pretrained_cfg else None,
+    )
+    return str(folder)
+
+
+def fill_hub_cache(root, repo_id, folder, names=None):
+    """Lay out `folder`'s files as the Hugging Face cache under `root` (HF_HUB_CACHE)
+    holds `repo_id`'s main revision, so huggingface_hub finds them offline."""
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = os.path.join(str(root), f"models--{repo_id.replace('/', '--')}")
+    snapshot = os.path.join(repo, "snapshots", revision)
+    os.makedirs(snapshot, exist_ok=True)
+    for name in names or sorted(os.listdir(folder)):
+        os.link(os.path.join(folder, name), os.path.join(snapshot, name))
+    os.makedirs(os.path.join(repo, "refs"), exist_ok=True)
+    with open(os.path.join(repo, "refs", "main"), "w") as f:
+        f.write(revision)
+    return str(root)
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """An empty Hub cache folder, set as HF_HUB_CACHE, with HF_HUB_OFFLINE=1."""
+    import huggingface_hub.constants as hub_constants
+
+    cache = tmp_path / "hf_hub_cache"
+    cache.mkdir()
+    for name in ("HUGGINGFACE_HUB_CACHE", "HF_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+FACE_ARGS = {"patch_size": 2, "num_classes": 512}  # timm's face-recognition ConvNeXts
+FACE_CFG = {"input_size": (3, 112, 112), "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 1.0}
+
+
+@pytest.fixture(scope="session")
+def timm_face_checkpoint(tmp_path_factory):
+    """A face-recognition ConvNeXt as published for timm: convnext_atto with a 2x2 stem and
+    512 outputs, 112x112 inputs, mean / std 0.5, saved by `save_for_hf`: (folder, timm model)."""
+    model = random_timm_model("convnext_atto", seed=11, **FACE_ARGS)
+    folder = tmp_path_factory.mktemp("face_checkpoint")
+    return save_timm_hf(model, folder, FACE_ARGS, FACE_CFG), model

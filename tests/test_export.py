@@ -319,7 +319,7 @@ def keras_embedder(checkpoints):
 def test_normalization_in_graph_equals_the_preprocessor(keras_embedder, photos, input_dtype):
     embedder = keras_embedder
     cfg = embedder.pretrained_cfg
-    mean, std = export_module._mean_std(cfg)
+    mean, std = export_module._mean_std(cfg, 3)
     graph = export_module._with_normalization(embedder.model, mean, std, input_dtype)
     pixels = np.stack(
         [embedder.preprocessor.resize_crop(load_image(image)) for image in photos[:3]]

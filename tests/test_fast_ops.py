@@ -24,7 +24,7 @@ from convnext_layers import (
     fast_ops,
 )
 from convnext_layers import layers as layers_module
-from convnext_layers import model as model_module
+from convnext_layers import plan as plan_module
 from convnext_layers.fast_ops import (
     jax_kernels,
     keras_internals,
@@ -297,12 +297,12 @@ def test_layerwise_call_is_the_functional_call(small_v2_weights, monkeypatch):
     weights, x = small_v2_weights
     model = _fresh_v2(weights)
     with monkeypatch.context() as patch:
-        spy = Spy(patch, model_module.LayerPlan, "run")
+        spy = Spy(patch, plan_module.LayerPlan, "run")
         layerwise = keras.ops.convert_to_numpy(model(x))
         layerwise_predict = model.predict_on_batch(x)
     assert spy.calls >= 2
     monkeypatch.setattr(fast_ops, "_DISABLED", {"layerwise_call": "test"})
-    spy = Spy(monkeypatch, model_module.LayerPlan, "run")
+    spy = Spy(monkeypatch, plan_module.LayerPlan, "run")
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(model(x)), layerwise)
     functional_predict = _fresh_v2(weights).predict_on_batch(x)
     assert spy.calls == 1  # building the second model's graph, never inference
@@ -316,7 +316,7 @@ def test_layerwise_call_fallback_equals_it(small_v2_weights, mode, monkeypatch):
     model = _fresh_v2(weights)
     fast = keras.ops.convert_to_numpy(model(x))
     with monkeypatch.context() as patch:
-        spy = Spy(patch, model_module.LayerPlan, "run", fail=mode == "failure")
+        spy = Spy(patch, plan_module.LayerPlan, "run", fail=mode == "failure")
         with _switched_off(mode, patch, "layerwise_call"):
             fallback = keras.ops.convert_to_numpy(model(x))
     if mode == "failure":  # the functional call, with the same layer kernels
@@ -339,7 +339,7 @@ def test_layerwise_call_frees_each_intermediate(small_v2_weights, monkeypatch):
     alive, peak = [], [0]
 
     def watched(layer, tensor):
-        output = model_module.apply_layer_directly(layer, tensor)
+        output = plan_module.apply_layer_directly(layer, tensor)
         alive.append(weakref.ref(output))
         peak[0] = max(peak[0], sum(ref() is not None for ref in alive))
         return output
@@ -512,7 +512,7 @@ def test_pointwise_tail_is_the_inverted_bottleneck(norm, use_grn):
         depths=(1, 1, 1, 1), widths=(40, 80, 160, 320), norm=norm, use_grn=use_grn,
         layer_scale_init_value=None if use_grn else 1e-6,
     )  # fmt: skip
-    block = model_module.block_layers(40, 7, "block", 0.1, config)
+    block = plan_module.block_layers(40, 7, "block", 0.1, config)
     if use_grn:
         assert block._tail is None
     else:

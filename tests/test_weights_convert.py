@@ -782,8 +782,9 @@ BAD_CONFIGS = {
     "model_args_string": ({"model_args": "abc"}, "model_args must be a JSON object"),
     "architecture_int": ({"architecture": 5}, "architecture must be"),
     "num_classes_string": ({"num_classes": "x"}, "num_classes must be an int"),
-    "mean_string": ({"pretrained_cfg": {"mean": "abc"}}, "mean must be 3 finite numbers"),
-    "std_zero": ({"pretrained_cfg": {"std": [0, 0, 0]}}, "std must be 3 positive numbers"),
+    "mean_string": ({"pretrained_cfg": {"mean": "abc"}}, "mean must be a list of finite numbers"),
+    "mean_empty": ({"pretrained_cfg": {"mean": []}}, "mean must be a list of finite numbers"),
+    "std_zero": ({"pretrained_cfg": {"std": [0, 0, 0]}}, "std must be positive numbers"),
     "mean_nan": ({"pretrained_cfg": {"mean": [0.5, float("nan"), 0.5]}}, "mean must be"),
     "input_size_negative": ({"pretrained_cfg": {"input_size": [3, -1, 5]}}, "input_size"),
     "interpolation": ({"pretrained_cfg": {"interpolation": "magic"}}, "interpolation must be"),
@@ -923,3 +924,20 @@ def test_killed_conversions_leave_nothing_behind(tmp_path, timm_atto_checkpoint)
     assert result.returncode == 0, result.stderr
     assert sorted(os.listdir(tmp_path)) == ["atto.keras"]
     assert wc.load_converted(out).timm_architecture == "convnext_atto"
+
+
+def test_bare_greyscale_file_gets_timms_channel_statistics(tmp_path):
+    """A bare in_chans=1 .safetensors (no config.json): the channels come from the stem's
+    tensor, and the ImageNet mean / std are fitted to one channel as timm resolves them."""
+    from timm.data.model_config import resolve_input_data_config
+
+    timm_model = random_timm_model("convnext_atto", seed=23, in_chans=1)
+    path = str(tmp_path / "model.safetensors")
+    save_torch({k: v.contiguous() for k, v in timm_model.state_dict().items()}, path)
+    _, info = wc.load_checkpoint(path)
+    assert info["convnext_config"].in_chans == 1
+    reference = resolve_input_data_config(timm_model)
+    cfg = info["pretrained_cfg"]
+    assert cfg["input_size"][0] == 1
+    np.testing.assert_allclose(cfg["mean"], reference["mean"], atol=1e-12)
+    np.testing.assert_allclose(cfg["std"], reference["std"], atol=1e-12)

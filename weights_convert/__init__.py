@@ -7,6 +7,7 @@
 
     python -m weights_convert SOURCE -o OUT.keras           # or OUT.weights.h5
     python -m weights_convert SOURCE -o OUT.onnx            # or .tflite, .xml, folder/
+    python -m weights_convert SOURCE --preset DIR           # keras-hub's preset layout
 
 Only safetensors are read (never a pickled .pth/.bin). The architecture comes
 from timm's `config.json` when there is one, else it is inferred from the
@@ -22,6 +23,8 @@ The package, along its seams:
 - `convert`: `load_timm`, `port_timm_weights`, `keras_model_for`, `export_timm`;
 - `saving`: `.keras` / `.weights.h5` outputs and reading them back;
 - `export`: `export_model`: ONNX / LiteRT / SavedModel / OpenVINO files + a sidecar JSON;
+- `presets`: timm repositories read as presets, the parity with timm in a preset's model
+  card, `write_preset` (`--preset DIR`, `--upload hf://owner/repo`);
 - `errors`: one exception per kind of problem;
 - `cli`: the command line (an interface: no module of the package imports it).
 
@@ -63,6 +66,7 @@ _EXPORTS = {
         "timm_default_cfg",
     ),
     "checkpoint": (
+        "head_is_embedding",
         "hub_reachable",
         "hub_repo_id",
         "load_checkpoint",
@@ -103,6 +107,7 @@ _EXPORTS = {
         "export_sidecar_path",
         "format_for_path",
     ),
+    "presets": ("read_timm_preset", "timm_parity", "write_preset"),
     "cli": ("main",),
     # how files are written: the project's one writer (convnext_common.files)
     "convnext_common.files": ("atomic_path", "atomic_write", "atomic_write_text"),

@@ -57,17 +57,72 @@ def check_architecture(arch) -> ConvNeXtConfig:
     )
 
 
-def architecture_config(arch, model_args=None) -> ConvNeXtConfig:
-    """The config of `arch` with timm `model_args` (config.json) applied over it."""
+TENSOR_ARGS = ("in_chans", "patch_size", "ls_init_value")
+
+
+def architecture_config(
+    arch, model_args=None, state_dict=None, from_tensors=TENSOR_ARGS
+) -> ConvNeXtConfig:
+    """The config of `arch` with timm `model_args` (config.json) applied over it, and
+    then what `state_dict`'s tensors show that model_args leave unsaid (`tensor_args`,
+    for the arguments `from_tensors` names).
+
+    A None value has two meanings in timm: `ConvNeXt(ls_init_value=None)` has no layer
+    scale, but `timm.create_model(..., ls_init_value=None)` drops the argument (the
+    architecture's default, 1e-6), and `save_for_hf` still records it as None. Where
+    the two readings build different networks, the one the tensors fit is taken.
+    """
     base = check_architecture(arch)
-    if not model_args:
-        return base
-    try:
-        return ConvNeXtConfig.from_timm_args(model_args, base)
-    except ConfigError as error:
+    model_args = dict(model_args or {})
+    readings = [model_args]
+    if any(value is None for value in model_args.values()):
+        readings.append({k: v for k, v in model_args.items() if v is not None})
+    configs, errors = [], []
+    for reading in readings:
+        try:
+            config = ConvNeXtConfig.from_timm_args(reading, base)
+        except ConfigError as error:
+            errors.append(error)
+            continue
+        if state_dict is not None:
+            unsaid = [name for name in TENSOR_ARGS if name not in from_tensors]
+            config = config.replace(**tensor_args(state_dict, config, [*reading, *unsaid]))
+        configs.append(config)
+    if not configs:
         raise UnsupportedArchitectureError(
-            f"config.json builds {canonical_architecture(arch)} with {error}"
+            f"config.json builds {canonical_architecture(arch)} with {errors[0]}"
         ) from None
+    if state_dict is not None and len(configs) > 1:
+        return next((c for c in configs if _fits(c, state_dict)), configs[0])
+    return configs[0]
+
+
+def tensor_args(state_dict, config: ConvNeXtConfig, model_args=()) -> dict:
+    """Config changes the tensors show beyond `model_args`: input channels, the patch
+    stem's size (its kernel is its stride) and whether blocks have a layer scale."""
+    stem = state_dict.get("stem.0.weight")
+    if stem is None or np.ndim(stem) != 4:
+        return {}  # not a ConvNeXt: the strict port says what is wrong
+    changes = {}
+    in_chans, kernel = int(np.shape(stem)[1]), int(np.shape(stem)[2])
+    if "in_chans" not in model_args and in_chans != config.in_chans:
+        changes["in_chans"] = in_chans
+    if config.stem == "patch" and "patch_size" not in model_args and kernel != config.patch_size:
+        changes["patch_size"] = kernel
+    scaled = any(_LAYER_SCALE.fullmatch(key) for key in state_dict)
+    if "ls_init_value" not in model_args and scaled != (config.layer_scale_init_value is not None):
+        changes["layer_scale_init_value"] = 1e-6 if scaled else None
+    return changes
+
+
+_LAYER_SCALE = re.compile(r"stages\.\d+\.blocks\.\d+\.gamma")
+
+
+def _fits(config: ConvNeXtConfig, state_dict) -> bool:
+    try:
+        return _signature_of_config(config, full=True) == _signature_of_state(state_dict)
+    except (CheckpointError, UnsupportedArchitectureError):
+        return False
 
 
 def is_conv_mlp(arch) -> bool:
@@ -80,15 +135,24 @@ def is_conv_mlp(arch) -> bool:
 # ----------------------------------------------------------------------------
 
 
-def _signature_of_config(config: ConvNeXtConfig) -> dict:
+# shown by the tensors, but not part of what names an architecture (`tensor_args`)
+_ARGUMENT_KEYS = ("in_chans", "layer_scale")
+
+
+def _signature_of_config(config: ConvNeXtConfig, full: bool = False) -> dict:
     """What a checkpoint's tensors show of an architecture (not the norm kind beyond
-    bias / no bias, not epsilons or activations)."""
-    return {
+    bias / no bias, not epsilons, activations or output_stride). Without `full`, the
+    patch size, input channels and layer scale are left out (`tensor_args` reads them)."""
+    signature = {
         "depths": config.depths,
         "widths": config.widths,
-        "kernel_sizes": config.kernel_sizes,
+        # a stage without blocks shows no depthwise kernel
+        "kernel_sizes": tuple(
+            k if d else 0 for k, d in zip(config.kernel_sizes, config.depths, strict=True)
+        ),
         "stem": config.stem if config.stem != "overlap_tiered" else "overlap",
         "stem_width": config.stem_mid_width if config.stem != "patch" else config.patch_size,
+        "in_chans": config.in_chans,
         "norm_bias": config.norm == "layernorm",
         "grn": config.use_grn,
         "layer_scale": config.layer_scale_init_value is not None,
@@ -97,6 +161,14 @@ def _signature_of_config(config: ConvNeXtConfig) -> dict:
         "head_hidden": config.head_hidden_size,
         "mlp_hidden": int(config.mlp_ratio * config.widths[0]),
     }
+    return signature if full else _architecture_part(signature)
+
+
+def _architecture_part(signature: dict) -> dict:
+    part = {k: v for k, v in signature.items() if k not in _ARGUMENT_KEYS}
+    if part["stem"] == "patch":
+        part["stem_width"] = None  # the patch size: a model argument (face models: 2)
+    return part
 
 
 def _signature_of_state(state_dict) -> dict:
@@ -120,7 +192,7 @@ def _signature_of_state(state_dict) -> dict:
                     f"The checkpoint has a fifth stage ({key}); ConvNeXt has four."
                 )
             depths[stage] = max(depths[stage], block + 1)
-    if 0 in depths:
+    if not any(depths):
         raise CheckpointError(f"Not a 4-stage ConvNeXt state dict (blocks per stage {depths}).")
     convs = [
         i for i in range(4) if f"stem.{i}.weight" in keys and len(shape(f"stem.{i}.weight")) == 4
@@ -139,6 +211,9 @@ def _signature_of_state(state_dict) -> dict:
 
     def conv_dw(stage):
         key = f"stages.{stage}.blocks.0.conv_dw.weight"
+        if depths[stage] == 0:  # a stage of no blocks: its downsampling tells the width
+            key = f"stages.{stage}.downsample.1.weight"
+            return (shape(key)[0], 1, 0, 0) if key in keys else (0, 1, 0, 0)
         if key not in keys or len(shape(key)) != 4:
             raise CheckpointError(f"Missing or malformed {key} (a 4-D depthwise kernel).")
         return shape(key)
@@ -153,6 +228,7 @@ def _signature_of_state(state_dict) -> dict:
         "kernel_sizes": tuple(conv_dw(s)[2] for s in range(4)),
         "stem": stem,
         "stem_width": stem_width,
+        "in_chans": stem_0[1],
         "norm_bias": f"stem.{norm_index}.bias" in keys,
         "grn": any(".mlp.grn." in k for k in keys),
         "layer_scale": "stages.0.blocks.0.gamma" in keys,
@@ -167,10 +243,11 @@ def infer_architecture(state_dict) -> str:
     """timm architecture name of a ConvNeXt state dict, from its tensor names and shapes.
 
     Compares what the tensors show (depths, widths, kernels, stem, norms with or
-    without bias, GRN, layer scale, conv-MLP layout, norm_pre, head MLP) with
-    every row of `ARCHITECTURES`; anything but one match is a clear error.
+    without bias, GRN, conv-MLP layout, norm_pre, head MLP) with every row of
+    `ARCHITECTURES`; anything but one match is a clear error. Input channels, the
+    patch size and layer scale are model arguments (`tensor_args`).
     """
-    found = _signature_of_state(state_dict)
+    found = _architecture_part(_signature_of_state(state_dict))
     matches = [
         name for name, config in ARCHITECTURES.items() if _signature_of_config(config) == found
     ]

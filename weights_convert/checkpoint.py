@@ -14,10 +14,14 @@ import struct
 
 import numpy as np
 
-from convnext_layers.config import ConvNeXtConfig
+from convnext_layers.errors import ConfigError
+from convnext_layers.hub import hub_cache_dir, hub_offline, hub_reachable
+from convnext_layers.timm_args import split_timm_args
 from weights_convert.architectures import (
+    TENSOR_ARGS,
     architecture_config,
     canonical_architecture,
+    check_architecture,
     infer_architecture,
 )
 from weights_convert.errors import (
@@ -30,6 +34,7 @@ from weights_convert.pretrained import (
     DEFAULT_MODEL,
     check_pretrained_cfg,
     complete_pretrained_cfg,
+    fit_channels,
 )
 
 logger = logging.getLogger("weights_convert")
@@ -171,17 +176,7 @@ def read_safetensors(path) -> tuple[dict[str, np.ndarray], dict]:
 # ----------------------------------------------------------------------------
 
 _HUB_ID = re.compile(r"^(?:hf-hub:|hf_hub:)?([\w.-]+/[\w.-]+)(?:@([\w./-]+))?$")
-_TRUE = {"1", "on", "yes", "true"}
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pkl", ".pickle", ".tar")
-
-
-def _hub_cache_dir():
-    for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if os.environ.get(variable):
-            return os.environ[variable]
-    if os.environ.get("HF_HOME"):
-        return os.path.join(os.environ["HF_HOME"], "hub")
-    return None
 
 
 def _local_hint(source):
@@ -193,29 +188,6 @@ def _local_hint(source):
     )
 
 
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face Hub answers a TCP connect (False under HF_HUB_OFFLINE).
-
-    Asked once before a download, so that with no network the Hub cache is
-    used at once instead of after huggingface_hub's ~20 s of retries.
-    """
-    import socket
-    from urllib.parse import urlparse
-
-    if hub_offline():
-        return False
-    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def _hub_download(repo_id, revision, filename, required, offline):
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
@@ -225,14 +197,14 @@ def _hub_download(repo_id, revision, filename, required, offline):
             repo_id,
             filename,
             revision=revision,
-            cache_dir=_hub_cache_dir(),
+            cache_dir=hub_cache_dir(),
             local_files_only=offline,
             library_name="keras-convnext",
         )
     except LocalEntryNotFoundError as error:
         if not required and offline:
             return None
-        cache = _hub_cache_dir() or "the default Hugging Face cache"
+        cache = hub_cache_dir() or "the default Hugging Face cache"
         why = (
             "HF_HUB_OFFLINE is set and it is not in the cache"
             if hub_offline()
@@ -371,8 +343,10 @@ def resolve_source(source) -> tuple[str, str | None, str | None]:
     if repo_id is not None:
         revision = _HUB_ID.match(text)[2]
         offline = not hub_reachable()
-        weights = _hub_download(repo_id, revision, "model.safetensors", True, offline)
         config = _hub_download(repo_id, revision, "config.json", False, offline)
+        if config is not None:  # a refused architecture costs no weights download
+            timm_model_args(read_config_json(config), None)
+        weights = _hub_download(repo_id, revision, "model.safetensors", True, offline)
         return weights, config, repo_id
     raise CheckpointNotFoundError(
         f"{text!r} is neither an existing file / folder nor a Hub id like {DEFAULT_MODEL!r}."
@@ -411,8 +385,11 @@ def read_config_json(path) -> dict:
     for key in ("model_args", "pretrained_cfg"):
         if key in config and config[key] is not None and not isinstance(config[key], dict):
             fail(key, "a JSON object")
-    if "global_pool" in config and config["global_pool"] not in (None, "", "avg", "max"):
-        fail("global_pool", "'avg' or 'max'")
+    if "global_pool" in config and config["global_pool"] is not None:
+        try:
+            split_timm_args({"global_pool": config["global_pool"]})
+        except ConfigError:
+            fail("global_pool", "'avg', 'max', 'avgmax' or 'catavgmax'")
     config["pretrained_cfg"] = check_pretrained_cfg(
         config.get("pretrained_cfg") or {}, f"{name}: pretrained_cfg"
     )
@@ -437,10 +414,46 @@ def classifier_size(state_dict) -> int:
     return int(np.shape(fc)[0])
 
 
-def input_channels(state_dict) -> int:
-    """Input channels of the checkpoint's stem (3 when it cannot be told)."""
-    stem = state_dict.get("stem.0.weight")
-    return int(np.shape(stem)[1]) if stem is not None and np.ndim(stem) == 4 else 3
+def timm_model_args(config: dict, arch: str | None) -> tuple[str | None, dict, dict]:
+    """(architecture name or None, model_args, model options) of a config.json, checked
+    before any weight is read: an unknown architecture, or a timm argument the Keras
+    models cannot compute exactly, is refused naming it. `arch` overrides the file's
+    architecture and model_args entirely."""
+    if arch is not None:
+        name, model_args = canonical_architecture(arch), {}
+    else:
+        name = (
+            canonical_architecture(config["architecture"]) if config.get("architecture") else None
+        )
+        model_args = dict(config.get("model_args") or {})
+    if name is not None:
+        check_architecture(name)
+    try:
+        _, options = split_timm_args(model_args)
+        if "pooling" not in options and config.get("global_pool") and arch is None:
+            _, options = split_timm_args({**model_args, "global_pool": config["global_pool"]})
+    except ConfigError as error:
+        where = f"config.json builds {name or 'the checkpoint'} with"
+        raise UnsupportedArchitectureError(f"{where} {error}") from None
+    if name is not None:
+        architecture_config(name, model_args)  # every value checked, still no tensor read
+    return name, model_args, options
+
+
+FACE_CROP_SIZE = (112, 112)  # insightface's aligned face crop (embedding.faces aligns to it)
+
+
+def head_is_embedding(info: dict) -> bool:
+    """Whether a checkpoint's classifier is its embedding layer rather than class logits:
+    a face-recognition ConvNeXt (trained with a margin loss such as CosFace / ArcFace
+    whose class weights are not in the checkpoint; its `head.fc` gives the 512-d face
+    embedding) takes the 112x112 aligned face crop as input. `pretrained_cfg`
+    "embedding_head" (true / false) says so explicitly where present."""
+    cfg = info.get("pretrained_cfg") or {}
+    if isinstance(cfg.get("embedding_head"), bool):
+        return cfg["embedding_head"]
+    size = tuple(cfg.get("input_size") or ())[-2:]
+    return bool(info.get("num_classes")) and size == FACE_CROP_SIZE
 
 
 def load_checkpoint(source, *, arch: str | None = None) -> tuple[dict[str, np.ndarray], dict]:
@@ -451,39 +464,37 @@ def load_checkpoint(source, *, arch: str | None = None) -> tuple[dict[str, np.nd
       "architecture": timm's name (`arch`, else config.json's, else inferred);
       "convnext_config": the `ConvNeXtConfig` (config.json's model_args applied);
       "num_classes": the checkpoint's classifier size (0 without one);
-      "pooling": "avg" or "max" (timm's global_pool);
+      "pooling": timm's global_pool ("avg", "max", "avgmax", "catavgmax");
+      "drop_rate", "drop_path_rate": timm's training-time dropout and stochastic
+          depth, kept for fine-tuning;
       "pretrained_cfg": timm's, completed from timm's registry when importable,
-          else timm's ConvNeXt defaults;
+          else timm's ConvNeXt defaults; its mean / std / input_size fitted to the
+          input channels (`pretrained.fit_channels`);
       "source": the source as given.
     """
     weights, config_path, repo_id = resolve_source(source)
-    state_dict, _ = read_safetensors(weights)
     config = read_config_json(config_path) if config_path is not None else {}
+    name, model_args, options = timm_model_args(config, arch)
+    state_dict, _ = read_safetensors(weights)
     tag = None
     if repo_id and "." in repo_id.rsplit("/", 1)[-1]:
         tag = repo_id.rsplit("/", 1)[-1].split(".", 1)[1]
-    model_args = dict(config.get("model_args") or {})
-    if arch is not None:
-        name = canonical_architecture(arch)
-        model_args = {}  # arch= overrides the file's description entirely
-    elif config.get("architecture"):
-        name = canonical_architecture(config["architecture"])
-    else:
+    if name is None:
         name = infer_architecture(state_dict)
-    convnext_config: ConvNeXtConfig = architecture_config(name, model_args)
-    pooling = model_args.get("global_pool", config.get("global_pool")) or "avg"
-    if pooling not in ("avg", "max"):
-        raise UnsupportedArchitectureError(
-            f"global_pool={pooling!r}: the Keras models pool with 'avg' or 'max'."
-        )
+    # arch= names the network: only the input channels come from the tensors then
+    from_tensors = ("in_chans",) if arch is not None else TENSOR_ARGS
+    convnext_config = architecture_config(name, model_args, state_dict, from_tensors)
     num_classes = classifier_size(state_dict)
     pretrained_cfg = complete_pretrained_cfg(name, config["pretrained_cfg"] if config else {},
                                              num_classes, tag)  # fmt: skip
+    pretrained_cfg = fit_channels(pretrained_cfg, convnext_config.in_chans)
     info = {
         "architecture": name,
         "convnext_config": convnext_config,
         "num_classes": num_classes,
-        "pooling": pooling,
+        "pooling": options.get("pooling", "avg"),
+        "drop_rate": float(options.get("drop_rate") or 0.0),
+        "drop_path_rate": float(options.get("drop_path_rate") or 0.0),
         "pretrained_cfg": pretrained_cfg,
         "source": os.fspath(source),
     }

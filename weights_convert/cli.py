@@ -7,6 +7,7 @@ or a folder (SavedModel) is an export for deployment (`weights_convert.export`).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -31,9 +32,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-o",
         "--output",
-        required=True,
         help="OUT.keras or OUT.weights.h5; or an export: OUT.onnx, OUT.tflite, OUT.xml "
-        "(OpenVINO), or a folder OUT/ (SavedModel)",
+        "(OpenVINO), or a folder OUT/ (SavedModel); -o or --preset is needed",
+    )
+    parser.add_argument(
+        "--preset",
+        metavar="DIR",
+        help="write a keras-hub preset folder (config.json, model.weights.h5, metadata.json, "
+        "README.md model card with the parity against timm)",
+    )
+    parser.add_argument(
+        "--upload",
+        metavar="hf://OWNER/REPO",
+        help="with --preset: push the preset to this Hugging Face Hub repository",
     )
     parser.add_argument("--arch", help="timm architecture, overriding config.json / inference")
     parser.add_argument(
@@ -167,9 +178,70 @@ def run_export(args) -> int:
     return 0
 
 
+def check_preset_options(args) -> None:
+    """The --preset / --upload combination and the preset folder, checked before any work."""
+    if args.upload is not None and args.preset is None:
+        raise CommandError("--upload pushes the preset: it needs --preset DIR.")
+    if args.output is None and args.preset is None:
+        raise CommandError(
+            "the following arguments are required: -o/--output (or --preset DIR): a Keras "
+            "file or an export, a preset folder, or both."
+        )
+    if args.preset is None:
+        return
+    exporting = args.format or args.with_normalization or args.uint8 or args.dynamic_size
+    if args.output is None and (exporting or args.input_size is not None):
+        raise CommandError(
+            "--format, --with-normalization, --uint8, --dynamic-size and --input-size need -o "
+            "OUT; a preset takes any input size."
+        )
+    # convnext_layers loads Keras: imported only when a preset is asked for
+    from convnext_layers.presets import check_preset_target, parse_hub_uri
+
+    if args.upload is not None:
+        parse_hub_uri(args.upload)
+    check_preset_target(args.preset)
+
+
+def run_preset(args) -> int:
+    """--preset DIR [--upload hf://OWNER/REPO]: the converted model as a keras-hub preset."""
+    from convnext_layers.presets import upload_preset
+    from weights_convert.presets import write_preset
+
+    start = time.perf_counter()
+    model = write_preset(
+        args.source,
+        args.preset,
+        arch=args.arch,
+        include_top=not args.no_top,
+        num_classes=args.num_classes,
+        verbose=not args.quiet,
+    )
+    from convnext_layers.model_card import parity_line
+
+    with open(os.path.join(args.preset, "metadata.json"), encoding="utf-8") as f:
+        parity = json.load(f).get("parity")
+    print(
+        f"{model.timm_architecture}: preset written in {time.perf_counter() - start:.2f} s -> "
+        f"{args.preset} (parity with timm: {parity_line(parity)})"
+    )
+    if args.upload is not None:
+        repo_id = upload_preset(args.upload, args.preset)
+        print(f"uploaded {args.preset} -> https://huggingface.co/{repo_id}")
+    return 0
+
+
 def run(args) -> int:
-    if is_export(args):
-        return run_export(args)
+    check_preset_options(args)  # before any work
+    status = 0
+    if args.output is not None:
+        status = run_export(args) if is_export(args) else run_keras_file(args)
+    if status == 0 and args.preset is not None:
+        status = run_preset(args)
+    return status
+
+
+def run_keras_file(args) -> int:
     if args.format or args.dtype != "float32" or args.batch_size or args.dynamic_size:
         raise CommandError(
             "--format, --dtype, --batch-size and --dynamic-size are export options: the output "

@@ -17,18 +17,12 @@ from weights_convert.architectures import (
     check_architecture,
     infer_architecture,
 )
-from weights_convert.checkpoint import DEFAULT_MODEL, input_channels, load_checkpoint
+from weights_convert.checkpoint import DEFAULT_MODEL, load_checkpoint
 from weights_convert.errors import UnsupportedArchitectureError
 from weights_convert.mapping import build_ported, export_state_dict, port_state_dict
 from weights_convert.pretrained import builtin_pretrained_cfg
 
 logger = logging.getLogger("weights_convert")
-
-
-def _channels_shape(input_shape, in_chans):
-    if input_shape is not None or in_chans in (None, 3):
-        return input_shape
-    return (None, None, int(in_chans))
 
 
 def keras_model_for(
@@ -48,9 +42,11 @@ def keras_model_for(
     """The (untrained) `ConvNeXt` of a timm architecture name or a `load_checkpoint` info.
 
     num_classes: default the info's (1000 for a bare architecture name); 0 gives
-    timm's pre-logits features. input_shape: default (None, None, channels), any
-    size. The model carries timm's architecture name and pretrained_cfg.
+    timm's pre-logits features. input_shape: default (None, None, in_chans), any
+    size. in_chans: default the config's. The model carries timm's architecture
+    name and pretrained_cfg, and the checkpoint's training-time drop rates.
     """
+    drop_rates = {}
     if isinstance(config_or_arch, dict):
         info = config_or_arch
         arch = info.get("architecture")
@@ -60,6 +56,7 @@ def keras_model_for(
         pretrained_cfg = info.get("pretrained_cfg") or {}
         default_classes = info.get("num_classes", pretrained_cfg.get("num_classes", 1000))
         head_pool = info.get("pooling", "avg")
+        drop_rates = {k: info[k] for k in ("drop_rate", "drop_path_rate") if k in info}
     else:
         arch = canonical_architecture(config_or_arch)
         config = check_architecture(arch)
@@ -69,16 +66,20 @@ def keras_model_for(
         num_classes = default_classes
     if include_top and pooling is None and head_pool != "avg":
         pooling = head_pool
+    config = ConvNeXtConfig.from_dict(config)
+    if in_chans is not None:
+        config = config.replace(in_chans=int(in_chans))
     return ConvNeXt(
-        ConvNeXtConfig.from_dict(config),
+        config,
         num_classes=num_classes if include_top else 0,
         include_top=include_top,
         pooling=pooling,
         head_norm=head_norm,
         normalize=normalize,
         gem_p=gem_p,
-        input_shape=_channels_shape(input_shape, in_chans),
+        input_shape=input_shape,
         output_stages=output_stages,
+        **drop_rates,
         timm_architecture=arch,
         pretrained_cfg=pretrained_cfg,
         name=name or arch,
@@ -143,7 +144,6 @@ def load_timm(
             output_stages=output_stages,
             head_norm=head_norm,
             normalize=normalize,
-            in_chans=input_channels(state_dict),
         )
 
     return build_ported(build, state_dict, progress=verbose)

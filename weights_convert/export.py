@@ -259,7 +259,8 @@ def export_model(
     its sidecar; returns the sidecar's content.
 
     Args:
-        model: a built `keras.Model` taking (B, H, W, 3) normalised images.
+        model: a built `keras.Model` taking (B, H, W, C) normalised images (C its
+            input channels: 3 for RGB, 1 for greyscale, ...).
         path: `.onnx`, `.tflite`, `.xml` (OpenVINO) or a folder (SavedModel).
         format: "onnx", "litert", "saved_model" or "openvino" (default: from `path`).
         dtype: "float32"; for LiteRT also "float16" or "int8" (dynamic range).
@@ -293,9 +294,10 @@ def export_model(
     if pretrained_cfg is None:
         pretrained_cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     height, width = _spatial_size(model, pretrained_cfg, input_size, dynamic_size)
-    mean, std = _mean_std(pretrained_cfg)
+    channels = _channels(model)
+    mean, std = _mean_std(pretrained_cfg, channels)
     graph = _with_normalization(model, mean, std, input_dtype) if with_normalization else model
-    shape = (batch_size, height, width, 3)
+    shape = (batch_size, height, width, channels)
     description = describe_export(
         model,
         format=format,
@@ -395,7 +397,7 @@ def _check_tensorflow_runs(path, shape, input_dtype):
 
     example = np.zeros([1 if d is None else d for d in shape], dtype=input_dtype)
     if None in shape[1:3]:
-        example = np.zeros((1, 64, 64, 3), dtype=input_dtype)
+        example = np.zeros((1, 64, 64, shape[3]), dtype=input_dtype)
     try:
         loaded = tf.saved_model.load(path)
         loaded.serve(tf.constant(example))
@@ -447,7 +449,8 @@ def _track_torch_parameters(model):
 
 
 def _with_normalization(model, mean, std, input_dtype):
-    """`model` behind one affine layer: [0, 1] (or 0..255 uint8) RGB -> (x - mean) / std."""
+    """`model` behind one affine layer: [0, 1] (or 0..255 uint8) pixels -> (x - mean) / std,
+    one mean / std per input channel."""
     import keras
 
     range_max = 255.0 if input_dtype == "uint8" else 1.0
@@ -519,7 +522,9 @@ def describe_export(
 
     from weights_convert.pretrained import license_notice
 
-    mean, std = _mean_std(pretrained_cfg)
+    channels = input_shape[3]
+    mean, std = _mean_std(pretrained_cfg, channels)
+    order = CHANNEL_ORDERS.get(channels, f"{channels} channels")
     height, width = _cfg_input_size(pretrained_cfg) or input_shape[1:3]
     crop_pct = float(pretrained_cfg.get("crop_pct") or 0.875)
     metadata = dict(getattr(model, "metadata", None) or {})
@@ -545,13 +550,13 @@ def describe_export(
         "input": {
             "name": "image",
             "layout": "NHWC",
-            "channel_order": "RGB",
+            "channel_order": order,
             "shape": list(input_shape),
             "dtype": input_dtype,
             "value": (
-                f"RGB pixels in {value_range} (resized and cropped, not normalised)"
+                f"{order} pixels in {value_range} (resized and cropped, not normalised)"
                 if with_normalization
-                else "(x / 255 - mean) / std of RGB pixels x in 0..255"
+                else f"(x / 255 - mean) / std of {order} pixels x in 0..255"
             ),
         },
         "preprocessing": {
@@ -659,12 +664,22 @@ def _cfg_input_size(pretrained_cfg):
     return size[-2:]
 
 
-def _mean_std(pretrained_cfg):
-    from weights_convert.pretrained import IMAGENET_MEAN, IMAGENET_STD
+def _mean_std(pretrained_cfg, channels):
+    from weights_convert.pretrained import channel_mean_std
 
-    mean = tuple(float(v) for v in (pretrained_cfg.get("mean") or IMAGENET_MEAN))
-    std = tuple(float(v) for v in (pretrained_cfg.get("std") or IMAGENET_STD))
-    return mean, std
+    return channel_mean_std(pretrained_cfg, channels)
+
+
+# what the sidecar calls an input of this many channels (PIL's modes of those images)
+CHANNEL_ORDERS = {1: "grey", 2: "grey+alpha", 3: "RGB", 4: "RGBA"}
+
+
+def _channels(model) -> int:
+    """Input channels of a single-input image model (its input's last axis)."""
+    channels = model.input_shape[-1]
+    if not isinstance(channels, int):
+        raise ExportError(f"The model's input {model.input_shape} has no known channel count.")
+    return channels
 
 
 def _is_saved_model(folder) -> bool:

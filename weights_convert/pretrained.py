@@ -8,10 +8,13 @@ Pure Python (no Keras), so the embedding preprocessing can use it too.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 
 from weights_convert.errors import CheckpointConfigError
+
+logger = logging.getLogger("weights_convert")
 
 # the checkpoint used when none is named: the smallest ImageNet ConvNeXt timm publishes
 DEFAULT_MODEL = "timm/convnext_atto.d2_in1k"
@@ -58,7 +61,7 @@ def builtin_pretrained_cfg(arch: str) -> dict:
     }
 
 
-def _timm_module():
+def timm_module():
     """timm, if it can be used here: already imported, or importable without TensorFlow
     loaded (importing torch after TensorFlow crashes some builds)."""
     if "timm" in sys.modules:
@@ -79,7 +82,7 @@ def timm_default_cfg(arch, tag=None, num_classes=None) -> dict:
     Without a tag, the first of the architecture's pretrained tags whose
     num_classes matches is used, and its tag / source fields are dropped.
     """
-    timm = _timm_module()
+    timm = timm_module()
     if timm is None:
         return {}
     try:
@@ -127,8 +130,10 @@ def check_pretrained_cfg(cfg, where: str = "pretrained_cfg") -> dict:
 
     Raises `CheckpointConfigError` naming `where`, the field, what was found and
     what is accepted, for: sizes that are not 3 positive ints (or 2), mean / std
-    that are not 3 finite numbers (std > 0), an unknown interpolation or crop
-    mode, a crop_pct outside (0, 1], a num_classes that is not an int >= 0.
+    that are not lists of finite numbers (one per input channel, or one for all;
+    std > 0), an unknown interpolation or crop mode, a crop_pct outside (0, 1], a
+    num_classes that is not an int >= 0. (`fit_channels` then fits mean / std to
+    the model's input channels.)
     """
     if not isinstance(cfg, dict):
         raise CheckpointConfigError(
@@ -154,14 +159,16 @@ def check_pretrained_cfg(cfg, where: str = "pretrained_cfg") -> dict:
     for key in ("mean", "std"):
         if key in out:
             values = out[key]
+            if _number(values):
+                values = (values,)
             if (
                 not isinstance(values, (list, tuple))
-                or len(values) != 3
+                or not values
                 or not all(_number(v) for v in values)
             ):
-                fail(key, "3 finite numbers, one per RGB channel")
+                fail(key, "a list of finite numbers, one per input channel (e.g. 3 for RGB)")
             if key == "std" and min(values) <= 0:
-                fail(key, "3 positive numbers (a zero std divides by zero)")
+                fail(key, "positive numbers (a zero std divides by zero)")
             out[key] = tuple(float(v) for v in values)
     for key in ("crop_pct", "test_crop_pct"):
         if key in out and (not _number(out[key]) or not 0 < out[key] <= 1):
@@ -194,3 +201,41 @@ def complete_pretrained_cfg(arch: str, file_cfg: dict, num_classes: int, tag=Non
     if tag:
         pretrained_cfg.setdefault("tag", tag)
     return pretrained_cfg
+
+
+def channel_mean_std(cfg, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of a pretrained_cfg for a model of `channels` input channels, each of
+    that length, as timm resolves them (`resolve_input_data_config`): one value for
+    every channel is repeated; a length that is neither 1 nor `channels` (ImageNet's
+    three for a greyscale model) becomes its average, with a warning. Missing: the
+    ImageNet values."""
+    cfg = cfg or {}
+    resolved = []
+    for key, default in (("mean", IMAGENET_MEAN), ("std", IMAGENET_STD)):
+        values = cfg.get(key)
+        values = default if values is None else values
+        values = (values,) if _number(values) else tuple(float(v) for v in values)
+        if len(values) not in (1, channels):
+            average = sum(values) / len(values)
+            logger.warning(
+                "pretrained_cfg %s has %d values for a %d-channel model; using their mean "
+                "%.4g for every channel, as timm does.",
+                key,
+                len(values),
+                channels,
+                average,
+            )
+            values = (average,)
+        resolved.append(tuple(float(v) for v in values) * (channels if len(values) == 1 else 1))
+    return resolved[0], resolved[1]
+
+
+def fit_channels(cfg: dict, channels: int) -> dict:
+    """`cfg` for a model of `channels` input channels: mean and std of that length
+    (`channel_mean_std`), and its input sizes' channel entries set to it."""
+    out = dict(cfg)
+    out["mean"], out["std"] = channel_mean_std(cfg, channels)
+    for key in _SIZE_KEYS:
+        if out.get(key) is not None and len(out[key]) == 3:
+            out[key] = (int(channels), *tuple(out[key])[1:])
+    return out
