@@ -24,9 +24,12 @@ Layer names follow timm's module paths, which is what `weights_convert` maps:
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import functools
 import inspect
 import math
+import time
 
 import keras
 import numpy as np
@@ -224,13 +227,21 @@ class LayerPlan:
         steps = [*self.stem, *(step for stage in self.stages for step in stage), *self.head]
         return [layer for step in steps for layer in getattr(step, "layers", (step,))]
 
-    def runs_directly(self, dtype) -> bool:
+    def body_dtype(self):
+        """The dtype the first layer computes in (what the images are converted to)."""
+        return self.layers()[0].compute_dtype
+
+    def runs_directly(self, dtype, head=False) -> bool:
         """Whether inference on `dtype` inputs may call each layer's `call` directly:
-        every layer is built, unquantised, and computes in `dtype` with `dtype`
-        variables (nothing for keras' `__call__` to cast). The answer is kept until a
-        layer's dtype policy object changes (mixed precision, `quantize`): checking
-        every layer took ~100 us, a twentieth of a batch-1 atto pass at 32x32."""
-        layers = self.layers()
+        every layer of the stem and stages (with `head`, of the head) is built,
+        unquantised, and computes in `dtype` with `dtype` variables (nothing for
+        keras' `__call__` to cast). The answer is kept until a layer's dtype policy
+        object changes (mixed precision, `quantize`): checking every layer took
+        ~100 us, a twentieth of a batch-1 atto pass at 32x32."""
+        if head:  # a few layers on (B, C) vectors: checked each call
+            return _all_direct(self.head, dtype)
+        steps = [*self.stem, *(step for stage in self.stages for step in stage)]
+        layers = [layer for step in steps for layer in getattr(step, "layers", (step,))]
         policies = [layer.dtype_policy for layer in layers]
         cached = self._direct
         if (
@@ -240,19 +251,12 @@ class LayerPlan:
             and all(a is b for a, b in zip(cached[1], policies, strict=True))
         ):
             return cached[2]
-        name = keras.backend.standardize_dtype(dtype)
-        answer = all(
-            layer.built
-            and getattr(layer, "quantization_mode", None) is None
-            and layer.compute_dtype == name
-            and layer.variable_dtype == name
-            for layer in layers
-        )
+        answer = _all_direct(layers, dtype)
         if all(layer.built for layer in layers):
             self._direct = (dtype, policies, answer)
         return answer
 
-    def run(self, x, output_stages=None, apply=apply_layer, by_rows=None):
+    def run(self, x, output_stages=None, apply=apply_layer, by_rows=None, head_apply=None):
         for step in self.stem:
             x = _apply_step(step, x, apply, by_rows)
         wanted = {} if output_stages is None else dict.fromkeys(output_stages)
@@ -266,8 +270,20 @@ class LayerPlan:
         if output_stages is not None:
             return [wanted[s] for s in output_stages]
         for step in self.head:
-            x = _apply_step(step, x, apply, by_rows)
+            x = _apply_step(step, x, head_apply or apply, by_rows)
         return x
+
+
+def _all_direct(layers, dtype) -> bool:
+    """Every layer is built, unquantised, and computes in `dtype` with `dtype` variables."""
+    name = keras.backend.standardize_dtype(dtype)
+    return all(
+        layer.built
+        and getattr(layer, "quantization_mode", None) is None
+        and layer.compute_dtype == name
+        and layer.variable_dtype == name
+        for layer in layers
+    )
 
 
 def _apply_step(step, x, apply, by_rows):
@@ -331,7 +347,7 @@ def _check_unknown_arguments(kwargs):
         return
     parameters = inspect.signature(ConvNeXt.__init__).parameters
     valid = [n for n, p in parameters.items() if p.kind is p.KEYWORD_ONLY]
-    valid += ["layer_scale_init_value", *_KERAS_MODEL_ARGUMENTS]  # the V1 factory's own
+    valid += ["dtype", "layer_scale_init_value", *_KERAS_MODEL_ARGUMENTS]  # the V1 factory's own
     described = []
     for name in unknown:
         close = difflib.get_close_matches(name, valid, n=1)
@@ -389,6 +405,61 @@ def _input_layer(input_shape, input_tensor):
     return keras.Input(shape=input_shape, name="image"), input_shape
 
 
+# what `ConvNeXt(dtype=...)` takes: the dtype its body computes and keeps its weights in
+DTYPES = ("float32", "bfloat16")
+
+
+def check_dtype(dtype) -> str | None:
+    """`dtype` as a `DTYPES` name (None stays None: keras' global policy); a clear
+    ModelArgumentError otherwise."""
+    if dtype is None:
+        return None
+    name = getattr(dtype, "name", dtype)  # a numpy / ml_dtypes dtype
+    if not isinstance(name, str) or name not in DTYPES:
+        raise ModelArgumentError(
+            f"dtype must be one of {', '.join(DTYPES)} (or None: keras' policy); got {dtype!r}."
+        )
+    return name
+
+
+@contextlib.contextmanager
+def dtype_policy(name: str | None):
+    """Keras' global dtype policy set to `name` within the block (None: unchanged);
+    what a model built inside computes and keeps its weights in."""
+    if name is None:
+        yield
+        return
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def _head_dtype() -> str | None:
+    """float32 for the head of a model built in bfloat16 / float16 (pooling, head
+    norm, classifier, L2: a few (B, C) vectors, where half precision would cost
+    accuracy and save nothing); None (the policy) otherwise."""
+    policy = keras.config.dtype_policy()
+    half = policy.compute_dtype in ("bfloat16", "float16")
+    return "float32" if half and policy.variable_dtype == policy.compute_dtype else None
+
+
+def _built_in_dtype(init):
+    """`ConvNeXt.__init__` with a `dtype` argument (`DTYPES`): the layers are made
+    under that keras dtype policy (the head in float32, `_head_dtype`)."""
+
+    @functools.wraps(init)
+    def __init__(self, *args, dtype=None, **kwargs):
+        dtype = check_dtype(dtype)
+        with dtype_policy(dtype):
+            init(self, *args, **kwargs)
+        object.__setattr__(self, "_dtype_argument", dtype)
+
+    return __init__
+
+
 @keras.saving.register_keras_serializable(package="convnext")
 class ConvNeXt(keras.Model):
     """A ConvNeXt (V1 or V2, any timm architecture) as a functional `keras.Model`.
@@ -419,11 +490,16 @@ class ConvNeXt(keras.Model):
         metadata: any other JSON-able facts to keep with the model (fine-tuning
             results, a calibrated verification threshold, ...).
         name: the model's name.
+        dtype: "float32" or "bfloat16": the dtype the body computes and keeps its
+            weights in (bfloat16: normalisation statistics, GRN and the head,
+            L2 included, still in float32); None (default): keras' global dtype
+            policy, e.g. mixed precision for training.
 
     Input (B, H, W, C) float images, normalised as the weights expect
     (`pretrained_cfg`: RGB in [0, 1], then (x - mean) / std).
     """
 
+    @_built_in_dtype
     def __init__(
         self,
         config,
@@ -489,7 +565,8 @@ class ConvNeXt(keras.Model):
                 config, num_classes, include_top, pooling, head_norm, gem_p, classifier_activation
             )
             if normalize:
-                head.append(keras.layers.UnitNormalization(axis=-1, name="embedding_l2"))
+                l2 = keras.layers.UnitNormalization
+                head.append(l2(axis=-1, name="embedding_l2", dtype=_head_dtype()))
         plan = LayerPlan(_stem_layers(config, strides[0]), stages, head)
         outputs = plan.run(inputs, output_stages)
         super().__init__(inputs, outputs, name=name or timm_architecture or "convnext", **kwargs)
@@ -517,7 +594,15 @@ class ConvNeXt(keras.Model):
 
     @staticmethod
     def _head_layers(config, num_classes, include_top, pooling, head_norm, gem_p, activation):
-        """The one place the head is laid out: the layers (B, h, w, C) -> the output."""
+        """The one place the head is laid out: the layers (B, h, w, C) -> the output
+        (in float32 when the model is built in half precision, `_head_dtype`)."""
+        with dtype_policy(_head_dtype()):
+            return ConvNeXt._head_layers_of(
+                config, num_classes, include_top, pooling, head_norm, gem_p, activation
+            )
+
+    @staticmethod
+    def _head_layers_of(config, num_classes, include_top, pooling, head_norm, gem_p, activation):
         if not include_top:
             return [] if pooling is None else [pooling_layer(pooling, "head_pool", gem_p)]
         layers = [pooling_layer(pooling or "avg", "head_pool", gem_p)]
@@ -551,9 +636,11 @@ class ConvNeXt(keras.Model):
             return super().call(inputs, training=training, mask=mask, **kwargs)
 
         def layerwise():
-            dtype = self.inputs[0].dtype
-            images = keras.ops.convert_to_tensor(x, dtype=dtype)
             plan = self._layer_plan
+            dtype = plan.body_dtype()  # the images as the stem computes them
+            images = keras.ops.convert_to_tensor(x, dtype=dtype)
+            # a float32 head after a bfloat16 body: keras' call casts its input
+            head = None if plan.runs_directly(dtype, head=True) else apply_layer
             if not plan.runs_directly(dtype):
                 outputs = plan.run(images, self.output_stages)
             elif (kernels := fast_ops.layer_kernels(images)) is not None:
@@ -564,11 +651,15 @@ class ConvNeXt(keras.Model):
                         self.output_stages,
                         kernels.apply or apply_layer_directly,
                         kernels.by_rows,
+                        head,
                     ),
-                    lambda: plan.run(images, self.output_stages, apply_layer_directly),
+                    lambda: plan.run(
+                        images, self.output_stages, apply_layer_directly, head_apply=head
+                    ),
                 )
             else:
-                outputs = plan.run(images, self.output_stages, apply_layer_directly)
+                direct = apply_layer_directly
+                outputs = plan.run(images, self.output_stages, direct, head_apply=head)
             return outputs[0] if isinstance(outputs, list) and len(outputs) == 1 else outputs
 
         return fast_ops.guarded(
@@ -603,12 +694,33 @@ class ConvNeXt(keras.Model):
             "compiled_inference", lambda: infer(images), lambda: self.predict_on_batch(images)
         )
 
+    def warmup(self, batch_sizes=(1,), image_size=None) -> dict:
+        """Runs `predict_batch` once on zeros at each batch size, so that what it
+        compiles (JAX's jit, TensorFlow's trace) happens now and not on the first
+        request; a service calls it before it reports ready. `image_size`:
+        (height, width), needed when the model takes any size. Returns {batch size:
+        seconds of that first call}."""
+        height, width, channels = self.input_shape[1:]
+        if image_size is not None:
+            height, width = image_size
+        if height is None or width is None:
+            raise ModelArgumentError(
+                "warmup needs image_size=(height, width) for a model that takes any size."
+            )
+        seconds = {}
+        for size in batch_sizes:
+            start = time.perf_counter()
+            self.predict_batch(np.zeros((int(size), int(height), int(width), channels), "float32"))
+            seconds[int(size)] = time.perf_counter() - start
+        return seconds
+
     def with_head(self, **head_options) -> ConvNeXt:
         """A new `ConvNeXt` with this model's backbone weights (shared values, copied)
         and another head: any of num_classes, include_top, pooling, head_norm,
         normalize, gem_p, classifier_activation, input_shape, output_stages,
-        metadata. Head layers both models have (same name and shapes) keep their
-        weights; new ones get their initialisers."""
+        metadata, dtype (the weights then cast to it). Head layers both models
+        have (same name and shapes) keep their weights; new ones get their
+        initialisers."""
         config = {**self.get_config(), **head_options}
         values = _weights_by_name(self)
 
@@ -652,6 +764,7 @@ class ConvNeXt(keras.Model):
             "pretrained_cfg": jsonable(self.pretrained_cfg),
             "metadata": jsonable(self.metadata),
             "name": self.name,
+            "dtype": self.__dict__.get("_dtype_argument"),
         }
 
     @classmethod
