@@ -19,7 +19,11 @@ The fast paths (name: what it is; the fallback that replaces it):
   chain that grappler fuses into `_FusedMatMul`; fallback keras' Dense.
 - "tensorflow_layer_norm" (tensorflow): in the layer-by-layer inference, keras'
   LayerNormalization written as the FusedBatchNormV3 subgraph that grappler's
-  oneDNN remapper fuses into one `_MklLayerNorm`; fallback the layer's `call`.
+  oneDNN remapper fuses into one `_MklLayerNorm` (float32 and bfloat16, the
+  statistics in float32); fallback the layer's `call`.
+- "tensorflow_pointwise_conv" (tensorflow): in bfloat16, a Dense without
+  activation on a 4-D tensor as a 1x1 Conv2D (TensorFlow's oneDNN convolution
+  uses AMX / AVX512-BF16, its MatMul a plain gemm); fallback the fused MatMul.
 - "jax_compiler_options" (jax): `predict_batch`'s executable for a model without
   GRN (V1) is compiled with XLA's experimental YNNPACK fusions off (an option of
   that one executable, not the process-wide XLA_FLAGS); fallback the default
@@ -101,6 +105,7 @@ FAST_PATHS = (
     "torch_kernels",
     "tensorflow_fused_dense",
     "tensorflow_layer_norm",
+    "tensorflow_pointwise_conv",
     "jax_shifted_sum",
     "jax_compiler_options",
     "jax_row_blocks",
@@ -193,9 +198,10 @@ def use_fast_path(name: str, x=None) -> bool:
     return fast_paths_allowed(name) and on_cpu(x)
 
 
-def plain_layer_norm(layer, x) -> bool:
+def plain_layer_norm(layer, x, dtypes=("float32",)) -> bool:
     """`layer` is keras' LayerNormalization over the last axis of `x`, with both
-    scale and offset, computing in float32 (what the fused kernels replace)."""
+    scale and offset, computing in one of `dtypes` (what the fused kernels
+    replace, in the dtypes each was measured in)."""
     if type(layer) is not keras.layers.LayerNormalization:
         return False
     axis = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
@@ -204,7 +210,7 @@ def plain_layer_norm(layer, x) -> bool:
         and layer.center
         and layer.scale
         and not getattr(layer, "rms_scaling", False)
-        and layer.compute_dtype == "float32"
+        and layer.compute_dtype in dtypes
     )
 
 
