@@ -508,6 +508,43 @@ def test_jax_compiler_options_only_where_measured(monkeypatch):
     assert jax_kernels.jax_compiler_options(v1) == {}
 
 
+@pytest.fixture(scope="module")
+def float32_compute_case(small_v2_weights):
+    """A bfloat16 V2 model's predict_batch on JAX (computed in float32 on a float32 copy
+    of the architecture) and the float32 model's, with its weights and inputs."""
+    weights, x = small_v2_weights
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fast_ops, "_DISABLED", {})
+        spy = Spy(patch, jax_kernels, "float32_twin")
+        fast = _fresh_v2(weights).with_head(dtype="bfloat16").predict_batch(x)
+        assert spy.calls == 1 and fast_ops.disabled_fast_paths() == {}
+    reference = _fresh_v2(weights).predict_batch(x)  # float32 arithmetic, float32 weights
+    return weights, x, fast, reference
+
+
+@pytest.mark.slow  # JAX compiles a model per mode
+@pytest.mark.skipif(BACKEND != "jax", reason="a JAX fast path")
+@pytest.mark.parametrize("mode", MODES)
+def test_jax_float32_compute_fallback_equals_it(float32_compute_case, mode, monkeypatch):
+    """Switched off, a bfloat16 model computes in bfloat16, within bfloat16's rounding of
+    float32; the fast path (float32 arithmetic on the bfloat16 weights) is closer to
+    float32 than that. A float32 model never gets a float32 copy."""
+    weights, x, fast, reference = float32_compute_case
+    assert jax_kernels.float32_twin(_fresh_v2(weights)) is None
+    model = _fresh_v2(weights).with_head(dtype="bfloat16")
+    with monkeypatch.context() as patch:
+        spy = Spy(patch, jax_kernels, "_float32_runner", fail=mode == "failure")
+        if mode == "off_cpu":
+            patch.setattr(fast_ops, "on_cpu", lambda x=None: False)
+        with _switched_off(mode, patch, "jax_float32_compute"):
+            fallback = model.predict_batch(x)
+    assert spy.calls == (1 if mode == "failure" else 0)
+    assert list(fast_ops.disabled_fast_paths()) == (["jax_float32_compute"] * (mode == "failure"))
+    fast_error = np.abs(fast - reference).max()
+    fallback_error = np.abs(np.float32(fallback) - reference).max()
+    assert fast_error < fallback_error < 0.05 * np.abs(reference).max()
+
+
 # backend -> (fast path, the function that runs each layer in the layer-by-layer inference)
 LAYER_KERNELS = {
     "torch": ("torch_kernels", torch_kernels, "torch_apply"),

@@ -34,6 +34,10 @@ The fast paths (name: what it is; the fallback that replaces it):
   `jax.lax.map` when its hidden tensor is large (`row_blocks`,
   `jax_by_row_blocks`), so each block stays in the cache; fallback the tail in
   one piece.
+- "jax_float32_compute" (jax): `predict_batch` of a model whose body is
+  bfloat16 runs a float32 copy of its architecture (never allocated) on the
+  bfloat16 weights cast inside the jit (`jax_kernels.float32_twin`): XLA:CPU has
+  no bfloat16 kernels faster than its float32 ones; fallback the bfloat16 call.
 - "torch_row_blocks" (torch): the same blocks in the layer-by-layer inference
   without autograd, in float32, one after another (`torch_by_row_blocks`);
   fallback the tail in one piece.
@@ -109,6 +113,7 @@ FAST_PATHS = (
     "jax_shifted_sum",
     "jax_compiler_options",
     "jax_row_blocks",
+    "jax_float32_compute",
     "torch_row_blocks",
     "layerwise_call",
     "compiled_inference",
