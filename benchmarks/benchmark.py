@@ -606,12 +606,13 @@ def worker_main(args):
         if not command:
             continue
         if command[0] == "run":
-            times = []
+            times, cpu_times = [], []
             for _ in range(int(command[1])):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 forward()
                 times.append(time.perf_counter() - t0)
-            _send({"times": times})
+                cpu_times.append(time.process_time() - c0)
+            _send({"times": times, "cpu_times": cpu_times})
         elif command[0] == "quit":
             _send({"peak_rss_mb": _peak_rss_mb()})
             return
@@ -713,9 +714,12 @@ class Worker:
         )
 
     def run(self, iterations):
+        """Wall seconds of `iterations` passes (their CPU seconds in `self.cpu_times`)."""
         self.proc.stdin.write(f"run {iterations}\n")
         self.proc.stdin.flush()
-        return self._receive()["times"]
+        answer = self._receive()
+        self.cpu_times = getattr(self, "cpu_times", []) + answer.get("cpu_times", [])
+        return answer["times"]
 
     def close(self):
         self.proc.stdin.write("quit\n")
@@ -814,6 +818,9 @@ def bench_variant(variant, batch, sides, args):
         row["call"] = None if side.side.startswith("timm") else side.call
         row["env"] = side.env
         row["runnable_threads"] = runnable[key]
+        # the process's CPU seconds per pass (all its threads): a busy machine
+        # stretches wall time, much less the CPU time a pass needs
+        row["cpu_median_s"] = statistics.median(workers[key].cpu_times)
         rows.append(row)
     timm_row = rows[0]
     compiled = next((row for row in rows if row["name"] == TIMM_COMPILED), None)
@@ -821,6 +828,7 @@ def bench_variant(variant, batch, sides, args):
     for row in rows:
         row["ratio_to_timm"] = row["images_per_s"] / timm_row["images_per_s"]
         row["rss_ratio_to_timm"] = row["peak_rss_mb"] / timm_row["peak_rss_mb"]
+        row["cpu_ratio_to_timm"] = row["cpu_median_s"] / timm_row["cpu_median_s"]
         if compiled is not None:
             row["ratio_to_timm_compiled"] = row["images_per_s"] / compiled["images_per_s"]
         if peak:
@@ -1017,6 +1025,14 @@ def _extra_sections(report):
             "",
         ]
         lines += _pivot(results, lambda r: r["fraction_of_peak"], "{:.1%}".format)
+    if all("cpu_ratio_to_timm" in r for r in results):
+        lines += [
+            "",
+            "CPU time per pass relative to timm eager (the process's CPU seconds, all its "
+            "threads; < 1 is less; a loaded machine stretches wall time more than this):",
+            "",
+        ]
+        lines += _pivot(results, lambda r: r["cpu_ratio_to_timm"], "{:.2f}x".format)
     if all("first_call_s" in r for r in results):
         lines += ["", "First call in seconds (compilation / tracing; not in the timed passes):", ""]
         lines += _pivot(results, lambda r: r["first_call_s"], "{:.1f}".format)

@@ -501,9 +501,17 @@ class Embedder:
         sidecar JSON holding this embedder's preprocessing and its threshold (when one
         was given or calibrated); see `weights_convert.export_model` for `options`
         (format, dtype, batch_size, input_size, dynamic_size, with_normalization,
-        input_dtype). Returns the sidecar's content."""
-        from weights_convert.export import export_model
+        input_dtype). Returns the sidecar's content. A bfloat16 embedder is refused:
+        the exporters' runtimes (onnxruntime, LiteRT) have few bfloat16 kernels;
+        export a float32 one (LiteRT's dtype="float16" halves the weights)."""
+        from weights_convert.export import ExportError, export_model
 
+        if self.dtype != "float32":
+            raise ExportError(
+                f"This Embedder computes in {self.dtype}; export a float32 one "
+                "(Embedder(..., dtype='float32')), or for half-precision weights LiteRT's "
+                "dtype='float16'."
+            )
         options.setdefault("pretrained_cfg", self.pretrained_cfg)
         options.setdefault("threshold", self.threshold)
         return export_model(self.model, path, **options)

@@ -107,7 +107,9 @@ def test_quick_benchmark_writes_table(tmp_path):
             current = []
     speed, memory, full, *extra = tables
     assert [len(table) for table in extra] == [len(speed)] * len(extra)
-    assert ("fraction of this CPU's float32 peak" in markdown) == (len(extra) == 2)
+    assert ("fraction of this CPU's float32 peak" in markdown) == (len(extra) == 3)
+    assert "CPU time per pass relative to timm eager" in markdown
+    assert all(row["cpu_median_s"] > 0 for row in rows)
     assert "First call in seconds" in markdown and all(row["first_call_s"] > 0 for row in rows)
     assert speed[0] == "| variant | batch | " + " | ".join(names) + " |"
     assert len(speed) == len(memory) == 2 + 2

@@ -103,7 +103,7 @@ def test_bfloat16_flips_only_decisions_at_the_threshold(timm_atto_checkpoint):
     assert not (flipped & ~near).any()
 
 
-def test_in_dtype_keeps_or_casts_and_refuses_what_it_cannot(small_checkpoint):
+def test_in_dtype_keeps_or_casts_and_refuses_what_it_cannot(small_checkpoint, tmp_path):
     import keras
 
     folder = small_checkpoint[0]
@@ -118,6 +118,9 @@ def test_in_dtype_keeps_or_casts_and_refuses_what_it_cannot(small_checkpoint):
         np.testing.assert_allclose(got, want, rtol=2**-8, atol=0, err_msg=a.path)
     with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16"):
         Embedder(folder, cache=False, dtype="float16")
+    with pytest.raises(ValueError, match="computes in bfloat16; export a float32 one"):
+        Embedder(model=cast, dtype="bfloat16").export(tmp_path / "model.onnx")
+    assert not list(tmp_path.iterdir())
     plain = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.GlobalAveragePooling2D()])
     with pytest.raises(ValueError, match="needs a ConvNeXt model"):
         in_dtype(plain, "bfloat16")
