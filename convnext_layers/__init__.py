@@ -6,6 +6,8 @@
   pointwise dense, norms, layer scale, stochastic depth, GRN, GeM pooling).
 - `model`: `ConvNeXt`, the functional model class every variant, converted
   checkpoint and embedding model is an instance of.
+- `dtypes`: the dtypes a `ConvNeXt` computes in (`ConvNeXt(dtype="bfloat16")`:
+  the body in bfloat16, the head in float32).
 - `fast_ops`: every private or backend-specific API the layers use, each with a
   portable fallback.
 

@@ -24,9 +24,7 @@ Layer names follow timm's module paths, which is what `weights_convert` maps:
 
 from __future__ import annotations
 
-import contextlib
 import difflib
-import functools
 import inspect
 import math
 import time
@@ -41,6 +39,7 @@ from convnext_layers.config import (
     plan_strides,
     stem_strides,
 )
+from convnext_layers.dtypes import built_in_dtype, dtype_policy, head_dtype
 from convnext_layers.layers import (
     POOLINGS,
     DepthwiseConv,
@@ -405,61 +404,6 @@ def _input_layer(input_shape, input_tensor):
     return keras.Input(shape=input_shape, name="image"), input_shape
 
 
-# what `ConvNeXt(dtype=...)` takes: the dtype its body computes and keeps its weights in
-DTYPES = ("float32", "bfloat16")
-
-
-def check_dtype(dtype) -> str | None:
-    """`dtype` as a `DTYPES` name (None stays None: keras' global policy); a clear
-    ModelArgumentError otherwise."""
-    if dtype is None:
-        return None
-    name = getattr(dtype, "name", dtype)  # a numpy / ml_dtypes dtype
-    if not isinstance(name, str) or name not in DTYPES:
-        raise ModelArgumentError(
-            f"dtype must be one of {', '.join(DTYPES)} (or None: keras' policy); got {dtype!r}."
-        )
-    return name
-
-
-@contextlib.contextmanager
-def dtype_policy(name: str | None):
-    """Keras' global dtype policy set to `name` within the block (None: unchanged);
-    what a model built inside computes and keeps its weights in."""
-    if name is None:
-        yield
-        return
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(name)
-    try:
-        yield
-    finally:
-        keras.config.set_dtype_policy(previous)
-
-
-def _head_dtype() -> str | None:
-    """float32 for the head of a model built in bfloat16 / float16 (pooling, head
-    norm, classifier, L2: a few (B, C) vectors, where half precision would cost
-    accuracy and save nothing); None (the policy) otherwise."""
-    policy = keras.config.dtype_policy()
-    half = policy.compute_dtype in ("bfloat16", "float16")
-    return "float32" if half and policy.variable_dtype == policy.compute_dtype else None
-
-
-def _built_in_dtype(init):
-    """`ConvNeXt.__init__` with a `dtype` argument (`DTYPES`): the layers are made
-    under that keras dtype policy (the head in float32, `_head_dtype`)."""
-
-    @functools.wraps(init)
-    def __init__(self, *args, dtype=None, **kwargs):
-        dtype = check_dtype(dtype)
-        with dtype_policy(dtype):
-            init(self, *args, **kwargs)
-        object.__setattr__(self, "_dtype_argument", dtype)
-
-    return __init__
-
-
 @keras.saving.register_keras_serializable(package="convnext")
 class ConvNeXt(keras.Model):
     """A ConvNeXt (V1 or V2, any timm architecture) as a functional `keras.Model`.
@@ -499,7 +443,7 @@ class ConvNeXt(keras.Model):
     (`pretrained_cfg`: RGB in [0, 1], then (x - mean) / std).
     """
 
-    @_built_in_dtype
+    @built_in_dtype
     def __init__(
         self,
         config,
@@ -566,7 +510,7 @@ class ConvNeXt(keras.Model):
             )
             if normalize:
                 l2 = keras.layers.UnitNormalization
-                head.append(l2(axis=-1, name="embedding_l2", dtype=_head_dtype()))
+                head.append(l2(axis=-1, name="embedding_l2", dtype=head_dtype()))
         plan = LayerPlan(_stem_layers(config, strides[0]), stages, head)
         outputs = plan.run(inputs, output_stages)
         super().__init__(inputs, outputs, name=name or timm_architecture or "convnext", **kwargs)
@@ -595,8 +539,8 @@ class ConvNeXt(keras.Model):
     @staticmethod
     def _head_layers(config, num_classes, include_top, pooling, head_norm, gem_p, activation):
         """The one place the head is laid out: the layers (B, h, w, C) -> the output
-        (in float32 when the model is built in half precision, `_head_dtype`)."""
-        with dtype_policy(_head_dtype()):
+        (in float32 when the model is built in half precision, `dtypes.head_dtype`)."""
+        with dtype_policy(head_dtype()):
             return ConvNeXt._head_layers_of(
                 config, num_classes, include_top, pooling, head_norm, gem_p, activation
             )

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from convnext_layers.model import ConvNeXt, check_dtype
+from convnext_layers.dtypes import check_dtype
+from convnext_layers.model import ConvNeXt
 from embedding.errors import (
     EmptyInputError,
     ImageLoadError,

@@ -27,7 +27,7 @@ import numpy as np
 
 import weights_convert
 from convnext_layers import POOLINGS, ConvNeXt, GeneralizedMeanPooling
-from convnext_layers.model import check_dtype
+from convnext_layers.dtypes import check_dtype
 from embedding.errors import ModelUnavailableError
 
 __all__ = [
