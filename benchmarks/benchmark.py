@@ -5,7 +5,12 @@
         --call predict_batch,predict_on_batch --xla-flags auto
 
 (docs/performance.md's tables: every variant at batch 1, 8 and 32, both Keras inference
-entry points, and JAX once more with the XLA CPU flags measured to help it.)
+entry points, and JAX once more with the XLA CPU flags measured to help it.) Round
+three's tables add timm + torch.compile and run once per dtype:
+
+    python benchmarks/benchmark.py --variant convnext_atto,convnextv2_atto,convnext_tiny \\
+        --backend all --batch-size 1,8,32 --timm-compile --dtype bfloat16 \\
+        --output benchmarks/results/cpu_r224_bfloat16
 
 For every variant it times our model on each requested Keras backend and timm's
 model, each side in its own worker subprocess (one framework per process: a
@@ -32,6 +37,15 @@ What is timed
          documented in docs/performance.md (XLA_FLAGS_MEASURED below).
   timm:  `model(x)` on a torch tensor under `torch.inference_mode()`, eager,
          NCHW, i.e. timm used as shipped.
+  timm +compile (--timm-compile): the same model through `torch.compile(model)`
+         (inductor, default mode), timm at its fastest as a user runs it. Its
+         compilation happens in the worker's first warm-up pass and is reported
+         apart ("first call"), never inside the timed passes.
+  dtype: --dtype bfloat16 times every side in bfloat16: timm's model and input
+         `.to(torch.bfloat16)`, ours built with `dtype="bfloat16"` (the body in
+         bfloat16, normalisation statistics and the head in float32), fed the
+         float32 batch as `Embedder` does. Ratios are always to timm of the same
+         dtype.
   Both get the same batch (same values; NHWC for Keras, NCHW for timm), the
   same dtype and randomly initialised weights (speed does not depend on the
   values). The NumPy -> framework conversion is part of the Keras timing.
@@ -42,6 +56,15 @@ FLOPs
   the classifier; normalisations, GELU, GRN and the residual adds are left
   out (< 1 % of the total). It equals torch.utils.flop_counter's count on the
   timm model (convnext_tiny at 224: 4.46 GMACs). GFLOP/s = 2 x MACs x images/s.
+  The fraction of this CPU's peak divides that by `cpu_peak_gflops` (cores x
+  clock x FLOPs per cycle of the widest FMA / dot-product instructions the CPU
+  reports; its derivation is written into the results).
+
+First call
+  The first warm-up pass of each worker, timed on its own: JAX's jit
+  compilation, TensorFlow's tracing, torch.compile's compilation (timm
+  +compile), or nothing much (eager). Reported per row, apart from the timed
+  passes.
 
 Peak memory
   `ru_maxrss` of the worker process (RSS high-water mark: framework, model,
@@ -168,19 +191,15 @@ def _keras_forward(args):
     import keras
     import numpy as np
 
-    if args.dtype != "float32":
-        keras.config.set_dtype_policy(args.dtype)
     from convnext_v1 import create_convnext_v1
     from convnext_v2 import create_convnext_v2
 
     family, size = parse_variant(args.variant)
     create = create_convnext_v2 if family == "v2" else create_convnext_v1
-    model = create(size, input_shape=(args.resolution, args.resolution, 3))
+    # bfloat16: the body in bfloat16, norm statistics and the head in float32 (what
+    # Embedder(dtype="bfloat16") runs); the float32 batch is converted inside
+    model = create(size, input_shape=(args.resolution, args.resolution, 3), dtype=args.dtype)
     x = _input_batch(args.batch_size, args.resolution)
-    if args.dtype == "bfloat16":
-        import ml_dtypes
-
-        x = x.astype(ml_dtypes.bfloat16)
 
     if args.call == "predict_batch":
 
@@ -233,13 +252,15 @@ def _backend_version(backend):
     return f"torch {torch.__version__}"
 
 
-def _timm_forward(args):
+def _timm_forward(args, compiled=False):
     import timm
     import torch
 
     device = "cuda" if args.device == "gpu" else "cpu"
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     model = timm.create_model(args.variant, pretrained=False).eval().to(device, dtype)
+    if compiled:  # compiles on the first call (the worker's first warm-up pass)
+        model = torch.compile(model)
     x = torch.from_numpy(_input_batch(args.batch_size, args.resolution).transpose(0, 3, 1, 2))
     x = x.contiguous().to(device, dtype)
 
@@ -251,11 +272,15 @@ def _timm_forward(args):
         return out
 
     info = {
-        "framework": f"timm {timm.__version__} (eager)",
+        "framework": f"timm {timm.__version__} ({'torch.compile' if compiled else 'eager'})",
         "backend_version": f"torch {torch.__version__}",
         "params": int(sum(p.numel() for p in model.parameters())),
     }
     return forward, info
+
+
+def _timm_compiled_forward(args):
+    return _timm_forward(args, compiled=True)
 
 
 def _image_paths(folder):
@@ -543,6 +568,7 @@ def bench_cold_start(variant, backends, args):
 WORKERS = {
     "keras": _keras_forward,
     "timm": _timm_forward,
+    "timm-compile": _timm_compiled_forward,
     "keras-e2e": _keras_e2e,
     "timm-e2e": _timm_e2e,
 }
@@ -560,21 +586,33 @@ def worker_main(args):
     forward, info = WORKERS[args.side](args)
     build_s = time.perf_counter() - start
     start = time.perf_counter()
-    for _ in range(args.warmup):
+    forward()  # compiles / traces where the side does
+    first_call_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(args.warmup - 1):
         forward()
     warmup_s = time.perf_counter() - start
-    _send({"ready": True, "build_s": build_s, "warmup_s": warmup_s, **info})
+    _send(
+        {
+            "ready": True,
+            "build_s": build_s,
+            "first_call_s": first_call_s,
+            "warmup_s": warmup_s,
+            **info,
+        }
+    )
     for line in sys.stdin:
         command = line.split()
         if not command:
             continue
         if command[0] == "run":
-            times = []
+            times, cpu_times = [], []
             for _ in range(int(command[1])):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 forward()
                 times.append(time.perf_counter() - t0)
-            _send({"times": times})
+                cpu_times.append(time.process_time() - c0)
+            _send({"times": times, "cpu_times": cpu_times})
         elif command[0] == "quit":
             _send({"peak_rss_mb": _peak_rss_mb()})
             return
@@ -598,9 +636,15 @@ class Side:
         return self.name
 
 
-def sides_for(backends, calls, xla_flags):
-    """timm first, then every backend x call, then JAX with `xla_flags` (if any)."""
+TIMM_COMPILED = "timm +compile"
+
+
+def sides_for(backends, calls, xla_flags, timm_compile=False):
+    """timm first (then timm + torch.compile with `timm_compile`), then every
+    backend x call, then JAX with `xla_flags` (if any)."""
     sides = [Side("timm", "torch")]
+    if timm_compile:
+        sides.append(Side("timm-compile", "torch", name=TIMM_COMPILED))
     for backend in backends:
         for call in calls:
             name = f"keras-{backend}" + (f" {call}" if len(calls) > 1 else "")
@@ -670,9 +714,12 @@ class Worker:
         )
 
     def run(self, iterations):
+        """Wall seconds of `iterations` passes (their CPU seconds in `self.cpu_times`)."""
         self.proc.stdin.write(f"run {iterations}\n")
         self.proc.stdin.flush()
-        return self._receive()["times"]
+        answer = self._receive()
+        self.cpu_times = getattr(self, "cpu_times", []) + answer.get("cpu_times", [])
+        return answer["times"]
 
     def close(self):
         self.proc.stdin.write("quit\n")
@@ -710,6 +757,7 @@ def _summarise(name, info, times, loads, peak_rss_mb, batch, flops):
         "params": info["params"],
         "batch_size": batch,
         "build_s": round(info["build_s"], 2),
+        "first_call_s": round(info["first_call_s"], 2),
         "warmup_s": round(info["warmup_s"], 2),
         "runs": len(times),
         "median_s": median,
@@ -767,14 +815,24 @@ def bench_variant(variant, batch, sides, args):
             side.name, workers[key].info, times[key], loads[key], peaks[key], batch, flops
         )
         row["variant"] = variant
-        row["call"] = None if side.side == "timm" else side.call
+        row["call"] = None if side.side.startswith("timm") else side.call
         row["env"] = side.env
         row["runnable_threads"] = runnable[key]
+        # the process's CPU seconds per pass (all its threads): a busy machine
+        # stretches wall time, much less the CPU time a pass needs
+        row["cpu_median_s"] = statistics.median(workers[key].cpu_times)
         rows.append(row)
     timm_row = rows[0]
+    compiled = next((row for row in rows if row["name"] == TIMM_COMPILED), None)
+    peak = cpu_peak_gflops().get(args.dtype) if args.device == "cpu" else None
     for row in rows:
         row["ratio_to_timm"] = row["images_per_s"] / timm_row["images_per_s"]
         row["rss_ratio_to_timm"] = row["peak_rss_mb"] / timm_row["peak_rss_mb"]
+        row["cpu_ratio_to_timm"] = row["cpu_median_s"] / timm_row["cpu_median_s"]
+        if compiled is not None:
+            row["ratio_to_timm_compiled"] = row["images_per_s"] / compiled["images_per_s"]
+        if peak:
+            row["fraction_of_peak"] = row["gflops_per_s"] / peak
     return rows
 
 
@@ -867,6 +925,72 @@ def machine_description(device):
     return desc
 
 
+def _cpu_facts():
+    """(usable CPUs, cores per socket x sockets, threads per core, MHz, flags) of this
+    Linux CPU from /proc/cpuinfo; Nones where it says nothing."""
+    facts = {"mhz": None, "flags": set(), "siblings": None, "cores": None}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = (s.strip() for s in line.partition(":"))
+                if key == "cpu MHz" and facts["mhz"] is None:
+                    facts["mhz"] = float(value)
+                elif key == "flags" and not facts["flags"]:
+                    facts["flags"] = set(value.split())
+                elif key == "siblings" and facts["siblings"] is None:
+                    facts["siblings"] = int(value)
+                elif key == "cpu cores" and facts["cores"] is None:
+                    facts["cores"] = int(value)
+    except (OSError, ValueError):
+        pass
+    return facts
+
+
+# FLOPs per cycle per core of one instruction family: 2 (multiply + add) x lanes x
+# units. FMA units: 2 on the server cores with AVX-512 (Xeon Gold / Platinum, AMD
+# Zen 4's two 256-bit halves give the same per-cycle count); /proc/cpuinfo does not
+# say, so this is the assumption written into the results.
+FMA_UNITS = 2
+AMX_BF16_FLOPS_PER_CYCLE = 1024  # Intel AMX: a TDPBF16PS 16x32x16 tile product per 16 cycles
+
+
+def cpu_peak_gflops():
+    """{"float32": GFLOP/s, "bfloat16": GFLOP/s, "derivation": text} of this CPU, from
+    its flags (the widest float32 FMA; bfloat16 dot products AVX512_BF16 or AMX-BF16),
+    its usable cores and its nominal clock (/proc/cpuinfo "cpu MHz"; a core may run
+    faster in turbo, so a measured rate can pass the nominal peak). {} where
+    /proc/cpuinfo gives no clock."""
+    facts = _cpu_facts()
+    if not facts["mhz"]:
+        return {}
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads_per_core = (facts["siblings"] or 1) // (facts["cores"] or 1) or 1
+    cores = max(1, usable // threads_per_core)
+    flags = facts["flags"]
+    lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
+    # a fused multiply-add is 2 FLOPs; without FMA, a multiply and an add unit
+    fp32_per_cycle = (2 if "fma" in flags or "avx512f" in flags else 1) * lanes * FMA_UNITS
+    fp32_name = "AVX-512 FMA" if lanes == 16 else "AVX2 FMA" if lanes == 8 else "SSE"
+    if "amx_bf16" in flags:
+        bf16_per_cycle, bf16_name = AMX_BF16_FLOPS_PER_CYCLE, "AMX-BF16 tiles"
+    elif "avx512_bf16" in flags:
+        bf16_per_cycle, bf16_name = 2 * fp32_per_cycle, "AVX512_BF16 dot products"
+    else:
+        bf16_per_cycle, bf16_name = fp32_per_cycle, "no bfloat16 instructions (as float32)"
+    ghz = facts["mhz"] / 1000
+    derivation = (
+        f"{cores} core(s) ({usable} usable CPUs, {threads_per_core} thread(s) per core) "
+        f"x {ghz:.2f} GHz nominal (/proc/cpuinfo) x FLOPs per cycle: float32 "
+        f"{fp32_per_cycle:g} ({fp32_name}, {FMA_UNITS} FMA units assumed), bfloat16 "
+        f"{bf16_per_cycle:g} ({bf16_name})"
+    )
+    return {
+        "float32": cores * ghz * fp32_per_cycle,
+        "bfloat16": cores * ghz * bf16_per_cycle,
+        "derivation": derivation,
+    }
+
+
 def _pivot(rows, value, fmt):
     """A (variant, batch) x implementation table of `value(row)` as Markdown lines."""
     names = list(dict.fromkeys(row["name"] for row in rows))
@@ -880,6 +1004,38 @@ def _pivot(rows, value, fmt):
         by_name = {r["name"]: r for r in group}
         cells = [fmt(value(by_name[n])) if n in by_name else "" for n in names]
         lines.append(f"| {variant} | {batch} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _extra_sections(report):
+    """The sections a run with timm + torch.compile, a known CPU peak and first-call
+    times adds, after the full table (the tables before it keep their layout)."""
+    results, lines = report["results"], []
+    with_compiled = [r for r in results if "ratio_to_timm_compiled" in r]
+    if with_compiled:
+        lines += ["", "Speed relative to timm + torch.compile (images/s ratio, > 1 is faster):", ""]
+        lines += _pivot(with_compiled, lambda r: r["ratio_to_timm_compiled"], "{:.2f}x".format)
+    peak = report["machine"].get("peak_gflops") or {}
+    dtype = report["config"]["dtype"]
+    if peak.get(dtype) and all("fraction_of_peak" in r for r in results):
+        lines += [
+            "",
+            f"GFLOP/s as a fraction of this CPU's {dtype} peak ({peak[dtype]:.0f} GFLOP/s: "
+            f"{peak['derivation']}):",
+            "",
+        ]
+        lines += _pivot(results, lambda r: r["fraction_of_peak"], "{:.1%}".format)
+    if all("cpu_ratio_to_timm" in r for r in results):
+        lines += [
+            "",
+            "CPU time per pass relative to timm eager (the process's CPU seconds, all its "
+            "threads; < 1 is less; a loaded machine stretches wall time more than this):",
+            "",
+        ]
+        lines += _pivot(results, lambda r: r["cpu_ratio_to_timm"], "{:.2f}x".format)
+    if all("first_call_s" in r for r in results):
+        lines += ["", "First call in seconds (compilation / tracing; not in the timed passes):", ""]
+        lines += _pivot(results, lambda r: r["first_call_s"], "{:.1f}".format)
     return lines
 
 
@@ -900,7 +1056,9 @@ def render_markdown(report):
             else ""
         )
         + "; median pass. Keras: "
-        f"`{', '.join(cfg['calls'])}`; timm: eager `model(x)` under `torch.inference_mode()`."
+        f"`{', '.join(cfg['calls'])}`; timm: eager `model(x)` under `torch.inference_mode()`"
+        + (" (and `torch.compile(model)`: timm +compile)" if cfg.get("timm_compile") else "")
+        + "."
         + (f" XLA_FLAGS row: `{cfg['xla_flags']}`." if cfg.get("xla_flags") else ""),
         "",
     ]
@@ -930,6 +1088,8 @@ def render_markdown(report):
             f"| {row['min_s'] * 1e3:.1f}-{row['max_s'] * 1e3:.1f} | {row['peak_rss_mb']:.0f} "
             f"| {load} |"
         )
+    if results:
+        lines += _extra_sections(report)
     if report.get("cold_start"):
         lines += [
             "",
@@ -1006,6 +1166,11 @@ def main(argv=None):
         default=None,
         help="also time JAX with XLA_FLAGS set to this ('auto': docs/performance.md's flags)",
     )
+    p.add_argument(
+        "--timm-compile",
+        action="store_true",
+        help="also time timm through torch.compile (its compilation reported apart)",
+    )
     p.add_argument("--quick", action="store_true", help="tiny batch and few passes (CI smoke)")
     p.add_argument("--output", default=None, help="output path without extension")
     p.add_argument("--images", default=None, help="end-to-end mode: a folder of JPEGs")
@@ -1051,11 +1216,14 @@ def main(argv=None):
         bad = [b for b in backends if b not in BACKENDS]
         if bad:
             p.error(f"unknown backend(s) {bad}; choose from {BACKENDS} or all")
-    sides = sides_for(backends, calls, xla_flags)
+    sides = sides_for(backends, calls, xla_flags, args.timm_compile)
 
     report = {
         "created": _dt.datetime.now().isoformat(timespec="seconds"),
-        "machine": machine_description(args.device),
+        "machine": {
+            **machine_description(args.device),
+            "peak_gflops": cpu_peak_gflops() if args.device == "cpu" else {},
+        },
         "config": {
             "variants": variants,
             "backends": backends,
@@ -1069,6 +1237,7 @@ def main(argv=None):
             "min_round_seconds": args.min_round_seconds,
             "calls": calls,
             "xla_flags": xla_flags or None,
+            "timm_compile": args.timm_compile,
             "quick": args.quick,
             "flops": "analytic: 2 x MACs of convolutions and matmuls (benchmark.macs)",
         },

@@ -9,6 +9,8 @@
 - `model`: `ConvNeXt`, the functional model class every variant, converted
   checkpoint and embedding model is an instance of; `plan`: the steps of its
   forward pass (`LayerPlan`); `loading`: building it straight from weight values.
+- `dtypes`: the dtypes a `ConvNeXt` computes in (`ConvNeXt(dtype="bfloat16")`:
+  the body in bfloat16, the head in float32).
 - `presets`: keras-hub's preset layout (`ConvNeXt.save_to_preset`,
   `ConvNeXt.from_preset`, `upload_preset`).
 - `fast_ops`: every private or backend-specific API the layers use, each with a

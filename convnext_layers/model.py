@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import time
 
 import keras
 import numpy as np
@@ -34,6 +35,7 @@ import numpy as np
 from convnext_common.jsonable import jsonable
 from convnext_layers import fast_ops, presets
 from convnext_layers.config import ConvNeXtConfig
+from convnext_layers.dtypes import built_in_dtype
 from convnext_layers.errors import ConfigError, ModelArgumentError
 from convnext_layers.layers import POOLINGS
 from convnext_layers.loading import (
@@ -44,6 +46,7 @@ from convnext_layers.loading import (
     weights_by_name,
 )
 from convnext_layers.plan import (
+    apply_layer,
     apply_layer_directly,
     build_layer_plan,
     check_pooling,
@@ -110,7 +113,7 @@ def _check_unknown_arguments(kwargs):
         return
     parameters = inspect.signature(ConvNeXt.__init__).parameters
     valid = [n for n, p in parameters.items() if p.kind is p.KEYWORD_ONLY]
-    valid += ["layer_scale_init_value", *_KERAS_MODEL_ARGUMENTS]  # the V1 factory's own
+    valid += ["dtype", "layer_scale_init_value", *_KERAS_MODEL_ARGUMENTS]  # the V1 factory's own
     described = []
     for name in unknown:
         close = difflib.get_close_matches(name, valid, n=1)
@@ -219,12 +222,17 @@ class ConvNeXt(keras.Model):
         metadata: any other JSON-able facts to keep with the model (fine-tuning
             results, a calibrated verification threshold, ...).
         name: the model's name.
+        dtype: "float32" or "bfloat16": the dtype the body computes and keeps its
+            weights in (bfloat16: normalisation statistics, GRN and the head,
+            L2 included, still in float32); None (default): keras' global dtype
+            policy, e.g. mixed precision for training.
 
     Input (B, H, W, C) float images, C = `config.in_chans`, normalised as the
     weights expect (`pretrained_cfg`: RGB, or grey for one channel, in [0, 1],
     then (x - mean) / std).
     """
 
+    @built_in_dtype
     def __init__(
         self,
         config,
@@ -319,9 +327,11 @@ class ConvNeXt(keras.Model):
             return super().call(inputs, training=training, mask=mask, **kwargs)
 
         def layerwise():
-            dtype = self.inputs[0].dtype
-            images = keras.ops.convert_to_tensor(x, dtype=dtype)
             plan = self._layer_plan
+            dtype = plan.body_dtype()  # the images as the stem computes them
+            images = keras.ops.convert_to_tensor(x, dtype=dtype)
+            # a float32 head after a bfloat16 body: keras' call casts its input
+            head = None if plan.runs_directly(dtype, head=True) else apply_layer
             if not plan.runs_directly(dtype):
                 outputs = plan.run(images, self.output_stages)
             elif (kernels := fast_ops.layer_kernels(images)) is not None:
@@ -332,11 +342,15 @@ class ConvNeXt(keras.Model):
                         self.output_stages,
                         kernels.apply or apply_layer_directly,
                         kernels.by_rows,
+                        head,
                     ),
-                    lambda: plan.run(images, self.output_stages, apply_layer_directly),
+                    lambda: plan.run(
+                        images, self.output_stages, apply_layer_directly, head_apply=head
+                    ),
                 )
             else:
-                outputs = plan.run(images, self.output_stages, apply_layer_directly)
+                direct = apply_layer_directly
+                outputs = plan.run(images, self.output_stages, direct, head_apply=head)
             return outputs[0] if isinstance(outputs, list) and len(outputs) == 1 else outputs
 
         return fast_ops.guarded(
@@ -371,12 +385,33 @@ class ConvNeXt(keras.Model):
             "compiled_inference", lambda: infer(images), lambda: self.predict_on_batch(images)
         )
 
+    def warmup(self, batch_sizes=(1,), image_size=None) -> dict:
+        """Runs `predict_batch` once on zeros at each batch size, so that what it
+        compiles (JAX's jit, TensorFlow's trace) happens now and not on the first
+        request; a service calls it before it reports ready. `image_size`:
+        (height, width), needed when the model takes any size. Returns {batch size:
+        seconds of that first call}."""
+        height, width, channels = self.input_shape[1:]
+        if image_size is not None:
+            height, width = image_size
+        if height is None or width is None:
+            raise ModelArgumentError(
+                "warmup needs image_size=(height, width) for a model that takes any size."
+            )
+        seconds = {}
+        for size in batch_sizes:
+            start = time.perf_counter()
+            self.predict_batch(np.zeros((int(size), int(height), int(width), channels), "float32"))
+            seconds[int(size)] = time.perf_counter() - start
+        return seconds
+
     def with_head(self, **head_options) -> ConvNeXt:
         """A new `ConvNeXt` with this model's backbone weights (shared values, copied)
         and another head: any of num_classes, include_top, pooling, head_norm,
         normalize, gem_p, classifier_activation, input_shape, output_stages,
-        metadata. Head layers both models have (same name and shapes) keep their
-        weights; new ones get their initialisers."""
+        metadata, dtype (the weights then cast to it). Head layers both models
+        have (same name and shapes) keep their weights; new ones get their
+        initialisers."""
         config = {**self.get_config(), **head_options}
         values = weights_by_name(self)
 
@@ -421,6 +456,7 @@ class ConvNeXt(keras.Model):
             "pretrained_cfg": jsonable(self.pretrained_cfg),
             "metadata": jsonable(self.metadata),
             "name": self.name,
+            "dtype": self.__dict__.get("_dtype_argument"),
         }
 
     @classmethod

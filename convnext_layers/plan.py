@@ -13,6 +13,7 @@ from __future__ import annotations
 import keras
 
 from convnext_layers.config import ConvNeXtConfig
+from convnext_layers.dtypes import dtype_policy, head_dtype
 from convnext_layers.errors import ModelArgumentError
 from convnext_layers.layers import (
     DepthwiseConv,
@@ -206,13 +207,21 @@ class LayerPlan:
         steps = [*self.stem, *(step for stage in self.stages for step in stage), *self.head]
         return [layer for step in steps for layer in getattr(step, "layers", (step,))]
 
-    def runs_directly(self, dtype) -> bool:
+    def body_dtype(self):
+        """The dtype the first layer computes in (what the images are converted to)."""
+        return self.layers()[0].compute_dtype
+
+    def runs_directly(self, dtype, head=False) -> bool:
         """Whether inference on `dtype` inputs may call each layer's `call` directly:
-        every layer is built, unquantised, and computes in `dtype` with `dtype`
-        variables (nothing for keras' `__call__` to cast). The answer is kept until a
-        layer's dtype policy object changes (mixed precision, `quantize`): checking
-        every layer took ~100 us, a twentieth of a batch-1 atto pass at 32x32."""
-        layers = self.layers()
+        every layer of the stem and stages (with `head`, of the head) is built,
+        unquantised, and computes in `dtype` with `dtype` variables (nothing for
+        keras' `__call__` to cast). The answer is kept until a layer's dtype policy
+        object changes (mixed precision, `quantize`): checking every layer took
+        ~100 us, a twentieth of a batch-1 atto pass at 32x32."""
+        if head:  # a few layers on (B, C) vectors: checked each call
+            return _all_direct(self.head, dtype)
+        steps = [*self.stem, *(step for stage in self.stages for step in stage)]
+        layers = [layer for step in steps for layer in getattr(step, "layers", (step,))]
         policies = [layer.dtype_policy for layer in layers]
         cached = self._direct
         if (
@@ -222,19 +231,12 @@ class LayerPlan:
             and all(a is b for a, b in zip(cached[1], policies, strict=True))
         ):
             return cached[2]
-        name = keras.backend.standardize_dtype(dtype)
-        answer = all(
-            layer.built
-            and getattr(layer, "quantization_mode", None) is None
-            and layer.compute_dtype == name
-            and layer.variable_dtype == name
-            for layer in layers
-        )
+        answer = _all_direct(layers, dtype)
         if all(layer.built for layer in layers):
             self._direct = (dtype, policies, answer)
         return answer
 
-    def run(self, x, output_stages=None, apply=apply_layer, by_rows=None):
+    def run(self, x, output_stages=None, apply=apply_layer, by_rows=None, head_apply=None):
         for step in self.stem:
             x = _apply_step(step, x, apply, by_rows)
         wanted = {} if output_stages is None else dict.fromkeys(output_stages)
@@ -248,8 +250,20 @@ class LayerPlan:
         if output_stages is not None:
             return [wanted[s] for s in output_stages]
         for step in self.head:
-            x = _apply_step(step, x, apply, by_rows)
+            x = _apply_step(step, x, head_apply or apply, by_rows)
         return x
+
+
+def _all_direct(layers, dtype) -> bool:
+    """Every layer is built, unquantised, and computes in `dtype` with `dtype` variables."""
+    name = keras.backend.standardize_dtype(dtype)
+    return all(
+        layer.built
+        and getattr(layer, "quantization_mode", None) is None
+        and layer.compute_dtype == name
+        and layer.variable_dtype == name
+        for layer in layers
+    )
 
 
 def _apply_step(step, x, apply, by_rows):
@@ -327,7 +341,11 @@ def build_layer_plan(
     rates = iter(_drop_path_rates(config.depths, float(drop_path_rate)))
     stages = [_stage_steps(config, layout, stage, rates) for stage in range(4)]
     # feature maps (timm's features_only) end at the stages, before norm_pre and the head
-    head = [] if output_stages is not None else head_layers(config, head)
+    if output_stages is not None:
+        head = []
+    else:
+        with dtype_policy(head_dtype()):  # float32 after a bfloat16 body
+            head = head_layers(config, head)
     return LayerPlan(_stem_layers(config, layout.stem_stride), stages, head)
 
 

@@ -26,6 +26,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import weights_convert
+from convnext_layers.dtypes import check_dtype
+from convnext_layers.model import ConvNeXt
 from embedding.errors import (
     EmptyInputError,
     ImageLoadError,
@@ -42,9 +44,16 @@ from embedding.metrics import (
     check_threshold,
     verification_metrics,
 )
-from embedding.model import DEFAULT_MODEL, build_model, embedding_dim, predict_padded
+from embedding.model import (
+    DEFAULT_MODEL,
+    build_model,
+    embedding_dim,
+    in_dtype,
+    padded_size,
+    predict_padded,
+)
 from embedding.preprocess import ACCEPTED_INPUTS, DEFAULT_MAX_PIXELS, Preprocessor, describe_input
-from weights_convert.export import export_model
+from weights_convert.export import ExportError, export_model
 
 ON_ERROR = ("raise", "skip")
 # what a checkpoint's embedding is: timm's pre-logits features, or the network's own output
@@ -146,6 +155,10 @@ class Embedder:
             `ImageLoadError`; default PIL's decompression-bomb limit; None: only
             PIL's own limit).
         progress: show a tqdm progress bar in `embed` (default off).
+        dtype: "float32" (default) or "bfloat16": the model's body computes in
+            bfloat16 (on CPUs with AVX512-BF16 / AMX about twice as fast), the
+            normalisation statistics and the head with its L2 in float32; the
+            embeddings are float32 either way (`embedding.model.in_dtype`).
     """
 
     def __init__(
@@ -169,9 +182,11 @@ class Embedder:
         cache: bool = True,
         cache_dir=None,
         verbose: bool = False,
+        dtype: str = "float32",
     ):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}.")
+        dtype = check_dtype(dtype) or "float32"
         if threshold is not None:
             threshold = check_threshold(threshold)
         if head not in HEADS:
@@ -184,12 +199,15 @@ class Embedder:
                 cache=cache,
                 cache_dir=cache_dir,
                 verbose=verbose,
+                dtype=dtype,
             )
             if _embeds_with_output(source, head, model):
                 model = _output_head_model(source, head, pooling, head_norm, verbose)
         else:
             source = None
+            model = in_dtype(model, dtype)
         self.model = model
+        self.dtype = dtype
         self.source = source
         cfg = pretrained_cfg if pretrained_cfg is not None else getattr(model, "pretrained_cfg", {})
         self.pretrained_cfg = dict(cfg or {})
@@ -229,6 +247,18 @@ class Embedder:
         return embedding_dim(self.model)
 
     # -- embedding ----------------------------------------------------------
+
+    def warmup(self) -> dict:
+        """Compiles the model for every batch size `embed` runs (the powers of two up
+        to `batch_size`, `padded_size`) at the preprocessing size, so that no request
+        pays for compilation (JAX's jit, TensorFlow's trace): a service calls it
+        before it reports ready. Returns {batch size: seconds}; {} for a model
+        other than a `ConvNeXt` (nothing to compile ahead)."""
+        if not isinstance(self.model, ConvNeXt):
+            return {}
+        sizes = sorted({padded_size(n, self.batch_size) for n in range(1, self.batch_size + 1)})
+        height, width = self.preprocessor.config.input_size
+        return self.model.warmup(sizes, image_size=(height, width))
 
     def preprocess(
         self, item, channel_order: str | None = None, data_format: str | None = None
@@ -480,7 +510,15 @@ class Embedder:
         sidecar JSON holding this embedder's preprocessing and its threshold (when one
         was given or calibrated); see `weights_convert.export_model` for `options`
         (format, dtype, batch_size, input_size, dynamic_size, with_normalization,
-        input_dtype). Returns the sidecar's content."""
+        input_dtype). Returns the sidecar's content. A bfloat16 embedder is refused:
+        the exporters' runtimes (onnxruntime, LiteRT) have few bfloat16 kernels;
+        export a float32 one (LiteRT's dtype="float16" halves the weights)."""
+        if self.dtype != "float32":
+            raise ExportError(
+                f"This Embedder computes in {self.dtype}; export a float32 one "
+                "(Embedder(..., dtype='float32')), or for half-precision weights LiteRT's "
+                "dtype='float16'."
+            )
         options.setdefault("pretrained_cfg", self.pretrained_cfg)
         options.setdefault("threshold", self.threshold)
         return export_model(self.model, path, **options)

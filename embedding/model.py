@@ -30,6 +30,7 @@ from safetensors.numpy import save_file
 import weights_convert
 from convnext_common.files import atomic_path, atomic_write_text
 from convnext_layers import POOLINGS, ConvNeXt, GeneralizedMeanPooling
+from convnext_layers.dtypes import check_dtype
 from embedding.errors import ModelUnavailableError
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "ModelUnavailableError",
     "build_model",
     "compute_embedding",
+    "in_dtype",
     "embedding_dim",
     "embedding_model_from_state",
     "enable_compilation_cache",
@@ -180,6 +182,26 @@ def as_embedding_model(
     object.__setattr__(result, "pretrained_cfg", dict(cfg or {}))
     object.__setattr__(result, "timm_architecture", arch)
     return result
+
+
+def in_dtype(model: keras.Model, dtype: str) -> keras.Model:
+    """`model` computing in `dtype` ("float32" or "bfloat16"). A `ConvNeXt`
+    is rebuilt with its weights cast (`ConvNeXt.with_head(dtype=...)`: the body in
+    bfloat16, normalisation statistics, GRN and the head with the L2 in float32);
+    float32 keeps a float32 model as it is. Another Keras model cannot keep its
+    norms and head in float32 this way: a ValueError."""
+    dtype = check_dtype(dtype) or "float32"
+    if isinstance(model, ConvNeXt):
+        current = model.get_config()["dtype"] or "float32"
+        if current == dtype and model.compute_dtype == dtype:
+            return model
+        return model.with_head(dtype=dtype)
+    if dtype == "float32" and model.compute_dtype == "float32":
+        return model
+    raise ValueError(
+        f"dtype={dtype!r} needs a ConvNeXt model (this project's); {model.name!r} is a "
+        f"{type(model).__name__} computing in {model.compute_dtype}."
+    )
 
 
 def embedding_dim(model: keras.Model) -> int:
@@ -338,6 +360,7 @@ def build_model(
     cache: bool = True,
     cache_dir=None,
     verbose: bool = False,
+    dtype: str = "float32",
 ) -> keras.Model:
     """A ConvNeXt embedding model (backbone + pooling + head norm + L2), no classifier.
 
@@ -353,12 +376,16 @@ def build_model(
         input_shape: (H, W, 3); default (None, None, 3): any size (the
             `Embedder` resizes to the checkpoint's `pretrained_cfg` input size).
         cache: reuse / store the converted model in the disk cache (`ModelCache`).
+        dtype: "float32" or "bfloat16" (`in_dtype`: the body in bfloat16, the
+            normalisation statistics and the head with its L2 in float32; the
+            cache keeps the float32 model).
 
     Returns a `ConvNeXt` (B, H, W, 3) -> (B, D) that knows its `pretrained_cfg`
     and `timm_architecture`; `embedding_dim(model)` gives D (320 for
     convnext_atto).
     """
     _check_options(pooling, head_norm, normalize)
+    dtype = check_dtype(dtype) or "float32"
     problem = weights_convert.source_problem(source)  # a TypeError for what is no source
     if problem is not None:
         raise weights_convert.CheckpointNotFoundError(
@@ -366,7 +393,8 @@ def build_model(
         )
     if weights_convert.source_kind(source) == "keras":
         model = weights_convert.load_converted(source)
-        return as_embedding_model(model, pooling=pooling, head_norm=head_norm, gem_p=gem_p)
+        model = as_embedding_model(model, pooling=pooling, head_norm=head_norm, gem_p=gem_p)
+        return in_dtype(model, dtype)
     options = {
         "pooling": pooling,
         "head_norm": head_norm,
@@ -382,7 +410,7 @@ def build_model(
                 model = store.load(key)
                 if verbose:
                     print(f"Loaded converted model from cache {store.dir}")
-                return model
+                return in_dtype(model, dtype)
             except Exception as error:  # a damaged entry: rebuild it
                 warnings.warn(f"Ignoring unreadable cache entry {key}: {error}", stacklevel=2)
     state_dict, config = load_checkpoint(source)
@@ -400,7 +428,7 @@ def build_model(
             store.store(source, options, model)
         except OSError as error:
             warnings.warn(f"Could not write model cache in {store.dir}: {error}", stacklevel=2)
-    return model
+    return in_dtype(model, dtype)
 
 
 def padded_size(n: int, batch_size: int) -> int:

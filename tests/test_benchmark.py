@@ -96,7 +96,8 @@ def test_quick_benchmark_writes_table(tmp_path):
                 row["peak_rss_mb"] / timm_row["peak_rss_mb"]
             )
     # Markdown: two pivot tables (speed, memory: one line per batch size), then the
-    # full table (one line per row)
+    # full table (one line per row), then the first calls (and the fraction of this
+    # CPU's peak where /proc/cpuinfo gives a clock)
     tables, current = [], []
     for line in markdown.splitlines() + [""]:
         if line.startswith("|"):
@@ -104,11 +105,43 @@ def test_quick_benchmark_writes_table(tmp_path):
         elif current:
             tables.append(current)
             current = []
-    speed, memory, full = tables
+    speed, memory, full, *extra = tables
+    assert [len(table) for table in extra] == [len(speed)] * len(extra)
+    assert ("fraction of this CPU's float32 peak" in markdown) == (len(extra) == 3)
+    assert "CPU time per pass relative to timm eager" in markdown
+    assert all(row["cpu_median_s"] > 0 for row in rows)
+    assert "First call in seconds" in markdown and all(row["first_call_s"] > 0 for row in rows)
     assert speed[0] == "| variant | batch | " + " | ".join(names) + " |"
     assert len(speed) == len(memory) == 2 + 2
     assert full[0].startswith("| variant | batch | implementation | img/s | vs timm | GFLOP/s")
     assert len(full) == 2 + len(rows)
+
+
+def test_timm_compiled_side_and_ratios_to_it(monkeypatch):
+    """--timm-compile adds timm + torch.compile second; every row gets its ratio to it,
+    and the fraction of the CPU's peak, derived from /proc/cpuinfo's facts."""
+    bench = _load_benchmark_module()
+    sides = bench.sides_for(["torch"], ["predict_batch"], None, timm_compile=True)
+    assert [(s.side, s.name) for s in sides] == [
+        ("timm", "timm"),
+        ("timm-compile", "timm +compile"),
+        ("keras", "keras-torch"),
+    ]
+    facts = {"mhz": 2000.0, "flags": {"fma", "avx2", "avx512f"}, "siblings": 2, "cores": 2}
+    monkeypatch.setattr(bench, "_cpu_facts", lambda: facts)
+    monkeypatch.setattr(bench.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    peak = bench.cpu_peak_gflops()
+    assert peak["float32"] == pytest.approx(2 * 2.0 * 64)  # cores x GHz x 2 x 16 lanes x 2 FMA
+    assert peak["bfloat16"] == peak["float32"]  # no bfloat16 instructions
+    facts["flags"] = facts["flags"] | {"avx512_bf16"}
+    assert bench.cpu_peak_gflops()["bfloat16"] == pytest.approx(2 * 2.0 * 128)
+    facts["flags"] = facts["flags"] | {"amx_bf16"}
+    assert bench.cpu_peak_gflops()["bfloat16"] == pytest.approx(2 * 2.0 * 1024)
+    assert "AMX-BF16" in bench.cpu_peak_gflops()["derivation"]
+    facts["siblings"] = 4  # two threads per core: one core's worth of FMA units
+    assert bench.cpu_peak_gflops()["float32"] == pytest.approx(1 * 2.0 * 64)
+    facts["mhz"] = None
+    assert bench.cpu_peak_gflops() == {}
 
 
 def test_xla_flags_side_is_an_extra_jax_worker():

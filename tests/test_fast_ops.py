@@ -141,6 +141,12 @@ LAYER_CASES = {
         lambda: PointwiseDense(12, activation=exact_gelu),
         (4, 5, 6),
     ),
+    "tensorflow_pointwise_conv": (
+        "tensorflow",
+        (tensorflow_kernels, "tensorflow_pointwise_conv"),
+        lambda: PointwiseDense(12, dtype="bfloat16"),
+        (4, 5, 6),
+    ),
     "torch_addcmul": (
         "torch",
         (torch_kernels, "torch_multiply_add"),
@@ -152,12 +158,19 @@ LAYER_CASES = {
 
 def _layer_output(case, weights, x):
     """A fresh one-layer model with `weights`, through predict_on_batch (the compiled /
-    no-grad inference path where the fused ops run)."""
+    no-grad inference path where the fused ops run), as float32."""
     _, _, make_layer, shape = LAYER_CASES[case]
     inputs = keras.Input(shape=shape)
     model = keras.Model(inputs, make_layer()(inputs))
     model.set_weights(weights)
-    return np.asarray(model.predict_on_batch(x))
+    return np.asarray(model.predict_on_batch(x), dtype="float32")
+
+
+def _layer_tolerance(case):
+    """The same numbers in float32; in bfloat16 up to the output's rounding (2^-8
+    relative) when the two formulations sum in different orders."""
+    dtype = LAYER_CASES[case][2]().compute_dtype
+    return {"atol": 1e-5, "rtol": 1e-5} if dtype == "float32" else {"atol": 1e-2, "rtol": 2**-7}
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -191,7 +204,7 @@ def test_layer_fallback_equals_fast_path(case, mode, monkeypatch, rng):
                 fallback = _layer_output(case, weights, x)
         else:
             fallback = _layer_output(case, weights, x)
-    np.testing.assert_allclose(fallback, fast, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(fallback, fast, **_layer_tolerance(case))
     if mode == "failure":
         assert name in fast_ops.disabled_fast_paths()
         calls = spy.calls
@@ -200,6 +213,29 @@ def test_layer_fallback_equals_fast_path(case, mode, monkeypatch, rng):
     else:
         assert spy.calls == 0, f"the fast path ran in mode {mode}"
         assert fast_ops.disabled_fast_paths() == {}
+
+
+# fast path -> (backend, its private call, a layer in a dtype it was not measured in)
+UNMEASURED_DTYPES = {
+    "tensorflow_pointwise_conv": (
+        "tensorflow",
+        (tensorflow_kernels, "tensorflow_pointwise_conv"),
+        lambda: PointwiseDense(12, dtype="float32"),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNMEASURED_DTYPES))
+def test_fast_paths_step_aside_in_dtypes_they_were_not_measured_in(name, monkeypatch, rng):
+    backend, (owner, attribute), make_layer = UNMEASURED_DTYPES[name]
+    if backend != BACKEND:
+        pytest.skip(f"a {backend} fast path")
+    inputs = keras.Input(shape=(4, 5, 6))
+    model = keras.Model(inputs, make_layer()(inputs))
+    model.set_weights(random_weights(model, rng))
+    spy = Spy(monkeypatch, owner, attribute)
+    model.predict_on_batch(rng.standard_normal((2, 4, 5, 6)).astype("float32"))
+    assert spy.calls == 0
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="the JAX shifted sum's gradient rule")
@@ -472,6 +508,43 @@ def test_jax_compiler_options_only_where_measured(monkeypatch):
     assert jax_kernels.jax_compiler_options(v1) == {}
 
 
+@pytest.fixture(scope="module")
+def float32_compute_case(small_v2_weights):
+    """A bfloat16 V2 model's predict_batch on JAX (computed in float32 on a float32 copy
+    of the architecture) and the float32 model's, with its weights and inputs."""
+    weights, x = small_v2_weights
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fast_ops, "_DISABLED", {})
+        spy = Spy(patch, jax_kernels, "float32_twin")
+        fast = _fresh_v2(weights).with_head(dtype="bfloat16").predict_batch(x)
+        assert spy.calls == 1 and fast_ops.disabled_fast_paths() == {}
+    reference = _fresh_v2(weights).predict_batch(x)  # float32 arithmetic, float32 weights
+    return weights, x, fast, reference
+
+
+@pytest.mark.slow  # JAX compiles a model per mode
+@pytest.mark.skipif(BACKEND != "jax", reason="a JAX fast path")
+@pytest.mark.parametrize("mode", MODES)
+def test_jax_float32_compute_fallback_equals_it(float32_compute_case, mode, monkeypatch):
+    """Switched off, a bfloat16 model computes in bfloat16, within bfloat16's rounding of
+    float32; the fast path (float32 arithmetic on the bfloat16 weights) is closer to
+    float32 than that. A float32 model never gets a float32 copy."""
+    weights, x, fast, reference = float32_compute_case
+    assert jax_kernels.float32_twin(_fresh_v2(weights)) is None
+    model = _fresh_v2(weights).with_head(dtype="bfloat16")
+    with monkeypatch.context() as patch:
+        spy = Spy(patch, jax_kernels, "_float32_runner", fail=mode == "failure")
+        if mode == "off_cpu":
+            patch.setattr(fast_ops, "on_cpu", lambda x=None: False)
+        with _switched_off(mode, patch, "jax_float32_compute"):
+            fallback = model.predict_batch(x)
+    assert spy.calls == (1 if mode == "failure" else 0)
+    assert list(fast_ops.disabled_fast_paths()) == (["jax_float32_compute"] * (mode == "failure"))
+    fast_error = np.abs(fast - reference).max()
+    fallback_error = np.abs(np.float32(fallback) - reference).max()
+    assert fast_error < fallback_error < 0.05 * np.abs(reference).max()
+
+
 # backend -> (fast path, the function that runs each layer in the layer-by-layer inference)
 LAYER_KERNELS = {
     "torch": ("torch_kernels", torch_kernels, "torch_apply"),
@@ -585,28 +658,35 @@ def test_row_blocks_fallback_equals_them(row_block_case, mode, monkeypatch):
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="a tensorflow fast path")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("scale", [1.0, 1e-3])
-def test_tensorflow_layer_norm_is_layer_norm(scale, rng):
+def test_tensorflow_layer_norm_is_layer_norm(scale, dtype, rng):
     """The FusedBatchNormV3 formulation, eager and in a graph traced with an open
     batch size (where grappler fuses it), equals LayerNorm computed in float64 with
     the layer's epsilon (1e-6: at scale 1e-3 the variance is 1e-6, where
-    `tf.nn.fused_batch_norm`'s floor of 1.001e-5 would change the result)."""
+    `tf.nn.fused_batch_norm`'s floor of 1.001e-5 would change the result); in
+    bfloat16 (statistics in float32) within the output's rounding, 2^-8 relative."""
     import tensorflow as tf
 
     x = (scale * rng.standard_normal((3, 5, 7, 24))).astype("float32")
     gamma, beta = (rng.standard_normal(24).astype("float32") for _ in "gb")
+    if dtype == "bfloat16":  # the reference sees the rounded inputs the kernel sees
+        x, gamma, beta = (tf.cast(tf.cast(v, dtype), "float32").numpy() for v in (x, gamma, beta))
     x64 = x.astype("float64")
     mean = x64.mean(-1, keepdims=True)
     variance = ((x64 - mean) ** 2).mean(-1, keepdims=True)
     expected = (x64 - mean) / np.sqrt(variance + 1e-6) * gamma + beta
 
     def norm(v):
-        return tensorflow_kernels.tensorflow_layer_norm(v, gamma, beta, 1e-6)
+        return tensorflow_kernels.tensorflow_layer_norm(
+            v, tf.constant(gamma, dtype), tf.constant(beta, dtype), 1e-6
+        )
 
-    graph = tf.function(norm).get_concrete_function(tf.TensorSpec((None, 5, 7, 24)))
-    for got in (norm(tf.constant(x)), graph(tf.constant(x))):
-        assert tuple(got.shape) == x.shape
-        np.testing.assert_allclose(got.numpy(), expected, atol=2e-5, rtol=0)
+    graph = tf.function(norm).get_concrete_function(tf.TensorSpec((None, 5, 7, 24), dtype))
+    tolerance = {"atol": 2e-5, "rtol": 0} if dtype == "float32" else {"atol": 1e-2, "rtol": 2**-7}
+    for got in (norm(tf.constant(x, dtype)), graph(tf.constant(x, dtype))):
+        assert tuple(got.shape) == x.shape and got.dtype == dtype
+        np.testing.assert_allclose(tf.cast(got, "float32").numpy(), expected, **tolerance)
 
 
 @pytest.mark.skipif(BACKEND != "torch", reason="torch kernels")

@@ -19,7 +19,11 @@ The fast paths (name: what it is; the fallback that replaces it):
   chain that grappler fuses into `_FusedMatMul`; fallback keras' Dense.
 - "tensorflow_layer_norm" (tensorflow): in the layer-by-layer inference, keras'
   LayerNormalization written as the FusedBatchNormV3 subgraph that grappler's
-  oneDNN remapper fuses into one `_MklLayerNorm`; fallback the layer's `call`.
+  oneDNN remapper fuses into one `_MklLayerNorm` (float32 and bfloat16, the
+  statistics in float32); fallback the layer's `call`.
+- "tensorflow_pointwise_conv" (tensorflow): in bfloat16, a Dense without
+  activation on a 4-D tensor as a 1x1 Conv2D (TensorFlow's oneDNN convolution
+  uses AMX / AVX512-BF16, its MatMul a plain gemm); fallback the fused MatMul.
 - "jax_compiler_options" (jax): `predict_batch`'s executable for a model without
   GRN (V1) is compiled with XLA's experimental YNNPACK fusions off (an option of
   that one executable, not the process-wide XLA_FLAGS); fallback the default
@@ -30,6 +34,10 @@ The fast paths (name: what it is; the fallback that replaces it):
   `jax.lax.map` when its hidden tensor is large (`row_blocks`,
   `jax_by_row_blocks`), so each block stays in the cache; fallback the tail in
   one piece.
+- "jax_float32_compute" (jax): `predict_batch` of a model whose body is
+  bfloat16 runs a float32 copy of its architecture (never allocated) on the
+  bfloat16 weights cast inside the jit (`jax_kernels.float32_twin`): XLA:CPU has
+  no bfloat16 kernels faster than its float32 ones; fallback the bfloat16 call.
 - "torch_row_blocks" (torch): the same blocks in the layer-by-layer inference
   without autograd, in float32, one after another (`torch_by_row_blocks`);
   fallback the tail in one piece.
@@ -101,9 +109,11 @@ FAST_PATHS = (
     "torch_kernels",
     "tensorflow_fused_dense",
     "tensorflow_layer_norm",
+    "tensorflow_pointwise_conv",
     "jax_shifted_sum",
     "jax_compiler_options",
     "jax_row_blocks",
+    "jax_float32_compute",
     "torch_row_blocks",
     "layerwise_call",
     "compiled_inference",
@@ -193,9 +203,10 @@ def use_fast_path(name: str, x=None) -> bool:
     return fast_paths_allowed(name) and on_cpu(x)
 
 
-def plain_layer_norm(layer, x) -> bool:
+def plain_layer_norm(layer, x, dtypes=("float32",)) -> bool:
     """`layer` is keras' LayerNormalization over the last axis of `x`, with both
-    scale and offset, computing in float32 (what the fused kernels replace)."""
+    scale and offset, computing in one of `dtypes` (what the fused kernels
+    replace, in the dtypes each was measured in)."""
     if type(layer) is not keras.layers.LayerNormalization:
         return False
     axis = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
@@ -204,7 +215,7 @@ def plain_layer_norm(layer, x) -> bool:
         and layer.center
         and layer.scale
         and not getattr(layer, "rms_scaling", False)
-        and layer.compute_dtype == "float32"
+        and layer.compute_dtype in dtypes
     )
 
 

@@ -176,30 +176,93 @@ def jax_compiler_options(model) -> dict:
 def inference_function(model):
     """`fast_ops.inference_function` on JAX: one `jax.jit` of the call in a
     `keras.StatelessScope` over the variables, compiled with
-    `jax_compiler_options`."""
-    import jax
-
+    `jax_compiler_options`; a model whose body is bfloat16 computes on a CPU in
+    float32 (`float32_twin`), its bfloat16 weights cast inside the jit."""
     variables = list(model.variables)
 
     def run(values, x):
         with keras.StatelessScope(state_mapping=list(zip(variables, values, strict=True))):
             return model(x, training=False)
 
-    default = jax.jit(run)
-    options = jax_compiler_options(model)
-    if options:
-        tuned = jax.jit(run, compiler_options=options)
+    compiled = _compiled(run, model)
+
+    def in_float32_runner():
+        twin = float32_twin(model)
+        return None if twin is None else _compiled(_float32_runner(twin), model)
+
+    in_float32 = fast_ops.guarded("jax_float32_compute", in_float32_runner, lambda: None)
+    if in_float32 is not None:
+        plain = compiled
 
         def compiled(values, x):
-            if not fast_ops.fast_paths_allowed("jax_compiler_options"):
-                return default(values, x)
+            if not fast_ops.fast_paths_allowed("jax_float32_compute"):
+                return plain(values, x)
             return fast_ops.guarded(
-                "jax_compiler_options", lambda: tuned(values, x), lambda: default(values, x)
+                "jax_float32_compute", lambda: in_float32(values, x), lambda: plain(values, x)
             )
-    else:
-        compiled = default
 
     def infer(x):
         return fast_ops.to_numpy(compiled([v.value for v in variables], x))
 
     return infer
+
+
+def _compiled(run, model):
+    """`jax.jit(run)`, with `jax_compiler_options(model)` where there are some (guarded,
+    the default compilation as their fallback)."""
+    import jax
+
+    default = jax.jit(run)
+    options = jax_compiler_options(model)
+    if not options:
+        return default
+    tuned = jax.jit(run, compiler_options=options)
+
+    def compiled(values, x):
+        if not fast_ops.fast_paths_allowed("jax_compiler_options"):
+            return default(values, x)
+        return fast_ops.guarded(
+            "jax_compiler_options", lambda: tuned(values, x), lambda: default(values, x)
+        )
+
+    return compiled
+
+
+# XLA:CPU (jax 0.10) has no bfloat16 kernels of its own: its dots and elementwise
+# ops in bfloat16 were slower than in float32 under every library option (YNNPACK,
+# XNNPACK, oneDNN: a (25088, 160) x (160, 640) dot 80-102 ms against 61-86 ms in
+# float32, 1 thread), where torch's and TensorFlow's oneDNN kernels use AMX. So a
+# bfloat16 model computes in float32 on a CPU, its weights kept in bfloat16 and cast
+# inside the jit: convnext_atto b32, 1 thread, CPU ms: 853 in bfloat16, 701 in float32.
+def float32_twin(model):
+    """A float32 copy of `model`'s architecture whose variables are never allocated
+    (`_float32_runner` passes the model's values, cast), where `model` is a ConvNeXt
+    whose body computes in bfloat16 and the fast path "jax_float32_compute" may run
+    (on a CPU); else None."""
+    plan = getattr(model, "_layer_plan", None)
+    if plan is None or plan.body_dtype() != "bfloat16":
+        return None
+    if not fast_ops.use_fast_path("jax_float32_compute"):
+        return None
+    config = {**model.get_config(), "dtype": "float32"}
+    with keras.StatelessScope(initialize_variables=False):
+        twin = type(model).from_config(config)
+    fast_ops.forget_deferred(twin.weights)
+    if [v.path for v in twin.variables] != [v.path for v in model.variables]:
+        return None  # pragma: no cover - the same config builds the same variables
+    return twin
+
+
+def _float32_runner(twin):
+    """`run(values, x)`: `twin` on `x` with `values` (the bfloat16 model's, in its
+    variables' order) cast to float32."""
+    import jax.numpy as jnp
+
+    variables = list(twin.variables)
+
+    def run(values, x):
+        values = [v.astype(jnp.float32) if v.dtype == jnp.bfloat16 else v for v in values]
+        with keras.StatelessScope(state_mapping=list(zip(variables, values, strict=True))):
+            return twin(x, training=False)
+
+    return run

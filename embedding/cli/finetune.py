@@ -39,7 +39,7 @@ def register(subparsers):
     )
     p.add_argument("data_dir", metavar="DATA_DIR")
     p.add_argument("-o", "--output", required=True, help="output .keras (best held-out EER)")
-    options.add_model_options(p)
+    options.add_model_options(p, dtype=False)  # training keeps its own precision
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=positive_int, default=10)
     t.add_argument("--lr", type=finite_float, default=1e-3, help="AdamW peak learning rate")

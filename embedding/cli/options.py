@@ -25,9 +25,12 @@ from embedding.preprocess import DEFAULT_MAX_PIXELS
 from weights_convert.pretrained import DEFAULT_MODEL, license_notice
 
 
-def add_model_options(parser: argparse.ArgumentParser, batch_size: int = 32) -> None:
-    """--model, --batch-size, --pooling, --no-head-norm, --workers, --no-cache, --cache-dir,
-    --max-pixels, --no-progress."""
+def add_model_options(
+    parser: argparse.ArgumentParser, batch_size: int = 32, dtype: bool = True
+) -> None:
+    """--model, --batch-size, --dtype (the inference dtype; not with `dtype=False`),
+    --pooling, --no-head-norm, --workers, --no-cache, --cache-dir, --max-pixels,
+    --no-progress."""
     group = parser.add_argument_group("model")
     group.add_argument(
         "--model",
@@ -37,6 +40,14 @@ def add_model_options(parser: argparse.ArgumentParser, batch_size: int = 32) -> 
         f".keras model written by weights_convert or finetune (default: {DEFAULT_MODEL})",
     )
     group.add_argument("--batch-size", type=positive_int, default=batch_size, metavar="N")
+    if dtype:
+        group.add_argument(
+            "--dtype",
+            choices=("float32", "bfloat16"),  # convnext_layers.dtypes.DTYPES (which loads Keras)
+            default="float32",
+            help="bfloat16: the model computes in bfloat16 (norm statistics and the L2 in "
+            "float32; faster on CPUs with AVX512-BF16 / AMX)",
+        )
     group.add_argument("--pooling", choices=("avg", "max", "gem"), default="avg")
     group.add_argument(
         "--no-head-norm", action="store_true", help="skip timm's head LayerNorm after pooling"
@@ -99,6 +110,7 @@ def make_embedder(args, **kwargs):
             cache=not args.no_cache,
             cache_dir=args.cache_dir,
             batch_size=args.batch_size,
+            dtype=args.dtype,
             num_workers=args.workers,
             max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
             progress=not args.no_progress,
