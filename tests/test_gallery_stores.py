@@ -26,6 +26,7 @@ from embedding.gallery import (
     open_gallery,
     open_store,
 )
+from embedding.gallery.store_base import parse_location
 from embedding.metrics import calibrate
 
 pytestmark = pytest.mark.once("torch")  # numpy, FAISS and databases: no Keras backend
@@ -239,6 +240,23 @@ def test_metadata_filter(new_gallery):
 
 
 @all_stores
+def test_a_selective_filter_still_finds_k_vectors(new_gallery):
+    """2% of 3,000 vectors match and k=40: an approximate index must not stop at the few
+    matches its first candidates hold (PostgreSQL: iterative scans; FAISS HNSW: exact
+    search among few matches)."""
+    vectors, queries, _ = planted(3000, queries=10)
+    rare = np.arange(3000) % 50 == 7
+    gallery = new_gallery()
+    gallery.add(vectors, [f"p{i}" for i in range(3000)], [{"rare": bool(r)} for r in rare])
+    ids, _ = gallery.search_ids(queries, k=40, where={"rare": True})
+    expected, _ = reference_top(vectors[rare], np.flatnonzero(rare), queries, 40)
+    assert (ids >= 0).all()  # 40 found for every query, all of them matching
+    assert np.isin(ids, np.flatnonzero(rare)).all()
+    overlap = np.mean([np.intersect1d(a, b).size / 40 for a, b in zip(ids, expected, strict=True)])
+    assert overlap == 1.0 if new_gallery.exact else overlap >= 0.95, overlap
+
+
+@all_stores
 def test_calibration_and_hostile_values_are_stored_as_data(new_gallery, store_location):
     rng = np.random.default_rng(0)
     same = rng.random(300) < 0.5
@@ -347,6 +365,33 @@ def test_locations_refused_clearly(tmp_path):
     assert not (tmp_path / "missing.npz").exists()
     with pytest.raises(StoreError, match="a store location names no gallery"):
         open_store("sqlite:///x.db#staff")
+    (tmp_path / "text.db").write_text("hello, this is no database\n" * 100)
+    with pytest.raises(StoreError, match="not a usable SQLite database"):
+        open_store(f"sqlite:///{tmp_path / 'text.db'}")
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "other.db") as other:
+        other.execute("CREATE TABLE accounts (id INTEGER)")
+    with pytest.raises(StoreError, match="a SQLite database of something else"):
+        open_store(f"sqlite:///{tmp_path / 'other.db'}").gallery("g", create=True)
+    with pytest.raises(GalleryNotFoundError, match="no gallery named 'g'"):
+        Gallery.open(f"sqlite:///{tmp_path / 'new.db'}#g")  # nothing said to make: not made
+    assert not (tmp_path / "new.db").exists()
+    made = Gallery.open(f"sqlite:///{tmp_path / 'new.db'}#g", dim=4)  # dim given: made
+    assert made.add(np.eye(4), list("abcd")).tolist() == [0, 1, 2, 3]
+    made.close()
+
+
+def test_postgres_locations_refused_clearly(postgres_url):
+    from conftest import database_url
+
+    with pytest.raises(StoreError, match='database "no_such_db" does not exist'):
+        open_store(database_url(postgres_url, "no_such_db"))
+    with pytest.raises(StoreError, match="cannot connect") as refused:
+        open_store("postgresql://nobody:secret@127.0.0.1:1/x?connect_timeout=2")
+    assert "secret" not in str(refused.value) and "***" in str(refused.value)
+    with open_store(postgres_url) as store, pytest.raises(StoreError, match="not offered"):
+        store.gallery("g", create=True, index="ivfpq")
 
 
 def test_one_file_is_one_gallery_with_the_in_memory_format(tmp_path):
@@ -452,32 +497,63 @@ def test_sqlite_refresh_reads_only_what_changed(tmp_path):
     assert reader.search_ids(vectors[2995], k=1)[0][0] != 2995
 
 
+def write_in_progress(store_location):
+    """A probe that turns true once a write is under way and not yet committed: the temporary
+    file beside a gallery file, SQLite's write-ahead log growing, PostgreSQL's COPY or index
+    build running (seen from another connection)."""
+    parsed = parse_location(store_location)
+    if parsed.kind == "path":
+        return lambda: any(".g.npz.tmp-" in name for name in os.listdir(parsed.target))
+    if parsed.kind == "sqlite":
+        wal = parsed.target + "-wal"
+        start = os.path.getsize(wal) if os.path.exists(wal) else 0
+        return lambda: os.path.exists(wal) and os.path.getsize(wal) > start + 2**20
+    import psycopg  # the postgres extra: the postgres cases skip without it
+
+    def running():
+        with psycopg.connect(parsed.target, autocommit=True) as conn:
+            return (
+                conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND "
+                    "(query LIKE 'COPY %%' OR query LIKE 'CREATE INDEX %%')"
+                ).fetchone()[0]
+                > 0
+            )
+
+    return running
+
+
 @pytest.mark.slow
 @multi_process_stores
 def test_killed_in_the_middle_of_an_add_leaves_all_or_nothing(store_location, new_gallery):
+    """SIGKILL while the add's write is under way (the probe saw it), at three points of it:
+    the gallery holds all of the add or none, opens, searches and takes the next add."""
     dim, before, big = 64, 100, 100_000
     gallery = new_gallery("g", dim=dim)
-    gallery.add(planted(before, d=dim)[0], [f"p{i}" for i in range(before)])
-    killed_mid_add = 0
-    for delay in (0.3, 1.0, 0.05):
+    first = planted(before, d=dim)[0]
+    gallery.add(first, [f"p{i}" for i in range(before)])
+    for extra in (0.0, 0.05, 0.1):
+        in_progress = write_in_progress(store_location)
         writer = start_writer(store_location, "g", 7, 1, big, dim)
         assert writer.stdout.readline().strip() == "adding"
-        time.sleep(delay)
+        deadline = time.monotonic() + 120
+        while not in_progress() and writer.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(extra)
         writer.send_signal(signal.SIGKILL)
         finished = writer.stdout.read().strip() == "added"
         writer.wait()
-        killed_mid_add += not finished
+        assert not finished, "the add ended before the kill: nothing was tested"
         with open_store(store_location) as store:
             after = store.gallery("g")
             assert len(after) in (before, before + big)
             assert len(after.ids) == len(after) == sum(after.counts().values())
-            if len(after) == before + big:  # it committed: removed for the next round
+            if len(after) == before + big:  # it committed just before the kill
                 after.remove(after.ids[before:])
-            labels, _ = after.search(planted(before, d=dim)[0][:3], k=1)
+            labels, _ = after.search(first[:3], k=1)
             assert labels[:, 0].tolist() == ["p0", "p1", "p2"]
             assert after.add(np.ones(dim), "after").tolist() == [after.ids.max()]
             after.remove(after.ids[-1:])
-    assert killed_mid_add >= 1  # at least one kill landed inside the add
 
 
 @pytest.mark.slow

@@ -71,7 +71,7 @@ def _check_gallery_location(location):
     a damaged file fails now; a gallery that does not exist yet is made after embedding."""
     parse_location(location)
     with contextlib.suppress(GalleryNotFoundError):
-        open_gallery(location).close()
+        open_gallery(location, create=False).close()
 
 
 def run_enroll(args):
@@ -113,7 +113,7 @@ def run_identify(args):
             what = "no such gallery file" if problem == "no such file" else problem
             raise CommandError(f"{args.gallery}: {what} (make one with `enroll`)")
     try:
-        gallery = Gallery.open(args.gallery)
+        gallery = Gallery.open(args.gallery, create=False)
     except (ValueError, LookupError) as error:  # damaged, foreign, absent: named, no traceback
         raise CommandError(str(error)) from None
     image = load_image(args.image)  # an unreadable image fails before the model loads

@@ -57,7 +57,7 @@ def _is_store(location: str) -> bool:
 def _galleries(source: str):
     """[(name, gallery)] of SRC: one gallery, or every gallery of a store."""
     if not _is_store(source):
-        gallery = open_gallery(source)
+        gallery = open_gallery(source, create=False)
         return [(gallery.name, gallery)]
     store = open_store(source)
     names = store.names()

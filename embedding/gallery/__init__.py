@@ -131,9 +131,10 @@ class Gallery:
         self.added_ids = np.zeros(0, dtype=np.int64)  # the ids the last `add` gave
 
     @classmethod
-    def open(cls, location, *, create: bool = False, dim=None, index=None, **params):
+    def open(cls, location, *, create=None, dim=None, index=None, **params):
         """A stored gallery (`StoredGallery`): a file path, `sqlite:///PATH#NAME` or
-        `postgresql://...#NAME` (NAME defaults to "default"); see `open_gallery`."""
+        `postgresql://...#NAME` (NAME defaults to "default"); made when absent if `create`
+        (default: when `dim` or `index` is given). See `open_gallery`."""
         return open_gallery(location, create=create, dim=dim, index=index, **params)
 
     def __len__(self):

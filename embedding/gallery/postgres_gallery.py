@@ -39,8 +39,10 @@ except ImportError:  # reported when a postgresql:// store is opened
 EXTRA = "pip install 'keras-convnext[postgres]' (psycopg, pgvector)"
 CATALOG = "embedding_galleries"
 BULK_ROWS = 5000
+# m and ef_construction are pgvector's defaults; ef_search 256, not its 40: on 10^5 random
+# 320-dim vectors 128 found 95.4% of 1,000 planted neighbours first, 256 99.4% (the benchmark)
 INDEXES = {
-    "hnsw": {"dtype": "float32", "m": 16, "ef_construction": 64, "ef_search": 128},
+    "hnsw": {"dtype": "float32", "m": 16, "ef_construction": 64, "ef_search": 256},
     "exact": {"dtype": "float32"},
 }
 COLUMN_TYPES = {"float32": ("vector", "vector_ip_ops", 2000), "float16": ("halfvec",

@@ -129,10 +129,10 @@ class SQLiteStore(GalleryStore):
                 self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
             )
             conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            self._check_schema(conn)  # first: a foreign database is left as it was
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA secure_delete = ON")
-            self._check_schema(conn)
         except sqlite3.Error as error:
             raise StoreError(f"{self.location}: not a usable SQLite database ({error}).") from None
         self._conn, self._pid = conn, os.getpid()

@@ -43,10 +43,14 @@ def open_store(location) -> GalleryStore:
     return PostgresStore(parsed.target, location=parsed.text)
 
 
-def open_gallery(location, *, create=False, dim=None, index=None, **params) -> StoredGallery:
+def open_gallery(location, *, create=None, dim=None, index=None, **params) -> StoredGallery:
     """The one gallery at `location`: a file path (FileGallery), or a store location with
-    `#NAME` (default "default"). `create`, `dim`, `index`, `params`: as `GalleryStore.gallery`.
-    The gallery owns the store it opened: closing it closes the store."""
+    `#NAME` (default "default"). `dim`, `index`, `params`: as `GalleryStore.gallery`;
+    `create` (default: whether `dim` or `index` was given, i.e. what to make was said)
+    makes the gallery when it is not there. The gallery owns the store it opened: closing
+    it closes the store."""
+    if create is None:
+        create = dim is not None or index is not None
     parsed = parse_location(location)
     if parsed.kind == "path":
         return FileGallery(parsed.target, create=create, dim=dim, index=index, **params)
