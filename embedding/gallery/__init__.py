@@ -49,6 +49,7 @@ from embedding.errors import InputError
 from embedding.gallery.checks import (
     DimensionError,
     EmptyGalleryError,
+    GalleryConflictError,
     GalleryValueError,
     UnknownIdError,
     as_ids,
@@ -226,22 +227,25 @@ class Gallery:
             self._index = index_class(self.index_type)(self.dim, **self._params)
 
     def check_add(self, embeddings, labels, metadata=None, ids=None):
-        """The checked (vectors, labels, metadata, new ids) `add` would store; raises on
-        anything it would refuse, changes nothing."""
+        """What `add` would store, checked: (vectors, labels, metadata, the ids given or
+        None). Raises on anything `add` would refuse (ids taken included); changes nothing."""
         vectors = check_vectors(embeddings, self.dim)
         labels = check_labels(labels, vectors.shape[0])
         metadata = check_metadata(metadata, vectors.shape[0])
-        if ids is None:
-            new_ids = np.arange(self._next_id, self._next_id + len(labels), dtype=np.int64)
-        else:
-            new_ids = check_new_ids(ids, len(labels))
-            taken = np.isin(new_ids, self._arrays()[0])
-            if taken.any():
-                raise ValueError(
-                    f"ids already in the gallery: {new_ids[taken][:5].tolist()} "
-                    "(remove them first, or relabel them)."
-                )
-        return vectors, labels, metadata, new_ids
+        given = check_new_ids(ids, len(labels)) if ids is not None else None
+        self._new_ids(given, len(labels))
+        return vectors, labels, metadata, given
+
+    def _new_ids(self, given, count: int) -> np.ndarray:
+        if given is None:
+            return np.arange(self._next_id, self._next_id + count, dtype=np.int64)
+        taken = np.isin(given, self._arrays()[0])
+        if taken.any():
+            raise GalleryConflictError(
+                f"ids already in the gallery: {given[taken][:5].tolist()} "
+                "(remove them first, or relabel them)."
+            )
+        return given
 
     def add(self, embeddings, labels, metadata=None, *, ids=None) -> Gallery:
         """Add (N, D) or (D,) embeddings with N labels (a str for a single vector).
@@ -251,7 +255,15 @@ class Gallery:
         calls chain; the new ids are `gallery.added_ids` (and `gallery.ids[-N:]`).
         All of it is checked before anything is added.
         """
-        vectors, labels, metadata, new_ids = self.check_add(embeddings, labels, metadata, ids)
+        return self.add_checked(*self.check_add(embeddings, labels, metadata, ids))
+
+    def add_checked(self, vectors, labels, metadata, given=None) -> Gallery:
+        """`add` of what `check_add` returned, without checking it again (a stored gallery
+        checks before it locks, then adds to the copy it reloaded); the ids are checked
+        against the gallery as it is now."""
+        if self.dim is not None and vectors.shape[1] != self.dim:
+            check_vectors(vectors, self.dim)  # the DimensionError
+        new_ids = self._new_ids(given, len(labels))
         self.added_ids = new_ids
         if not len(labels):
             return self
@@ -541,7 +553,6 @@ def _read_metadata(member, count: int) -> list[dict]:
 # The stores build on `Gallery` (a file store keeps one in memory), so they are imported after
 # it is defined; `embedding.gallery` is their public face.
 from embedding.gallery.store_base import (  # noqa: E402
-    GalleryConflictError,
     GalleryNotFoundError,
     GalleryStore,
     StoredGallery,

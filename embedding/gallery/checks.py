@@ -30,6 +30,10 @@ class GalleryValueError(InputError, ValueError):
     """A value a gallery cannot hold: a label or metadata that is not text or JSON, a NUL."""
 
 
+class GalleryConflictError(InputError, ValueError):
+    """A change that contradicts the gallery: ids already taken, a different index or dim."""
+
+
 class DimensionError(InputError, ValueError):
     """Vectors whose length differs from the gallery's."""
 
@@ -38,8 +42,9 @@ class EmptyGalleryError(InputError, ValueError):
     """A search of a gallery that holds no vectors."""
 
 
-class UnknownIdError(KeyError):
-    """Ids that are not in the gallery."""
+class UnknownIdError(InputError, KeyError):
+    """Ids that are not in the gallery (a KeyError, as it always was; an InputError, so the
+    command lines and a service report it as the caller's mistake)."""
 
     def __str__(self):
         return str(self.args[0]) if self.args else ""

@@ -149,10 +149,8 @@ class FileGallery(MemoryBackedGallery):
 
     def add(self, embeddings, labels, metadata=None, *, ids=None):
         with self._lock:
-            self._current().check_add(embeddings, labels, metadata, ids)
-            return self._change(
-                lambda memory: memory.add(embeddings, labels, metadata, ids=ids).added_ids
-            )
+            checked = self._current().check_add(embeddings, labels, metadata, ids)
+            return self._change(lambda memory: memory.add_checked(*checked).added_ids)
 
     def remove(self, ids):
         with self._lock:

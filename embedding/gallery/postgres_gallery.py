@@ -205,10 +205,13 @@ class PostgresGallery(StoredGallery):
     # -- reading ---------------------------------------------------------------------
 
     def _select(self, columns: str, tail: str = "ORDER BY seq", values=()):
-        """Rows of this gallery's table; `columns` and `tail` are fixed SQL of this module."""
+        """Rows of this gallery's table: `columns` and `tail` are this module's constant SQL
+        (never user text: every value goes in `values`)."""
         with self.store.transaction() as conn:
             self._row(conn)
-            query = sql.SQL(f"SELECT {columns} FROM {{}} {tail}").format(table(self._uid))
+            query = sql.SQL("SELECT {} FROM {} {}").format(
+                sql.SQL(columns), table(self._uid), sql.SQL(tail)
+            )
             return conn.execute(query, values).fetchall() if self._has_table(conn) else []
 
     def _has_table(self, conn) -> bool:
@@ -229,7 +232,8 @@ class PostgresGallery(StoredGallery):
 
     def _by_id(self, ids, column):
         ids = as_ids(ids)
-        found = dict(self._select(f"id, {column}", "WHERE id = ANY(%s)", (ids.tolist(),)))
+        columns = {"label": "id, label", "metadata": "id, metadata"}[column]
+        found = dict(self._select(columns, "WHERE id = ANY(%s)", (ids.tolist(),)))
         missing = [i for i in ids.tolist() if i not in found]
         if missing:
             raise UnknownIdError(
@@ -392,8 +396,11 @@ class PostgresGallery(StoredGallery):
                 copy.write_row((i, label, Jsonb(entry), wrap(vector)))
 
     def _delete(self, conn, condition: str, values) -> list[int]:
+        """Delete the rows matching `condition` (this module's constant SQL) with `values`."""
         deleted = conn.execute(
-            sql.SQL(f"DELETE FROM {{}} WHERE {condition} RETURNING id").format(table(self._uid)),
+            sql.SQL("DELETE FROM {} WHERE {} RETURNING id").format(
+                table(self._uid), sql.SQL(condition)
+            ),
             values,
         ).fetchall()
         if deleted:

@@ -253,11 +253,15 @@ class SQLiteStore(GalleryStore):
 
     @staticmethod
     def _delete_gallery(conn, uid):
-        for table in ("vectors", "removed"):  # fixed names, not user input
-            conn.execute(f"DELETE FROM {table} WHERE gallery = ?", (uid,))
+        conn.execute("DELETE FROM vectors WHERE gallery = ?", (uid,))
+        conn.execute("DELETE FROM removed WHERE gallery = ?", (uid,))
         conn.execute("DELETE FROM galleries WHERE uid = ?", (uid,))
 
 
+_ALL_ROWS = "SELECT id, label, metadata, vector FROM vectors WHERE gallery = ? ORDER BY seq"
+_ROWS_SINCE = (
+    "SELECT id, label, metadata, vector FROM vectors WHERE gallery = ? AND rev > ? ORDER BY seq"
+)
 _COLUMNS = ("uid", "dim", "index_type", "params", "calibration", "next_id", "version")
 
 
@@ -308,7 +312,7 @@ class SQLiteGallery(MemoryBackedGallery):
                 memory = Gallery(row["dim"], index=row["index_type"], **row["params"])
                 if self._search_params:
                     memory.set_search_params(**self._search_params)
-                self._load_rows(conn, memory, "")
+                self._load_rows(conn, memory, _ALL_ROWS, self._uid)
                 self._memory = memory
             else:
                 removed = np.asarray(
@@ -324,18 +328,14 @@ class SQLiteGallery(MemoryBackedGallery):
                 present = removed[np.isin(removed, self._memory.ids)]
                 if present.size:
                     self._memory.remove(present)
-                self._load_rows(conn, self._memory, "AND rev > ?", self._version)
+                self._load_rows(conn, self._memory, _ROWS_SINCE, self._uid, self._version)
             self._calibration = _calibration(row["calibration"])
             self._version = row["version"]
 
-    def _load_rows(self, conn, memory, condition, *values):
-        """Rows of this gallery (those matching `condition`) into `memory`: new ids added,
+    def _load_rows(self, conn, memory, query, *values):
+        """The rows `query` (_ALL_ROWS or _ROWS_SINCE) selects into `memory`: new ids added,
         known ids relabelled."""
-        cursor = conn.execute(
-            "SELECT id, label, metadata, vector FROM vectors WHERE gallery = ? "
-            f"{condition} ORDER BY seq",  # `condition` is one of two fixed strings
-            (self._uid, *values),
-        )
+        cursor = conn.execute(query, values)
         while rows := cursor.fetchmany(_BATCH):
             self.rows_read += len(rows)
             ids = np.asarray([r[0] for r in rows], dtype=np.int64)

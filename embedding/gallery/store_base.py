@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 from embedding.errors import InputError
-from embedding.gallery.checks import check_name
+from embedding.gallery.checks import GalleryConflictError, check_name  # noqa: F401
 
 DEFAULT_NAME = "default"
 SCHEMES = ("sqlite", "postgresql", "postgres")
@@ -43,10 +43,6 @@ class StoreError(InputError, ValueError):
 
 class GalleryNotFoundError(InputError, LookupError):
     """A gallery name the store does not hold (a service answers 404)."""
-
-
-class GalleryConflictError(InputError, ValueError):
-    """A change that contradicts the gallery: ids already taken, a different index."""
 
 
 @dataclass(frozen=True)
