@@ -4,7 +4,7 @@
         --backend all --batch-size 1,8,32 --resolution 224 \\
         --call predict_batch,predict_on_batch --xla-flags auto
 
-(the README's tables: every variant at batch 1, 8 and 32, both Keras inference
+(docs/performance.md's tables: every variant at batch 1, 8 and 32, both Keras inference
 entry points, and JAX once more with the XLA CPU flags measured to help it.)
 
 For every variant it times our model on each requested Keras backend and timm's
@@ -29,7 +29,7 @@ What is timed
   XLA flags: --xla-flags FLAGS adds a row "keras-jax +XLA_FLAGS": a JAX worker
          whose environment has XLA_FLAGS=FLAGS (process-wide XLA CPU options a
          user can set; the library never sets them). "auto": the flags
-         documented in the README (XLA_FLAGS_MEASURED below).
+         documented in docs/performance.md (XLA_FLAGS_MEASURED below).
   timm:  `model(x)` on a torch tensor under `torch.inference_mode()`, eager,
          NCHW, i.e. timm used as shipped.
   Both get the same batch (same values; NHWC for Keras, NCHW for timm), the
@@ -90,7 +90,7 @@ PROTOCOL = "@@BENCH "
 BACKENDS = ("jax", "tensorflow", "torch")
 CALLS = ("predict_batch", "predict_on_batch", "call")
 MAX_PASSES_PER_ROUND = 200  # --min-round-seconds never asks for more passes than this
-# XLA CPU options measured to help the JAX backend on this project's models (README,
+# XLA CPU options measured to help the JAX backend on this project's models (docs/performance.md,
 # "Performance"); `--xla-flags auto` benchmarks JAX with them as an extra row.
 XLA_FLAGS_MEASURED = "--xla_cpu_experimental_ynn_fusion_type="
 
@@ -1004,7 +1004,7 @@ def main(argv=None):
     p.add_argument(
         "--xla-flags",
         default=None,
-        help="also time JAX with XLA_FLAGS set to this ('auto': the README's measured flags)",
+        help="also time JAX with XLA_FLAGS set to this ('auto': docs/performance.md's flags)",
     )
     p.add_argument("--quick", action="store_true", help="tiny batch and few passes (CI smoke)")
     p.add_argument("--output", default=None, help="output path without extension")

@@ -29,6 +29,8 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from convnext_common.jsonable import jsonable  # noqa: E402  (from the checkout, put on the path)
+
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "immunohistochemistry")
 VARIANTS = (("onnx", "m.onnx", {}), ("litert", "m.tflite", {}),
             ("litert", "m16.tflite", {"dtype": "float16"}),
@@ -46,18 +48,10 @@ def timm_checkpoint(arch, folder, seed):
         {k: v.contiguous() for k, v in model.state_dict().items()},
         os.path.join(folder, "model.safetensors"),
     )
-    cfg = {k: v for k, v in model.pretrained_cfg.items() if _jsonable(v)}
+    cfg = jsonable(model.pretrained_cfg)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump({"architecture": arch, "num_classes": 1000, "pretrained_cfg": cfg}, f)
     return model
-
-
-def _jsonable(value):
-    try:
-        json.dumps(value)
-    except TypeError:
-        return False
-    return True
 
 
 def run(format, path, x):

@@ -15,6 +15,7 @@ import keras
 from keras import ops
 
 from convnext_layers import fast_ops
+from convnext_layers.fast_ops.jax_kernels import depthwise_shifted_sum  # noqa: F401 (its old home)
 
 GRN_EPSILON = 1e-6
 _SQRT_HALF = 0.7071067811865476
@@ -103,59 +104,7 @@ class DepthwiseConv(keras.layers.DepthwiseConv2D):
         portable_call = functools.partial(super().call, inputs)
         if not self._fast_path_shape():
             return portable_call()
-        backend = keras.backend.backend()
-        if backend == "torch" and fast_ops.use_fast_path("torch_conv_nhwc", inputs):
-            fast, name = self._torch_call, "torch_conv_nhwc"
-        elif backend == "jax" and fast_ops.use_fast_path("jax_shifted_sum"):
-            fast, name = self._shifted_sum_call, "jax_shifted_sum"
-        else:
-            return portable_call()
-        return fast_ops.guarded(name, functools.partial(fast, inputs), portable_call)
-
-    def _torch_call(self, inputs):
-        # (k, k, C, 1) -> (C, 1, k, k), contiguous as conv2d wants it
-        weight = fast_ops.torch_prepared(
-            self, self.kernel, inputs.dtype, lambda k: k.permute(2, 3, 0, 1).contiguous()
-        )
-        bias = fast_ops.torch_value(self.bias, inputs.dtype) if self.use_bias else None
-        k, channels = weight.shape[2], weight.shape[0]
-        outputs = fast_ops.torch_conv2d_nhwc(inputs, weight, bias, padding=k // 2, groups=channels)
-        return outputs if self.activation is None else self.activation(outputs)
-
-    def _shifted_sum_call(self, inputs):
-        kernel = ops.cast(self.kernel, inputs.dtype)
-        if self.use_bias:
-            bias = ops.cast(self.bias, inputs.dtype)
-        else:
-            bias = ops.zeros((kernel.shape[2],), inputs.dtype)
-        outputs = fast_ops.jax_depthwise(inputs, kernel, bias, depthwise_shifted_sum)
-        return outputs if self.activation is None else self.activation(outputs)
-
-
-def depthwise_shifted_sum(x, kernel, bias):
-    """'same' stride-1 depthwise conv as sum_ij pad(x)[:, i:i+H, j:j+W] * kernel[i, j].
-
-    (B, H, W, C), kernel (k, k, C, 1) -> (B, H, W, C). Accumulates in float32
-    (as a convolution kernel does) for half-precision inputs.
-    """
-    k = kernel.shape[0]
-    pad = k // 2
-    height, width = x.shape[1], x.shape[2]
-    if height is None or width is None:  # symbolic sizes: slice with the runtime shape
-        height, width = ops.shape(x)[1], ops.shape(x)[2]
-    dtype = x.dtype
-    if keras.backend.standardize_dtype(x.dtype) in ("float16", "bfloat16"):
-        x, kernel = ops.cast(x, "float32"), ops.cast(kernel, "float32")
-        bias = None if bias is None else ops.cast(bias, "float32")
-    padded = ops.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    out = None
-    for i in range(k):
-        for j in range(k):
-            term = padded[:, i : i + height, j : j + width, :] * kernel[i, j, :, 0]
-            out = term if out is None else out + term
-    if bias is not None:
-        out = out + bias
-    return ops.cast(out, dtype)
+        return fast_ops.run_kernel("depthwise_conv", inputs, portable_call, self)
 
 
 @keras.saving.register_keras_serializable(package="convnext")
@@ -187,28 +136,13 @@ class DownsampleConv(keras.layers.Conv2D):
             return super(DownsampleConv, self).call(padded)
 
         if (
-            keras.backend.backend() == "torch"
-            and self.data_format == "channels_last"
+            self.data_format == "channels_last"
             and self.padding == "valid"
             and self.groups == 1
             and tuple(self.dilation_rate) == (1, 1)
-            and fast_ops.use_fast_path("torch_conv_nhwc", inputs)
         ):
-            return fast_ops.guarded(
-                "torch_conv_nhwc", functools.partial(self._torch_call, inputs), portable_call
-            )
+            return fast_ops.run_kernel("conv", inputs, portable_call, self)
         return portable_call()
-
-    def _torch_call(self, inputs):
-        # (k, k, I, O) -> (O, I, k, k), laid out channels_last as the input is
-        kernel = fast_ops.torch_prepared(
-            self, self.kernel, inputs.dtype, fast_ops.torch_conv_weight_channels_last
-        )
-        bias = fast_ops.torch_value(self.bias, inputs.dtype) if self.use_bias else None
-        outputs = fast_ops.torch_conv2d_nhwc(
-            inputs, kernel, bias, stride=self.strides, padding=self.explicit_padding
-        )
-        return outputs if self.activation is None else self.activation(outputs)
 
     def compute_output_shape(self, input_shape):
         pad = 2 * self.explicit_padding
@@ -239,32 +173,11 @@ class PointwiseDense(keras.layers.Dense):
 
     def call(self, inputs, training=None):
         portable_call = functools.partial(super().call, inputs, training=training)
-        backend = keras.backend.backend()
         if self.lora_enabled or self.quantization_mode is not None:
             return portable_call()
-        if backend == "tensorflow" and fast_ops.use_fast_path("tensorflow_fused_dense"):
-            return fast_ops.guarded(
-                "tensorflow_fused_dense",
-                functools.partial(self._tensorflow_call, inputs),
-                portable_call,
-            )
-        if backend == "torch" and fast_ops.use_fast_path("onednn_linear", inputs):
-            return self._torch_call(inputs)
-        return portable_call()
-
-    def _tensorflow_call(self, inputs):
-        kernel = ops.cast(self.kernel, inputs.dtype)
-        bias = None if self.bias is None else ops.cast(self.bias, inputs.dtype)
-        return fast_ops.tensorflow_dense(inputs, kernel, bias, self.activation)
-
-    def _torch_call(self, inputs):
-        kernel = fast_ops.torch_value(self.kernel, inputs.dtype)
-        bias = None if self.bias is None else fast_ops.torch_value(self.bias, inputs.dtype)
-        # kernel (in, out) -> weight (out, in): a transposed view, no copy
-        x, fused = fast_ops.torch_linear(
-            inputs, kernel.t(), bias, fuse_gelu=self.activation is exact_gelu
-        )
-        return x if fused or self.activation is None else self.activation(x)
+        # oneDNN fuses the exact GELU into the matmul on torch
+        fuse_gelu = self.activation is exact_gelu
+        return fast_ops.run_kernel("dense", inputs, portable_call, self, fuse_gelu)
 
 
 # `.keras` files written before 2026-11 name it "_PointwiseDense"
@@ -409,14 +322,7 @@ class GlobalResponseNorm(keras.layers.Layer):
         # of convnextv2_atto's time; this form is one addcmul there).
         scale = 1.0 + ops.cast(self.weight, "float32") * nx
         bias = ops.cast(self.bias, "float32")
-        if keras.backend.backend() == "torch" and fast_ops.use_fast_path("torch_addcmul", x32):
-            y = fast_ops.guarded(
-                "torch_addcmul",
-                lambda: fast_ops.torch_multiply_add(x32, scale, bias),
-                lambda: x32 * scale + bias,
-            )
-        else:
-            y = x32 * scale + bias
+        y = fast_ops.run_kernel("multiply_add", x32, lambda: x32 * scale + bias, scale, bias)
         return ops.cast(y, x.dtype)
 
     def get_config(self):

@@ -8,12 +8,16 @@ parts: metrics, gallery, preprocessing) do not load Keras or a backend.
 The package, library below and interfaces above (no library module imports an
 interface):
 - library, numpy / PIL only: `errors`, `files` (which files are images, their labels),
-  `npz` (.npz files without pickle), `preprocess` (timm's eval transform), `pairs`
+  `npz` (.npz files without pickle), `parquet` (Parquet embedding files; pyarrow when
+  used), `formats` (which format an output name asks for; reading any embedding file),
+  `job_files` (an embedding job's identity, chunks and outputs), `preprocess` (timm's
+  eval transform), `pairs`
   (verification pairs files), `metrics/` (verification, calibration, identification),
   `gallery/` (1:N search: indexes, files), `runs` (what identifies a run);
 - library with Keras: `model` (embedding models, the converted-model cache, batches),
   `embedder` (`Embedder`), `faces/` (geometry, detectors, pipeline, enrolment),
-  `arcface`, `distribution`, `jobs` (resumable, sharded embedding), `finetune/`;
+  `arcface`, `distribution` (devices and processes), `jobs` (resumable, sharded
+  embedding), `raydata` (the same jobs on Ray Data; Ray and Keras when used), `finetune/`;
 - interfaces: `cli/` (`python -m embedding`, one module per subcommand).
 """
 

@@ -1,39 +1,45 @@
-"""Streaming, resumable embedding of many image files into one `.npz`.
+"""Streaming, resumable embedding of many image files into one `.npz`, one Parquet file
+or a folder of Parquet parts (the output's name decides: `embedding.formats`).
 
     from embedding.jobs import embed_files, merge_parts
     embed_files(embedder, paths, "vectors.npz")                    # resumes if interrupted
+    embed_files(embedder, paths, "vectors.parquet")                # one Parquet file
+    embed_files(embedder, paths, "vectors/")                       # a folder of Parquet parts
     embed_files(embedder, paths, "part0.npz", shard_index=0, num_shards=2)   # machine 0
     merge_parts(["part0.npz", "part1.npz"], "vectors.npz")         # = one run over all
 
-The file list is cut into chunks of `chunk_size` consecutive files. Each
-finished chunk is written at once (atomically) as `chunk-NNNNNN.npz` into a
-hidden folder next to the output, `.OUT.npz.parts/`, together with
-`job.json`, the job's identity. Run the same call again after an interruption
-(Ctrl-C, `kill -9`, a preempted machine) and it skips the chunks on disk. At
-the end the chunks are streamed into the output (one chunk in memory at a
-time), atomically, and the folder is removed. A chunk is always embedded the
-same way (same batches, same padding), so a resumed run's output equals an
-uninterrupted run's.
+The file list is cut into chunks of `chunk_size` consecutive files. For a file output
+(.npz, .parquet) each finished chunk is written at once (atomically) as
+`chunk-NNNNNN.npz` into a hidden folder next to the output, `.OUT.parts/`, together
+with `job.json`, the job's identity. Run the same call again after an interruption
+(Ctrl-C, `kill -9`, a preempted machine) and it skips the chunks on disk. At the end
+the chunks are streamed into the output (one chunk in memory at a time), atomically,
+and the folder is removed. A folder output is its chunks: `OUT/part-NNNNNN.parquet`,
+each written atomically when its chunk is done, nothing to assemble; the shards of a
+job (and the Ray engine, `embedding.raydata`) may all write into one folder. A chunk is
+always embedded the same way (same batches, same padding), so a resumed run's output
+equals an uninterrupted run's. A rerun over an output this job finished does nothing.
 
-The identity (`job.json`): the file list (count and SHA-256 of the paths),
-the model (SHA-256 of its weights and of its layer names and types, so
-another checkpoint, pooling or head norm is noticed), the preprocessing,
-`chunk_size` and the shard. If it differs from the folder's, the run is
-refused with a `JobError` naming what changed (`restart=True` discards the
-old chunks). The batch size and the device count are not part of it: they
-may change between runs (results then agree to float rounding, not bit for
-bit).
+The identity (`embedding.job_files.job_identity`): the file list, the model (SHA-256 of
+its weights and of its layer names and types, so another checkpoint, pooling or head
+norm is noticed), the preprocessing, `chunk_size` and the shard. If it differs from
+the one on disk, the run is refused with a `JobError` naming what changed
+(`restart=True` discards the old chunks). The batch size and the device count are not
+part of it: they may change between runs (results then agree to float rounding, not
+bit for bit).
 
-Sharding over machines: chunk c belongs to shard c % num_shards. Every
-machine runs the same file list with its own `shard_index`; `merge_parts`
-checks that the parts come from one job and cover every shard once, and
-interleaves them back into file-list order, equal to a single run's output.
+Sharding over machines: chunk c belongs to shard c % num_shards. Every machine runs the
+same file list with its own `shard_index`; `merge_parts` checks that the parts come
+from one job and cover every file once, and interleaves them back into file-list
+order, equal to a single run's output.
 
-Output members (all read without pickle; the file loads as a `Gallery`):
-`embeddings` (N, D) float32, `paths` (N,), `labels` (N,) (by default each
-image's folder name), `index` (N,) int64 (position in the file list),
-`skipped` (S,) (unreadable paths), `skipped_index` (S,), `skipped_reason` (S,),
-`model` (the source), `job` (JSON: the identity, `shard_index`, `num_shards`).
+`.npz` members (all read without pickle; the file loads as a `Gallery`): `embeddings`
+(N, D) float32, `paths` (N,), `labels` (N,) (by default each image's folder name),
+`index` (N,) int64 (position in the file list), `skipped` (S,) (unreadable paths),
+`skipped_index` (S,), `skipped_reason` (S,), `model` (the source), `job` (JSON: the
+identity, `shard_index`, `num_shards`). Parquet: one row per image, unreadable ones
+with an `error` instead of an `embedding`, the model and job in the file's metadata
+(`embedding.parquet`).
 
 On JAX with several local devices, `distribution="auto"` embeds with
 `keras.distribution.DataParallel` (every batch padded to the full batch size,
@@ -42,13 +48,11 @@ split over the devices); `None` uses one device.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
 import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -56,127 +60,49 @@ from tqdm.auto import tqdm
 from convnext_common.files import atomic_write
 from embedding import runs
 from embedding.distribution import clone_under, device_count, resolve_distribution
-from embedding.errors import ImageLoadError, InputError
-from embedding.files import folder_label
+from embedding.errors import ImageLoadError
+from embedding.formats import (
+    SHARD_KEYS,
+    input_format,
+    job_without_shard,
+    output_format,
+    read_embeddings,
+)
+from embedding.job_files import (
+    CHUNK_SIZE,
+    JOB_FILE,
+    PER_SHARD,
+    FolderJob,
+    JobError,
+    JobResult,
+    NothingReadableError,
+    PartsFolder,
+    check_chunk,
+    chunk_path,
+    chunk_rows,
+    differences,
+    finished_output,
+    folder_labels,
+    int_setting,
+    job_identity,
+    model_record,
+    parts_folder,
+    prepare_folder,
+    read_small,
+    shard_chunks,
+    write_chunk,
+    write_npz_output,
+    write_parquet_output,
+    write_rows_npz,
+)
 from embedding.model import predict_padded
-from embedding.npz import NpyMemberReader, NpzStreamWriter, read_npz
+from embedding.npz import NpyMemberReader, NpzStreamWriter
+from embedding.parquet import EmbeddingFileError, EmbeddingRows, metadata_record, write_rows
 
-JOB_FORMAT = 1
-CHUNK_SIZE = 1024
-JOB_FILE = "job.json"
-# what may differ between the parts of one sharded job (and nothing else)
-_PER_SHARD = ("shard_index",)
-_SETTING_NAMES = {
-    "files": "the input files",
-    "weights": "the model weights (another --model or checkpoint file)",
-    "layers": "the model's layers (--pooling or --no-head-norm)",
-    "preprocessing": "the preprocessing (the checkpoint's pretrained_cfg)",
-    "dim": "the embedding dimension",
-    "chunk_size": "--chunk-size",
-    "num_shards": "--num-shards",
-    "shard_index": "--shard-index",
-    "format": "the job format",
-}
-
-
-class JobError(InputError, ValueError):
-    """An embedding job that cannot go on: changed settings, damaged or mismatched parts."""
-
-
-class NothingReadableError(JobError):
-    """Not one image of an (unsharded) job could be read: no output is written.
-
-    `skipped` holds (path, reason) for every image, for the caller to report.
-    """
-
-    def __init__(self, message: str, skipped: list[tuple[str, str]]):
-        super().__init__(message)
-        self.skipped = skipped
-
-
-@dataclass
-class JobResult:
-    output: str
-    count: int  # vectors written
-    skipped: int  # unreadable files
-    chunks: int  # chunks of this shard
-    resumed: int  # chunks found on disk from an earlier run
-
-
-# ----------------------------------------------------------------------------
-# Chunks, shards and the job's identity
-# ----------------------------------------------------------------------------
-
-
-def shard_chunks(count: int, chunk_size: int, shard_index: int = 0, num_shards: int = 1):
-    """[(chunk index, start, stop)] of the chunks shard `shard_index` embeds."""
-    chunks = -(-count // chunk_size)
-    return [
-        (c, c * chunk_size, min((c + 1) * chunk_size, count))
-        for c in range(shard_index, chunks, num_shards)
-    ]
-
-
-def _int_setting(name, value, low):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}.")
-    return int(value)
-
-
-def job_identity(embedder, paths, chunk_size, shard_index, num_shards) -> dict:
-    """What an embedding job's results depend on (see the module docstring)."""
-    config = dataclasses.asdict(embedder.preprocessor.config)
-    return {
-        "format": JOB_FORMAT,
-        "files": {"count": len(paths), "sha256": runs.digest(paths)},
-        "weights": runs.weights_digest(embedder.model),
-        "layers": runs.layers_digest(embedder.model),
-        "preprocessing": json.loads(json.dumps(config, default=str)),
-        "dim": int(embedder.dim),
-        "chunk_size": chunk_size,
-        "num_shards": num_shards,
-        "shard_index": shard_index,
-    }
-
-
-def _differences(old: dict, new: dict, ignore=()) -> list[str]:
-    """What differs between two job identities (`embedding.runs.changes`), in the
-    command line's words."""
-    out = []
-    for key, before, now in sorted(runs.changes(old, new, ignore=ignore)):
-        what = _SETTING_NAMES.get(key, key)
-        if key == "files":
-            before, now = ((d or {}).get("count") for d in (before, now))
-            out.append(f"{what} ({before} files before, {now} now)" if before != now else what)
-        elif isinstance(now, (int, str)) and key not in ("weights", "layers"):
-            out.append(f"{what} ({before!r} before, {now!r} now)")
-        else:
-            out.append(what)
-    return out
-
-
-def folder_labels(paths) -> list[str]:
-    """Each path's label by the one rule for files given by name
-    (`embedding.files.folder_label`: the identity of `DIR/alice/1.jpg` is `alice`)."""
-    return [folder_label(p) for p in paths]
-
-
-def parts_folder(output) -> str:
-    """The hidden folder holding an output's finished chunks: `.NAME.parts`."""
-    output = os.path.abspath(os.fspath(output))
-    return os.path.join(os.path.dirname(output), f".{os.path.basename(output)}.parts")
-
-
-def _read_small(path, names, error_prefix) -> dict:
-    """Members `names` of an `.npz` (only those are read), errors as JobError."""
-    try:
-        arrays = read_npz(path, error=JobError, names=names, what=f"{error_prefix}file")
-    except FileNotFoundError:
-        raise JobError(f"{error_prefix}{path}: no such file.") from None
-    missing = [n for n in names if n not in arrays]
-    if missing:
-        raise JobError(f"{error_prefix}{path}: missing arrays {missing}.")
-    return arrays
+__all__ = [
+    "CHUNK_SIZE", "JOB_FILE", "JobError", "JobResult", "NothingReadableError", "embed_files",
+    "folder_labels", "job_identity", "merge_parts", "parts_folder", "shard_chunks",
+]  # fmt: skip
 
 
 # ----------------------------------------------------------------------------
@@ -225,61 +151,6 @@ def _embed_chunk(embedder, model, distribution, paths, start, bar):
     }
 
 
-def _chunk_path(folder, chunk):
-    return os.path.join(folder, f"chunk-{chunk:06d}.npz")
-
-
-def _check_chunk(path, key, start, stop, dim):
-    """The arrays of a finished chunk file, or a JobError saying what is wrong with it."""
-    names = ("embeddings", "index", "skipped_index", "skipped_reason", "key")
-    arrays = _read_small(path, names, "chunk ")
-    if str(arrays["key"]) != key:
-        raise JobError(f"{path} belongs to another job")
-    vectors, index, skipped = arrays["embeddings"], arrays["index"], arrays["skipped_index"]
-    if vectors.dtype != np.float32 or vectors.shape != (index.size, dim):
-        raise JobError(
-            f"{path}: embeddings {vectors.dtype} {vectors.shape}, expected "
-            f"({index.size}, {dim}) float32"
-        )
-    covered = np.sort(np.r_[index, skipped])
-    if index.dtype != np.int64 or not np.array_equal(covered, np.arange(start, stop)):
-        raise JobError(f"{path} does not cover files {start}..{stop - 1} exactly once")
-    if not np.all(np.isfinite(vectors)):
-        raise JobError(f"{path}: embeddings contain NaN or infinity")
-    return arrays
-
-
-def _prepare_folder(folder, identity, restart):
-    """Create the parts folder, or check an existing one belongs to this job."""
-    job_file = os.path.join(folder, JOB_FILE)
-    if restart and os.path.isdir(folder):
-        shutil.rmtree(folder)
-    if os.path.exists(job_file):
-        try:
-            with open(job_file) as f:
-                old = json.load(f)
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise JobError(
-                f"{job_file} is unreadable ({error}); remove {folder} or pass --restart."
-            ) from None
-        changed = _differences(old if isinstance(old, dict) else {}, identity)
-        if changed:
-            raise JobError(
-                f"{folder} holds chunks of a run with other settings: "
-                + "; ".join(changed)
-                + ". Rerun with the same settings to resume, or pass --restart "
-                "(restart=True) to discard them."
-            )
-        return
-    os.makedirs(folder, exist_ok=True)
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(identity, f, indent=2)
-
-    atomic_write(job_file, write)
-
-
 def embed_files(
     embedder,
     paths: Sequence[str],
@@ -294,7 +165,8 @@ def embed_files(
     distribution="auto",
     log: Callable[[str], None] | None = None,
 ) -> JobResult:
-    """Embed image files into `output` (.npz) in resumable chunks (module docstring).
+    """Embed image files into `output` (.npz, .parquet or a folder of Parquet parts: the
+    name decides, `embedding.formats.output_format`) in resumable chunks (module docstring).
 
     Args:
         embedder: an `embedding.Embedder` (its model, preprocessing, batch size).
@@ -305,45 +177,72 @@ def embed_files(
         restart: discard chunks of an earlier run instead of resuming.
         progress: a tqdm bar (images/s) on stderr.
         distribution: "auto", None or a `keras.distribution.Distribution`.
-        log: called with one-line notes (resuming, a damaged chunk redone).
+        log: called with one-line notes (resuming, a damaged chunk redone, nothing to do).
     """
+    try:
+        kind = output_format(output, option="output")
+    except EmbeddingFileError as error:
+        raise JobError(str(error)) from None
     paths, labels = _checked_paths(paths, labels)
-    chunk_size = _int_setting("chunk_size", chunk_size, 1)
-    num_shards = _int_setting("num_shards", num_shards, 1)
-    shard_index = _int_setting("shard_index", shard_index, 0)
+    chunk_size = int_setting("chunk_size", chunk_size, 1)
+    num_shards = int_setting("num_shards", num_shards, 1)
+    shard_index = int_setting("shard_index", shard_index, 0)
     if shard_index >= num_shards:
         raise ValueError(f"shard_index must be below num_shards ({num_shards}), got {shard_index}.")
     log = log or (lambda message: None)
     output = os.fspath(output)
     identity = job_identity(embedder, paths, chunk_size, shard_index, num_shards)
+    chunks = shard_chunks(len(paths), chunk_size, shard_index, num_shards)
+    if kind == "folder":
+        job = FolderJob(paths, labels, output, identity, model_record(embedder, identity), log)
+
+        def embed_missing(missing, write):
+            with _Embedding(embedder, distribution, missing, len(paths), progress) as run:
+                for chunk, start, stop in missing:
+                    arrays = _embed_chunk(embedder, run.model, run.dist, paths[start:stop],
+                                          start, run.bar)  # fmt: skip
+                    write(chunk, arrays)
+
+        return job.run(chunks, restart, embed_missing)
+    finished = None if restart else finished_output(output, kind, identity)
+    if finished is not None:
+        log(f"nothing to do: {output} holds this job's output already")
+        return JobResult(output, *finished, len(chunks), len(chunks))
     key = runs.json_digest(identity)
     folder = parts_folder(output)
-    _prepare_folder(folder, identity, restart)
-    chunks = shard_chunks(len(paths), chunk_size, shard_index, num_shards)
+    prepare_folder(folder, identity, restart)
     done = _finished_chunks(folder, chunks, key, int(embedder.dim), log)
 
-    model, dist = None, None
-    if len(done) < len(chunks):
-        model, dist = _distribution_model(embedder, distribution)
+    missing = [c for c in chunks if c[0] not in done]
     total = sum(stop - start for _, start, stop in chunks)
-    with tqdm(
-        total=total, initial=sum(done.values()), disable=not progress, unit="img", desc="embed"
-    ) as bar:
-        for chunk, start, stop in chunks:
-            if chunk in done:
-                continue
-            arrays = _embed_chunk(embedder, model, dist, paths[start:stop], start, bar)
-            arrays["key"] = np.asarray(key)
-
-            def write(tmp, arrays=arrays):
-                with open(tmp, "wb") as f:
-                    np.savez(f, **arrays)
-
-            atomic_write(_chunk_path(folder, chunk), write)
+    with _Embedding(embedder, distribution, missing, total, progress) as run:
+        for chunk, start, stop in missing:
+            arrays = _embed_chunk(embedder, run.model, run.dist, paths[start:stop], start, run.bar)
+            write_chunk(folder, chunk, arrays, key)
 
     count, skipped = _assemble(folder, chunks, key, output, paths, labels, identity, embedder)
     shutil.rmtree(folder, ignore_errors=True)
     return JobResult(output, count, skipped, len(chunks), len(done))
+
+
+class _Embedding:
+    """The model (laid out under the distribution) and the progress bar (of `total`
+    files) of the `missing` chunks; the model is set up only when some chunk is missing."""
+
+    def __init__(self, embedder, distribution, missing, total, progress):
+        self.model, self.dist = None, None
+        if missing:
+            self.model, self.dist = _distribution_model(embedder, distribution)
+        initial = total - sum(stop - start for _, start, stop in missing)
+        self.bar = tqdm(
+            total=total, initial=initial, disable=not progress, unit="img", desc="embed"
+        )
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
 
 
 def _checked_paths(paths, labels) -> tuple[list[str], list[str]]:
@@ -364,10 +263,10 @@ def _finished_chunks(folder, chunks, key, dim, log) -> dict[int, int]:
     removed, to be redone)."""
     done = {}
     for chunk, start, stop in chunks:
-        path = _chunk_path(folder, chunk)
+        path = chunk_path(folder, chunk)
         if os.path.exists(path):
             try:
-                _check_chunk(path, key, start, stop, dim)
+                check_chunk(path, key, start, stop, dim)
                 done[chunk] = stop - start
             except JobError as error:
                 log(f"redoing a damaged chunk: {error}")
@@ -378,13 +277,11 @@ def _finished_chunks(folder, chunks, key, dim, log) -> dict[int, int]:
 
 
 def _assemble(folder, chunks, key, output, paths, labels, identity, embedder):
-    """Stream the chunk files into `output`; returns (vectors, skipped)."""
+    """Stream the chunk files into `output` (.npz or .parquet); returns (vectors, skipped)."""
     dim = int(embedder.dim)
-    counts = []
     index_parts, skipped_parts, reason_parts = [], [], []
     for chunk, start, stop in chunks:  # small arrays first: sizes and string widths
-        arrays = _check_chunk(_chunk_path(folder, chunk), key, start, stop, dim)
-        counts.append(arrays["index"].size)
+        arrays = check_chunk(chunk_path(folder, chunk), key, start, stop, dim)
         index_parts.append(arrays["index"])
         skipped_parts.append(arrays["skipped_index"])
         reason_parts.append(arrays["skipped_reason"])
@@ -400,65 +297,20 @@ def _assemble(folder, chunks, key, output, paths, labels, identity, embedder):
             [(paths[i], str(r)) for i, r in zip(skipped.tolist(), reasons.tolist(), strict=True)],
         )
 
-    def vectors():
+    def chunk_arrays():
         for chunk, _, _ in chunks:
-            with np.load(_chunk_path(folder, chunk), allow_pickle=False) as data:
-                yield data["embeddings"]
+            with np.load(chunk_path(folder, chunk), allow_pickle=False) as data:
+                yield {name: data[name] for name in data.files}
 
-    _write_output(
-        output,
-        dim,
-        len(index),
-        vectors(),
-        index,
-        skipped,
-        reasons,
-        paths,
-        labels,
-        embedder.source,
-        identity,
-    )
+    if output_format(output) == "parquet":
+        meta = metadata_record(model_record(embedder, identity), identity)
+        pieces = (chunk_rows(arrays, paths, labels, meta) for arrays in chunk_arrays())
+        write_parquet_output(output, pieces)
+    else:
+        vectors = (arrays["embeddings"] for arrays in chunk_arrays())
+        write_npz_output(output, dim, len(index), vectors, index, skipped, reasons, paths,
+                         labels, embedder.source, identity)  # fmt: skip
     return len(index), len(skipped)
-
-
-def _string_pieces(values, index, step=65536):
-    for start in range(0, len(index), step):
-        yield np.asarray([values[i] for i in index[start : start + step]], dtype=str)
-
-
-def _width(values, index) -> str:
-    longest = max((len(values[i]) for i in index), default=1)
-    return f"<U{max(longest, 1)}"
-
-
-def _write_output(
-    output,
-    dim,
-    count,
-    vector_pieces,
-    index,
-    skipped,
-    reasons,
-    paths,
-    labels,
-    source,
-    identity,
-):
-    def write(tmp):
-        with open(tmp, "wb") as f, NpzStreamWriter(f) as npz:
-            npz.write_pieces("embeddings", np.float32, (count, dim), vector_pieces)
-            npz.write_pieces("paths", _width(paths, index), (count,), _string_pieces(paths, index))
-            npz.write_pieces(
-                "labels", _width(labels, index), (count,), _string_pieces(labels, index)
-            )
-            npz.write("index", index)
-            npz.write("skipped", np.asarray([paths[i] for i in skipped], dtype=str).reshape(-1))
-            npz.write("skipped_index", skipped)
-            npz.write("skipped_reason", np.asarray(reasons, dtype=str).reshape(-1))
-            npz.write("model", np.asarray(str(source)))
-            npz.write("job", np.asarray(json.dumps(identity, sort_keys=True)))
-
-    atomic_write(output, write)
 
 
 # ----------------------------------------------------------------------------
@@ -466,10 +318,100 @@ def _write_output(
 # ----------------------------------------------------------------------------
 
 
+def merge_parts(parts: Sequence, output) -> JobResult:
+    """Join the outputs of every shard of one job into `output`, in file-list order.
+
+    Parts and output may be .npz, .parquet or folders of parts (`embedding.formats`).
+    Each part must come from the same job (files, model, preprocessing, chunk size) and
+    together they must cover every file exactly once; the result equals one unsharded
+    run's output. .npz into .npz streams the vectors; any Parquet part or output reads
+    the parts into memory ((N, D) float32 at once).
+    """
+    parts = [os.fspath(p) for p in parts]
+    if not parts:
+        raise JobError("merge needs at least one part.")
+    try:
+        kind = output_format(output, option="output")
+    except EmbeddingFileError as error:
+        raise JobError(str(error)) from None
+    if kind == "npz" and all(input_format(p) == "npz" for p in parts):
+        return _merge_npz(parts, output)
+    return _merge_rows(parts, output, kind)
+
+
+def _read_part(path) -> EmbeddingRows:
+    """A part's rows, or a JobError saying why it is none."""
+    try:
+        rows = read_embeddings(path, complete=False)
+    except FileNotFoundError:
+        raise JobError(f"part {path}: no such file.") from None
+    except EmbeddingFileError as error:
+        raise JobError(f"part {error}") from None
+    job = rows.job
+    if not isinstance(job, dict) or not all(
+        isinstance(job.get(f), int) and not isinstance(job.get(f), bool)
+        for f in ("dim", "chunk_size")
+    ):
+        raise JobError(f"{path} was not written by `embed` (no valid job record).")
+    return rows
+
+
+def _check_coverage(rows: EmbeddingRows, count: int) -> None:
+    """A JobError unless the merged rows hold each of the job's `count` files once."""
+    covered = np.concatenate([rows.index, rows.skipped_index])
+    if covered.size and (covered.min() < 0 or covered.max() >= count):
+        raise JobError(f"the parts list files outside the job's {count} files.")
+    seen = np.bincount(covered, minlength=count)
+    repeated, missing = np.flatnonzero(seen > 1), np.flatnonzero(seen == 0)
+    if repeated.size:
+        raise JobError(
+            f"the parts embed {repeated.size} file(s) more than once (first: file "
+            f"#{repeated[0]}); give each shard's part once."
+        )
+    if missing.size:
+        raise JobError(
+            f"the parts do not cover the job's {count} files: {missing.size} missing (first: "
+            f"file #{missing[0]}); add the missing shards' parts."
+        )
+
+
+def _merge_rows(parts: list, output, kind) -> JobResult:
+    """`merge_parts` when a part or the output is Parquet: in memory."""
+    pieces = [(path, _read_part(path)) for path in parts]
+    first_path, first = pieces[0]
+    for path, rows in pieces[1:]:
+        changed = differences(first.job, rows.job, ignore=(*SHARD_KEYS, "merged_from"))
+        if changed:
+            raise JobError(
+                f"{path} and {first_path} come from different jobs: {'; '.join(changed)}."
+            )
+    merged = EmbeddingRows.concatenate([rows for _, rows in pieces])
+    _check_coverage(merged, int((first.job.get("files") or {}).get("count", 0)))
+    job = {**job_without_shard(first.job), "shard_index": 0, "num_shards": 1}
+    model = dict((first.meta or {}).get("model") or {})
+    for key, name in (("weights_sha256", "weights"), ("layers_sha256", "layers"),
+                      ("preprocessing", "preprocessing"), ("dim", "dim")):  # fmt: skip
+        model.setdefault(key, job.get(name))
+    if kind == "folder":
+        parts_out = PartsFolder(output, job, model)
+        parts_out.prepare(restart=False)
+        parts_out.finished([], lambda message: None)  # another job's parts there: refused
+        size = job["chunk_size"]
+        for chunk in sorted(set((np.r_[merged.index, merged.skipped_index] // size).tolist())):
+            parts_out.write_rows(chunk, merged.select(chunk * size, (chunk + 1) * size))
+    else:
+        merged.meta = metadata_record(model, {**job, "merged_from": len(parts)})
+        if kind == "parquet":
+            write_rows(output, merged)
+        else:
+            write_rows_npz(output, merged)
+    return JobResult(os.fspath(output), merged.index.size, merged.skipped_index.size, 0, 0)
+
+
 def _part_record(path):
     """(path, job identity, small arrays) of one part, or a JobError saying it is none."""
     small = ("index", "skipped", "skipped_index", "skipped_reason", "job", "model")
-    arrays = _read_small(path, small, "part ")
+    arrays = read_small(path, small, "part ")
     try:
         identity = json.loads(str(arrays["job"]))
     except ValueError:
@@ -487,7 +429,7 @@ def _check_one_job(infos) -> dict:
     difference, the missing or the repeated shards."""
     first_path, first, _ = infos[0]
     for path, identity, _ in infos[1:]:
-        changed = _differences(first, identity, ignore=_PER_SHARD)
+        changed = differences(first, identity, ignore=PER_SHARD)
         if changed:
             raise JobError(
                 f"{path} and {first_path} come from different jobs: {'; '.join(changed)}."
@@ -508,17 +450,9 @@ def _check_one_job(infos) -> dict:
     return first
 
 
-def merge_parts(parts: Sequence, output) -> JobResult:
-    """Join the outputs of every shard of one job into `output`, in file-list order.
-
-    Each part must come from the same job (files, model, preprocessing, chunk
-    size, shard count) and every shard must be there exactly once; the result
-    equals one unsharded run's output. Vectors are streamed (one run of
-    consecutive rows from one part at a time).
-    """
-    parts = [os.fspath(p) for p in parts]
-    if not parts:
-        raise JobError("merge needs at least one part.")
+def _merge_npz(parts: list, output) -> JobResult:
+    """`merge_parts` of .npz parts into an .npz: the vectors streamed (one run of
+    consecutive rows from one part at a time)."""
     infos = [_part_record(path) for path in parts]
     first = _check_one_job(infos)
 
@@ -553,8 +487,8 @@ def merge_parts(parts: Sequence, output) -> JobResult:
                         f"{parts[k]}: {name} is {reader.dtype} {reader.shape}, expected "
                         f"{shape} to match its index."
                     )
-        runs = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]]) if owner.size else []
-        bounds = list(zip(runs, [*runs[1:], owner.size], strict=True))
+        starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]]) if owner.size else []
+        bounds = list(zip(starts, [*starts[1:], owner.size], strict=True))
 
         def pieces(name):
             for start, stop in bounds:

@@ -422,7 +422,8 @@ def predict_padded(
     model, `predict_on_batch`. Under a `keras.distribution` (its variables created
     under it: `embedding.distribution.clone_under`) it is padded to the full
     `batch_size`, so that every device gets an equal share, and run in its scope.
-    Returns (n, D) float32 numpy.
+    Returns (n, D) float32 numpy. Under a distribution over several processes, `batch`
+    is this process's share and so are the rows returned.
     """
     n = batch.shape[0]
     size = padded_size(n, batch_size) if distribution is None else max(n, batch_size)
@@ -436,7 +437,16 @@ def predict_padded(
         out = model.predict_batch(batch)
     else:
         out = model.predict_on_batch(batch)
-    return np.asarray(keras.ops.convert_to_numpy(out), dtype=np.float32)[:n]
+    return _local_rows(out)[:n]
+
+
+def _local_rows(out) -> np.ndarray:
+    """A model's output as float32 numpy: all of it, or (a JAX array spread over several
+    processes) the rows of this process's devices, in order."""
+    if getattr(out, "is_fully_addressable", True):
+        return np.asarray(keras.ops.convert_to_numpy(out), dtype=np.float32)
+    shards = sorted(out.addressable_shards, key=lambda shard: shard.index[0].start or 0)
+    return np.concatenate([np.asarray(shard.data, dtype=np.float32) for shard in shards])
 
 
 def compute_embedding(model: keras.Model, images, batch_size: int = 32) -> np.ndarray:

@@ -9,24 +9,35 @@ import torch
 import contextlib
 import ctypes
 import gc
+import io
 import itertools
 import json
 import os
 import re
 import shutil
+import struct
+import subprocess
 import sys
 import tempfile
+import textwrap
+import zlib
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import keras
 import numpy as np
 import pytest
+import skimage.data
+from PIL import Image
 from safetensors.torch import save_file
 
+import embedding.finetune as ft
+from embedding import Embedder
 from weights_convert import randomize_timm_parameters
 
 BACKEND = keras.backend.backend()
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZE = 32  # input side of the tiny models of the reliability cases
 SMALL_SIZE = 64  # input side of the fast checkpoints (`small_checkpoint`)
 
 
@@ -209,6 +220,201 @@ def small_checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("atto64")
     cfg = {"input_size": (3, SMALL_SIZE, SMALL_SIZE), "crop_pct": 0.875}
     return str(save_timm_checkpoint(model, folder, "convnext_atto", pretrained_cfg=cfg)), model
+
+
+# ----------------------------------------------------------------------------
+# Shared by the reliability cases of several modules
+# ----------------------------------------------------------------------------
+# Fixtures: a tiny embedding model as a .keras file, images, folders
+# ----------------------------------------------------------------------------
+
+
+def tiny_model(size=SIZE, dim=16, name="tiny"):
+    image = keras.Input((size, size, 3))
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="gelu")(image)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dense(dim)(x)
+    return keras.Model(image, x, name=name)
+
+
+TINY_CFG = {"input_size": [3, SIZE, SIZE], "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0}
+
+
+@pytest.fixture(scope="module")
+def tiny_keras(tmp_path_factory):
+    """A tiny embedding model saved as this project saves models (.keras + sidecar)."""
+    keras.utils.set_random_seed(0)
+    model = ft.as_embedding_model(tiny_model())
+    model.pretrained_cfg = dict(TINY_CFG)
+    path = str(tmp_path_factory.mktemp("tiny") / "tiny.keras")
+    ft.save_model(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_embedder(tiny_keras):
+    return Embedder(model=ft.load_model(tiny_keras), batch_size=4)
+
+
+def photo(name="astronaut"):
+    return getattr(skimage.data, name)()
+
+
+def png_bytes(array, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array, **kwargs).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def png_header_only(width, height) -> bytes:
+    """A PNG whose header claims width x height (a decompression bomb's header) and
+    whose data is one deflated byte: refused at the header or it would decode forever."""
+
+    def chunk(kind, data):
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00"))
+        + chunk(b"IEND", b"")
+    )
+
+
+def bad_files(folder, count):
+    """`count` unreadable files of several kinds: truncated PNG / JPEG / PPM (memory
+    mapped by PIL), garbage, empty, and bomb headers."""
+    os.makedirs(folder, exist_ok=True)
+    good_png = png_bytes(photo("coffee"))
+    jpeg = io.BytesIO()
+    Image.fromarray(photo("coffee")).save(jpeg, format="JPEG")
+    ppm = io.BytesIO()
+    Image.fromarray(photo("coffee")).save(ppm, format="PPM")
+    kinds = [
+        ("png", good_png[: len(good_png) // 3]),
+        ("jpg", jpeg.getvalue()[: len(jpeg.getvalue()) // 3]),
+        ("ppm", ppm.getvalue()[: len(ppm.getvalue()) // 2]),
+        ("jpg", b"definitely not an image"),
+        ("png", b""),
+        ("png", png_header_only(30000, 30000)),
+    ]
+    paths = []
+    for k in range(count):
+        ext, data = kinds[k % len(kinds)]
+        path = os.path.join(folder, f"bad_{k:04d}.{ext}")
+        with open(path, "wb") as f:
+            f.write(data)
+        paths.append(path)
+    return paths
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def run_python(code, *args, timeout=600, env_extra=None):
+    env = {**os.environ, "PYTHONPATH": ROOT, **(env_extra or {})}
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def result_line(proc):
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1]
+    return json.loads(line[len("RESULT") :])
+
+
+@pytest.fixture
+def unwritable_dir(tmp_path):
+    """A folder nobody can create files in: permission bits for a normal user; as root
+    (whom they do not bind) sysfs, where even root cannot create files."""
+    if os.geteuid() != 0:
+        folder = tmp_path / "read_only"
+        folder.mkdir()
+        folder.chmod(0o555)
+        yield str(folder)
+        folder.chmod(0o755)
+        return
+    try:
+        open("/sys/.keras-convnext-write-check", "w").close()
+    except OSError:
+        yield "/sys"
+        return
+    pytest.skip("no folder here refuses root's writes")
+
+
+@pytest.fixture(scope="module")
+def nan_keras(tmp_path_factory):
+    """A .keras embedding model that outputs NaN (a broken checkpoint's symptom)."""
+    model = tiny_model()
+    dense = model.layers[-1]
+    kernel, bias = dense.get_weights()
+    dense.set_weights([kernel, np.full_like(bias, np.nan)])
+    model = ft.as_embedding_model(model)
+    model.pretrained_cfg = dict(TINY_CFG)
+    path = str(tmp_path_factory.mktemp("nan") / "nan.keras")
+    ft.save_model(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bad_models(tmp_path_factory):
+    """Model sources that must be refused: (source, fragment of the message)."""
+    import torch
+
+    folder = tmp_path_factory.mktemp("bad_models")
+    atto = random_timm_model("convnext_atto", seed=1)
+    good = save_timm_checkpoint(atto, folder / "atto", "convnext_atto")
+    data = (good / "model.safetensors").read_bytes()
+    (folder / "truncated").mkdir()
+    (folder / "truncated" / "model.safetensors").write_bytes(data[: len(data) // 2])
+    (folder / "mismatched").mkdir()
+    (folder / "mismatched" / "model.safetensors").write_bytes(data)
+    config = json.loads((good / "config.json").read_text())
+    config["architecture"] = "convnext_femto"
+    (folder / "mismatched" / "config.json").write_text(json.dumps(config))
+    torch.save(atto.state_dict(), folder / "pickled.pth")
+    Image.fromarray(photo("coffee")).save(folder / "photo.jpg")
+    (folder / "broken.keras").write_bytes(b"PK\x03\x04 not a zip")
+    two_inputs = ft.build_training_model(ft.as_embedding_model(tiny_model()), 3)
+    two_inputs.save(folder / "train.keras")
+    os.symlink(folder / "loop", folder / "loop")
+    return [
+        (str(folder / "nosuch"), "no such file"),
+        (str(folder / "loop"), "looping symbolic link"),
+        (str(folder / "truncated"), "truncated"),
+        (str(folder / "mismatched"), "stem.0.weight"),
+        (str(folder / "pickled.pth"), "safetensors"),
+        (str(folder / "photo.jpg"), "safetensors"),
+        (str(folder / "broken.keras"), "broken.keras"),
+        (str(folder / "train.keras"), "not an image model"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def lfw_people(tmp_path_factory):
+    """ROOT/name/name_000k.jpg for 4 people x 3 views, and a 2-fold pairs file (each fold:
+    a same-person pair, then a different-person pair)."""
+    root = tmp_path_factory.mktemp("lfw")
+    people = {"alice": "astronaut", "bob": "coffee", "cat": "chelsea", "dan": "rocket"}
+    for name, source in people.items():
+        (root / name).mkdir()
+        for k in (1, 2, 3):
+            image = np.roll(photo(source), 25 * k, axis=1)[::4, ::4]
+            Image.fromarray(image).save(root / name / f"{name}_{k:04d}.jpg")
+    lines = ["alice 1 2", "alice 1 bob 1", "bob 1 3", "bob 2 cat 3"]
+    pairs = root / "pairs.txt"
+    pairs.write_text("\n".join(["2 1", *lines]) + "\n")
+    return str(root), str(pairs)
 
 
 # ----------------------------------------------------------------------------

@@ -121,7 +121,8 @@ def test_the_cycle_finder_finds_a_cycle():
     assert cycles(graph) == [["a", "b", "c"]]
     planted = dict(import_graph())  # the real graph, plus one import back down-up
     planted["embedding.npz"] = {*planted["embedding.npz"], "embedding.gallery"}
-    assert ["embedding.gallery", "embedding.npz"] in cycles(without_package_faces(planted))
+    found = cycles(without_package_faces(planted))
+    assert any({"embedding.gallery", "embedding.npz"} <= set(cycle) for cycle in found), found
 
 
 def test_variant_modules_import_the_model_package_alone():

@@ -105,3 +105,25 @@ def test_exit_policy_is_one_error_line(error, status, fragment, capsys):
     assert len(err) == 1 and err[0].startswith(fragment), err
     with pytest.raises(type(error)):
         run_command(handler, None, debug=True)
+
+
+# ----------------------------------------------------------------------------
+# Output paths: refused before any work
+# ----------------------------------------------------------------------------
+
+
+def test_output_paths_that_cannot_be_written(tmp_path, unwritable_dir):
+    (tmp_path / "a_file").write_text("x")
+    cases = [
+        (str(tmp_path), "is a folder"),
+        (str(tmp_path / "a_file" / "out.npz"), "is a file, not a folder"),
+        (os.path.join(unwritable_dir, "out.npz"), "cannot write"),
+        ("", "empty"),
+    ]
+    for path, fragment in cases:
+        with pytest.raises(OutputPathError, match=fragment):
+            check_output_path(path, option="-o")
+    with pytest.raises(OutputPathError, match=r"end in \.keras"):
+        check_output_path(str(tmp_path / "w.weights.h5"), suffixes=(".keras",))
+    deep = tmp_path / "new" / "deeper" / "out.npz"
+    assert check_output_path(deep) == str(deep) and not deep.parent.exists()

@@ -22,8 +22,7 @@ import skimage.data
 import torch
 from conftest import BACKEND, random_timm_model, save_timm_checkpoint
 
-from convnext_layers import fast_ops
-from convnext_layers import layers as convnext_layers_module
+from convnext_layers.fast_ops import jax_kernels, tensorflow_kernels, torch_kernels
 from embedding import Embedder, Preprocessor, load_image
 from embedding import cli as embedding_cli
 from weights_convert import cli as convert_cli
@@ -39,11 +38,11 @@ QUANTIZED_MIN_COSINE = {"float16": 0.999, "int8": 0.99}
 # every convolution of convnext_atto: stem, 3 downsampling convs, 2+2+6+2 depthwise
 ATTO_CONVOLUTIONS = 1 + 3 + 12
 FAST_PATHS = (
-    (fast_ops, "torch_linear"),
-    (fast_ops, "torch_conv2d_nhwc"),
-    (fast_ops, "torch_multiply_add"),
-    (fast_ops, "tensorflow_dense"),
-    (convnext_layers_module, "depthwise_shifted_sum"),
+    (torch_kernels, "torch_linear"),
+    (torch_kernels, "torch_conv2d_nhwc"),
+    (torch_kernels, "torch_multiply_add"),
+    (tensorflow_kernels, "tensorflow_dense"),
+    (jax_kernels, "depthwise_shifted_sum"),
 )
 
 

@@ -25,6 +25,12 @@ from convnext_layers import (
 )
 from convnext_layers import layers as layers_module
 from convnext_layers import model as model_module
+from convnext_layers.fast_ops import (
+    jax_kernels,
+    keras_internals,
+    tensorflow_kernels,
+    torch_kernels,
+)
 from convnext_v1 import create_convnext_v1
 from convnext_v2 import create_convnext_v2
 
@@ -101,43 +107,43 @@ def test_portable_and_environment_switch_everything_off(monkeypatch):
 LAYER_CASES = {
     "torch_conv_nhwc/depthwise": (
         "torch",
-        (fast_ops, "torch_conv2d_nhwc"),
+        (torch_kernels, "torch_conv2d_nhwc"),
         lambda: DepthwiseConv(7),
         (9, 11, 8),
     ),
     "torch_conv_nhwc/downsample": (
         "torch",
-        (fast_ops, "torch_conv2d_nhwc"),
+        (torch_kernels, "torch_conv2d_nhwc"),
         lambda: DownsampleConv(6, 3, strides=2, explicit_padding=1),
         (9, 12, 5),
     ),
     "jax_shifted_sum": (
         "jax",
-        (layers_module, "depthwise_shifted_sum"),
+        (jax_kernels, "depthwise_shifted_sum"),
         lambda: DepthwiseConv(7),
         (9, 11, 8),
     ),
     "onednn_linear/gelu": (
         "torch",
-        (fast_ops, "_onednn_linear_pointwise"),
+        (torch_kernels, "_onednn_linear_pointwise"),
         lambda: PointwiseDense(12, activation=exact_gelu),
         (4, 5, 6),
     ),
     "onednn_linear": (
         "torch",
-        (fast_ops, "_onednn_linear_pointwise"),
+        (torch_kernels, "_onednn_linear_pointwise"),
         lambda: PointwiseDense(12),
         (4, 5, 6),
     ),
     "tensorflow_fused_dense": (
         "tensorflow",
-        (fast_ops, "tensorflow_dense"),
+        (tensorflow_kernels, "tensorflow_dense"),
         lambda: PointwiseDense(12, activation=exact_gelu),
         (4, 5, 6),
     ),
     "torch_addcmul": (
         "torch",
-        (fast_ops, "torch_multiply_add"),
+        (torch_kernels, "torch_multiply_add"),
         lambda: GlobalResponseNorm(),
         (5, 4, 6),
     ),
@@ -199,7 +205,7 @@ def test_layer_fallback_equals_fast_path(case, mode, monkeypatch, rng):
 @pytest.mark.skipif(BACKEND != "jax", reason="the JAX shifted sum's gradient rule")
 @pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
 def test_shifted_sum_gradient_equals_the_convolutions(policy, monkeypatch):
-    """Training through the shifted sum uses its own gradient rule (fast_ops.jax_depthwise).
+    """Training through the shifted sum uses its own gradient rule (jax_kernels.jax_depthwise).
     Its gradients of input, kernel and bias equal those of XLA's grouped conv (the
     portable path) in float32, on an odd-sized input with every weight random; in
     mixed bfloat16 they keep their dtypes and stay within bfloat16 rounding of them."""
@@ -224,7 +230,7 @@ def test_shifted_sum_gradient_equals_the_convolutions(policy, monkeypatch):
         return jax.grad(of, argnums=(0, 1, 2))
 
     with monkeypatch.context() as patch:
-        spy = Spy(patch, fast_ops, "_jax_depthwise_rule")
+        spy = Spy(patch, jax_kernels, "_jax_depthwise_rule")
         fast = jax.jit(loss(layers[policy]))(x, kernel, bias)
     assert spy.calls >= 1, "the fast path did not run"
     with fast_ops.portable():  # float32 throughout, on the same (rounded) inputs
@@ -435,16 +441,16 @@ def test_jax_compiler_options_fallback_equals_them(mode, monkeypatch):
     rng = np.random.default_rng(4)
     model = _fresh_v1(rng)
     x = rng.standard_normal((2, 32, 32, 3)).astype("float32")
-    assert fast_ops.jax_compiler_options(model) == fast_ops.JAX_V1_COMPILER_OPTIONS
+    assert jax_kernels.jax_compiler_options(model) == jax_kernels.JAX_V1_COMPILER_OPTIONS
     reference = model.predict_on_batch(x)  # keras' own jit, default options
     if mode == "failure":
-        monkeypatch.setattr(fast_ops, "JAX_V1_COMPILER_OPTIONS", {"xla_no_such_option": ""})
+        monkeypatch.setattr(jax_kernels, "JAX_V1_COMPILER_OPTIONS", {"xla_no_such_option": ""})
         with pytest.warns(RuntimeWarning, match="jax_compiler_options"):
             got = model.predict_batch(x)
         assert list(fast_ops.disabled_fast_paths()) == ["jax_compiler_options"]
     else:
         with fast_ops.portable():
-            assert fast_ops.jax_compiler_options(model) == {}
+            assert jax_kernels.jax_compiler_options(model) == {}
         got = model.predict_batch(x)
         assert fast_ops.disabled_fast_paths() == {}
     np.testing.assert_allclose(got, reference, atol=1e-5, rtol=1e-5)
@@ -456,35 +462,35 @@ def test_jax_compiler_options_only_where_measured(monkeypatch):
     XLA_FLAGS for the same option, never off a CPU."""
     v1 = create_convnext_v1("atto", num_classes=5, input_shape=(32, 32, 3))
     v2 = create_convnext_v2("atto", num_classes=5, input_shape=(32, 32, 3))
-    assert fast_ops.jax_compiler_options(v1) == {"xla_cpu_experimental_ynn_fusion_type": ""}
-    assert fast_ops.jax_compiler_options(v2) == {}
-    assert fast_ops.jax_compiler_options(keras.Sequential([keras.layers.Dense(2)])) == {}
+    assert jax_kernels.jax_compiler_options(v1) == {"xla_cpu_experimental_ynn_fusion_type": ""}
+    assert jax_kernels.jax_compiler_options(v2) == {}
+    assert jax_kernels.jax_compiler_options(keras.Sequential([keras.layers.Dense(2)])) == {}
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=all")
-    assert fast_ops.jax_compiler_options(v1) == {}
+    assert jax_kernels.jax_compiler_options(v1) == {}
     monkeypatch.delenv("XLA_FLAGS")
     monkeypatch.setattr(fast_ops, "on_cpu", lambda x=None: False)
-    assert fast_ops.jax_compiler_options(v1) == {}
+    assert jax_kernels.jax_compiler_options(v1) == {}
 
 
 # backend -> (fast path, the function that runs each layer in the layer-by-layer inference)
 LAYER_KERNELS = {
-    "torch": ("torch_kernels", "torch_apply"),
-    "tensorflow": ("tensorflow_layer_norm", "tensorflow_apply"),
+    "torch": ("torch_kernels", torch_kernels, "torch_apply"),
+    "tensorflow": ("tensorflow_layer_norm", tensorflow_kernels, "tensorflow_apply"),
 }
 
 
 @pytest.mark.skipif(BACKEND not in LAYER_KERNELS, reason="no layer kernels on this backend")
 @pytest.mark.parametrize("mode", MODES)
 def test_layer_kernels_fallback_equals_them(small_v2_weights, mode, monkeypatch):
-    name, apply = LAYER_KERNELS[BACKEND]
+    name, owner, apply = LAYER_KERNELS[BACKEND]
     weights, x = small_v2_weights
     model = _fresh_v2(weights)
     with monkeypatch.context() as patch, _inference_mode():
-        spy = Spy(patch, fast_ops, apply)
+        spy = Spy(patch, owner, apply)
         fast = [keras.ops.convert_to_numpy(model(x)), model.predict_batch(x)]
     assert spy.calls > 50
     with monkeypatch.context() as patch, _inference_mode():
-        spy = Spy(patch, fast_ops, apply, fail=mode == "failure")
+        spy = Spy(patch, owner, apply, fail=mode == "failure")
         if mode == "off_cpu":
             patch.setattr(fast_ops, "on_cpu", lambda x=None: False)
         with _switched_off(mode, patch, name):
@@ -595,7 +601,7 @@ def test_tensorflow_layer_norm_is_layer_norm(scale, rng):
     expected = (x64 - mean) / np.sqrt(variance + 1e-6) * gamma + beta
 
     def norm(v):
-        return fast_ops.tensorflow_layer_norm(v, gamma, beta, 1e-6)
+        return tensorflow_kernels.tensorflow_layer_norm(v, gamma, beta, 1e-6)
 
     graph = tf.function(norm).get_concrete_function(tf.TensorSpec((None, 5, 7, 24)))
     for got in (norm(tf.constant(x)), graph(tf.constant(x))):
@@ -614,11 +620,11 @@ def test_torch_kernels_equal_the_layers_own_calls(rng):
     add.build([(None, 5, 6, 8)] * 2)
     a, b = (torch.from_numpy(rng.standard_normal((2, 5, 6, 8)).astype("float32")) for _ in "ab")
     with torch.inference_mode():
-        assert torch.equal(fast_ops.torch_apply(norm, a), norm.call(a))
-        assert torch.equal(fast_ops.torch_apply(add, [a, b]), add.call([a, b]))
+        assert torch.equal(torch_kernels.torch_apply(norm, a), norm.call(a))
+        assert torch.equal(torch_kernels.torch_apply(add, [a, b]), add.call([a, b]))
         rms = keras.layers.LayerNormalization(epsilon=1e-6, rms_scaling=True)
         rms.build((None, 5, 6, 8))
-        assert torch.equal(fast_ops.torch_apply(rms, a), rms.call(a))  # not the kernel's case
+        assert torch.equal(torch_kernels.torch_apply(rms, a), rms.call(a))  # not the kernel's case
 
 
 # ----------------------------------------------------------------------------
@@ -632,11 +638,11 @@ def test_flatten_layers_fallback_lists_the_same_layers(mode, monkeypatch):
     inputs = keras.Input((32, 32, 3))
     outer = keras.Model(inputs, keras.layers.Dense(3, name="outer_fc")(inner(inputs)))
     with monkeypatch.context() as patch:
-        spy = Spy(patch, fast_ops, "_keras_flatten_layers")
+        spy = Spy(patch, keras_internals, "_keras_flatten_layers")
         fast = [layer.name for layer in fast_ops.flatten_layers(outer)]
     assert spy.calls == 1 and "stage3_block1_pwconv2" in fast and "outer_fc" in fast
     with monkeypatch.context() as patch:
-        spy = Spy(patch, fast_ops, "_keras_flatten_layers", fail=mode == "failure")
+        spy = Spy(patch, keras_internals, "_keras_flatten_layers", fail=mode == "failure")
         with _switched_off(mode, patch, "flatten_layers"):
             fallback = [layer.name for layer in fast_ops.flatten_layers(outer)]
     assert fallback == fast
@@ -652,11 +658,11 @@ def test_deferred_initialisation_fallback_ports_the_same_weights(mode, monkeypat
         return create_convnext_v1("atto", input_shape=(32, 32, 3))
 
     with monkeypatch.context() as patch:
-        spy = Spy(patch, fast_ops, "_keras_initialize_all_variables")
+        spy = Spy(patch, keras_internals, "_keras_initialize_all_variables")
         fast = wc.build_ported(build, state)
     assert spy.calls == 1
     with monkeypatch.context() as patch:
-        spy = Spy(patch, fast_ops, "_keras_initialize_all_variables", fail=mode == "failure")
+        spy = Spy(patch, keras_internals, "_keras_initialize_all_variables", fail=mode == "failure")
         with _switched_off(mode, patch, "deferred_variables"):
             fallback = wc.build_ported(build, state)
     assert spy.calls == (1 if mode == "failure" else 0)
@@ -674,7 +680,7 @@ def test_with_head_keeps_the_backbone_when_deferred_initialisation_fails(
     weights, x = small_v2_weights
     model = _fresh_v2(weights)
     fast = model.with_head(num_classes=0, normalize=True)
-    Spy(monkeypatch, fast_ops, "_keras_initialize_all_variables", fail=True)
+    Spy(monkeypatch, keras_internals, "_keras_initialize_all_variables", fail=True)
     with pytest.warns(RuntimeWarning, match="deferred_variables"):
         fallback = model.with_head(num_classes=0, normalize=True)
     np.testing.assert_array_equal(fallback.predict_on_batch(x), fast.predict_on_batch(x))

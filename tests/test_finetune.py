@@ -4,18 +4,27 @@ and a two-device (simulated on the CPU) data-parallel run matching one device.""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import keras
 import numpy as np
 import pytest
-from conftest import BACKEND
+from conftest import BACKEND, SIZE, TINY_CFG, bad_files, run_python
 from PIL import Image
 
 import embedding.finetune as ft
+import weights_convert
 from convnext_v2 import create_convnext_v2
+from embedding.errors import (
+    FinetuneConfigError,
+    FinetuneDataError,
+    OutputPathError,
+    ResumeMismatchError,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -263,3 +272,419 @@ def test_two_devices_match_one():
     assert out["emb"] < 1e-5 and out["weights"] < 1e-5 and out["emb_shape"] == [50, 16]
     np.testing.assert_allclose(out["ft_loss"][0], out["ft_loss"][1], rtol=1e-4)
     assert abs(out["ft_eer"][0] - out["ft_eer"][1]) < 1e-3
+
+
+# ----------------------------------------------------------------------------
+# Fine-tuning: data that cannot form pairs, settings, resume keys
+# ----------------------------------------------------------------------------
+
+
+def write_identities(root, counts, size=40, seed=0):
+    """One folder per identity with counts[k] PNGs of a noisy identity pattern."""
+    rng = np.random.default_rng(seed)
+    for k, count in enumerate(counts):
+        folder = os.path.join(root, f"person_{k}")
+        os.makedirs(folder)
+        base = rng.integers(0, 255, (6, 6, 3))
+        for j in range(count):
+            image = np.clip(base + rng.integers(-30, 30, base.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(image).resize((size, size), Image.BILINEAR).save(
+                os.path.join(folder, f"{j}.png")
+            )
+    return root
+
+
+FT_FAST = dict(epochs=1, batch_size=8, verbose=0, augment=False)
+
+
+@pytest.mark.parametrize(
+    "counts, settings, fragments",
+    [
+        ([1] * 6, {}, ["one image each", "add images", "--holdout 0"]),
+        ([1] * 6, {"holdout_by": "image"}, ["Nothing could be held out", "--holdout 0"]),
+        ([2] * 6, {"holdout_by": "image"}, ["no identity has more than 2", "add images"]),
+        ([6] * 3, {}, ["at least 4 identities", "--holdout-by image"]),
+    ],
+)
+def test_finetune_data_that_cannot_form_pairs(tmp_path, tiny_keras, counts, settings, fragments):
+    data = write_identities(str(tmp_path / "data"), counts)
+    with pytest.raises(FinetuneDataError) as info:
+        ft.finetune(data, tiny_keras, output=str(tmp_path / "t.keras"), **FT_FAST, **settings)
+    for fragment in fragments:
+        assert fragment in str(info.value), (fragment, str(info.value))
+    assert not os.path.exists(tmp_path / "t.keras")
+
+
+@pytest.mark.slow
+def test_finetune_small_data_that_works_says_what_it_held_out(tmp_path, tiny_keras, capsys):
+    """4 identities x 6 images: by identity, 2 held out (0.2 rounds to 1, at least 2
+    needed) and said so; by image, 2 images of each (so that same-identity pairs exist)."""
+    data = write_identities(str(tmp_path / "data"), [6] * 4)
+    result = ft.finetune(data, tiny_keras, **{**FT_FAST, "verbose": 2})
+    printed = capsys.readouterr().out
+    assert "held out 2 of 4 identities" in printed and "rounds to 1" in printed
+    assert result.split.startswith("held out 2 of 4 identities")
+    by_image = ft.finetune(data, tiny_keras, holdout_by="image", **FT_FAST)
+    assert by_image.metrics_before.n_genuine == 4  # 2 images held out of each of 4
+    if not result.improved:
+        assert "never beat the input model" in printed
+
+
+@pytest.mark.slow
+def test_finetune_skips_and_reports_corrupt_images(tmp_path, tiny_keras):
+    data = write_identities(str(tmp_path / "data"), [4] * 5)
+    bad = bad_files(os.path.join(data, "person_1"), 3)
+    result = ft.finetune(data, tiny_keras, holdout=0, **FT_FAST)
+    assert sorted(f.name for f in result.skipped) == sorted(bad)
+    everything_bad = str(tmp_path / "bad_data")
+    for k in range(4):
+        bad_files(os.path.join(everything_bad, f"p{k}"), 2)
+    with pytest.raises(FinetuneDataError, match="none of the 8 images could be read"):
+        ft.finetune(everything_bad, tiny_keras, holdout=0, **FT_FAST)
+
+
+def test_finetune_settings_are_validated(tmp_path):
+    cases = [
+        ({"epochs": 0}, "epochs must be at least 1"),
+        ({"epochs": 2, "freeze_epochs": 3}, "freeze_epochs"),
+        ({"learning_rate": float("nan")}, "learning_rate"),
+        ({"learning_rate": 0}, "learning_rate"),
+        ({"holdout": 1.0}, "holdout"),
+        ({"holdout_by": "person"}, "'identity' or 'image'"),
+        ({"margin": 2.0}, "margin"),
+        ({"batch_size": 2.5}, "batch_size must be a whole number"),
+        ({"pooling": "median"}, "pooling"),
+        ({"augment": "yes"}, "augment"),
+    ]
+    for settings, fragment in cases:
+        with pytest.raises(FinetuneConfigError, match=fragment):
+            ft.FinetuneConfig(**settings)
+    with pytest.raises(TypeError, match="Unknown fine-tuning setting.*epoch"):
+        ft.FinetuneConfig().replace(epoch=3)
+    x = np.zeros((8, SIZE, SIZE, 3), np.float32)
+    with pytest.raises(OutputPathError, match=r"\.keras"):
+        ft.finetune((x, np.arange(8) % 4), tiny_model(), output=str(tmp_path / "w.weights.h5"))
+    assert not os.listdir(tmp_path)
+
+
+def _interrupt_after_first_epoch(monkeypatch):
+    original = ft.TrainBatches.set_epoch
+
+    def interrupt(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        original(self, epoch)
+
+    monkeypatch.setattr(ft.TrainBatches, "set_epoch", interrupt)
+    return original
+
+
+@pytest.mark.slow
+def test_resume_key_names_every_changed_setting(tmp_path, monkeypatch):
+    x = np.random.default_rng(0).normal(size=(48, SIZE, SIZE, 3)).astype("float32")
+    data = (x, np.arange(48) % 6)
+    out = str(tmp_path / "tuned.keras")
+    base = dict(epochs=3, batch_size=8, holdout=0.25, holdout_by="image", verbose=0)
+
+    def model():
+        keras.utils.set_random_seed(0)
+        return tiny_model()
+
+    original = _interrupt_after_first_epoch(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        ft.finetune(data, model(), output=out, **base)
+    monkeypatch.setattr(ft.TrainBatches, "set_epoch", original)
+    with open(out + ".ckpt/state.json") as f:
+        saved = json.load(f)["identity"]
+    for key in (
+        "learning_rate",
+        "augment",
+        "hflip",
+        "pooling",
+        "head_norm",
+        "image_size",
+        "embedding_dim",
+        "margin",
+        "seed",
+        "model_content",
+        "data",
+    ):
+        assert key in saved
+    changes = [
+        ({"learning_rate": 0.01}, ["learning_rate: was 0.001, now 0.01"]),
+        ({"augment": False}, ["augment: was True, now False"]),
+        ({"hflip": False, "margin": 0.5}, ["hflip", "margin: was 0.35, now 0.5"]),
+        ({"pooling": "max"}, ["pooling: was avg, now max"]),
+        ({"head_norm": False}, ["head_norm"]),
+        ({"image_size": 64}, ["image_size: was None, now 64"]),
+        ({"embedding_dim": 8}, ["embedding_dim"]),
+        ({"holdout": 0.5}, ["holdout: was 0.25"]),
+        ({"seed": 1}, ["seed: was 0, now 1"]),
+    ]
+    for change, fragments in changes:
+        with pytest.raises(ResumeMismatchError, match="different run") as info:
+            ft.finetune(data, model(), output=out, **{**base, **change})
+        for fragment in fragments:
+            assert fragment in str(info.value), (fragment, str(info.value))
+    keras.utils.set_random_seed(5)
+    with pytest.raises(ResumeMismatchError, match="model content"):
+        ft.finetune(data, tiny_model(), output=out, **base)  # other weights
+    with pytest.raises(ResumeMismatchError, match="data .*was 48 images of 6 identities, now 40"):
+        ft.finetune((x[:40], np.arange(40) % 6), model(), output=out, **base)
+    with open(out + ".ckpt/train.keras", "rb") as f:
+        intact = f.read()
+    with open(out + ".ckpt/train.keras", "wb") as f:
+        f.write(intact[: len(intact) // 2])
+    with pytest.raises(ResumeMismatchError, match="cannot be loaded.*--no-resume"):
+        ft.finetune(data, model(), output=out, **base)
+    with open(out + ".ckpt/train.keras", "wb") as f:
+        f.write(intact)
+    resumed = ft.finetune(data, model(), output=out, **base)
+    assert resumed.resumed_from == 1 and [h["epoch"] for h in resumed.history] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_training_checkpoint_loads_in_a_fresh_process(tmp_path):
+    """What the resume needs registered is registered by importing the library alone:
+    before, loading `train.keras` failed with "Could not locate class 'ArcFace'"."""
+    path = str(tmp_path / "train.keras")
+    model = ft.build_training_model(ft.as_embedding_model(tiny_model()), 4)
+    model.compile(optimizer="adamw", loss="sparse_categorical_crossentropy")
+    model.save(path)
+    proc = run_python(
+        """
+        import sys
+        import embedding.finetune as ft
+        model = ft.load_training_checkpoint(sys.argv[1])
+        print("RESULT" + str([layer.__class__.__name__ for layer in model.layers][-1:]))
+        """,
+        path,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "['ArcFace']" in proc.stdout
+
+
+# ----------------------------------------------------------------------------
+# Fine-tuning: killed with SIGKILL, resumed in a new process, same result
+# ----------------------------------------------------------------------------
+
+# Runs the CLI or the Python API; with BLOCK set, the run stops (sleeps) once the
+# first epoch's checkpoint is written, so that the test can kill it at that point.
+FINETUNE_RUNNER = """
+import os, sys, time
+import embedding.finetune as ft
+if os.environ.get("BLOCK"):
+    original = ft.TrainBatches.set_epoch
+    def block(self, epoch):
+        if epoch == 1:
+            print("BLOCKED", flush=True)
+            time.sleep(600)
+        original(self, epoch)
+    ft.TrainBatches.set_epoch = block
+kind, data, model, out = sys.argv[1:5]
+if kind == "cli":
+    from embedding.cli import main
+    sys.exit(main(["finetune", data, "--model", model, "-o", out, "--epochs", "3",
+                   "--batch-size", "8", "--holdout", "0.3", "--keep-checkpoint",
+                   "--no-progress", "--seed", "1"]))
+result = ft.finetune(data, model, output=out, epochs=3, batch_size=8, holdout=0.3,
+                     keep_checkpoint=True, verbose=2, seed=1)
+print("RESUMED_FROM", result.resumed_from)
+"""
+
+
+def _run_finetune(kind, data, model, out, block=False):
+    args = [sys.executable, "-c", FINETUNE_RUNNER, kind, data, model, out]
+    env = {**os.environ, "PYTHONPATH": ROOT, "BLOCK": "1" if block else ""}
+    if not block:
+        proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        return proc.stdout
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    state = os.path.join(out + ".ckpt", "state.json")
+    deadline = time.time() + 600
+    while not os.path.exists(state):
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        assert time.time() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    with open(state) as f:
+        return json.load(f)["epoch"]
+
+
+def _final_eers(out):
+    with open(os.path.join(out + ".ckpt", "state.json")) as f:
+        state = json.load(f)
+    return [h["heldout_eer"] for h in state["history"]], state["best_eer"]
+
+
+@pytest.fixture(scope="module")
+def digit_keras(tmp_path_factory):
+    """A small model that keeps where the strokes are (GAP alone would make every digit
+    look alike and the held-out EER 0.5 at every epoch: a test that could not fail)."""
+    keras.utils.set_random_seed(0)
+    image = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Conv2D(8, 4, strides=4, activation="gelu")(image)
+    x = keras.layers.Dense(32)(keras.layers.Flatten()(x))
+    model = ft.as_embedding_model(keras.Model(image, x, name="digits"))
+    model.pretrained_cfg = dict(TINY_CFG)
+    path = str(tmp_path_factory.mktemp("digit_model") / "digits.keras")
+    ft.save_model(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def digit_identities(tmp_path_factory):
+    from test_finetune import write_digit_folder
+
+    return write_digit_folder(str(tmp_path_factory.mktemp("digits") / "data"), 8, SIZE)
+
+
+@pytest.mark.slow
+@pytest.mark.once("jax", "torch")  # the issue's bar: JAX and PyTorch
+@pytest.mark.parametrize("kind", ["cli", "api"])
+def test_killed_finetune_resumes_in_a_new_process(kind, digit_identities, digit_keras, tmp_path):
+    """SIGKILL once the first epoch's state.json exists; the same command in a new
+    process resumes after epoch 1 and ends with the uninterrupted run's held-out EER."""
+    straight = str(tmp_path / "straight.keras")
+    _run_finetune(kind, digit_identities, digit_keras, straight)
+    killed = str(tmp_path / "killed.keras")
+    assert _run_finetune(kind, digit_identities, digit_keras, killed, block=True) == 1
+    printed = _run_finetune(kind, digit_identities, digit_keras, killed)
+    assert "Resuming from" in printed and "after epoch 1/3" in printed
+    (eers_a, best_a), (eers_b, best_b) = _final_eers(straight), _final_eers(killed)
+    print(f"[{BACKEND}] {kind}: uninterrupted {eers_a}, resumed {eers_b}")
+    assert len(eers_b) == 3 and len(set(eers_a)) > 1  # training changes the EER
+    np.testing.assert_allclose(eers_b, eers_a, atol=1e-6)
+    assert abs(best_a - best_b) <= 1e-6
+    with (
+        open(weights_convert.sidecar_path(killed)) as f,
+        open(weights_convert.sidecar_path(straight)) as g,
+    ):
+        assert abs(json.load(f)["heldout_eer"] - json.load(g)["heldout_eer"]) <= 1e-6
+
+
+# ----------------------------------------------------------------------------
+# Fine-tuning over two processes (JAX, CPU collectives through gloo)
+# ----------------------------------------------------------------------------
+
+# The command line; with BLOCK set it stops (sleeps) once the first epoch's checkpoint
+# is written, so that the test can kill it there.
+PROCESS_RUNNER = """
+import os, sys, time
+import embedding.finetune as ft
+if os.environ.get("BLOCK"):
+    original = ft.TrainBatches.set_epoch
+    def block(self, epoch):
+        if epoch == 1:
+            print("BLOCKED", flush=True)
+            time.sleep(600)
+        original(self, epoch)
+    ft.TrainBatches.set_epoch = block
+from embedding.cli import main
+sys.exit(main(["finetune", *sys.argv[1:], "--epochs", "2", "--batch-size", "8",
+               "--holdout", "0.3", "--keep-checkpoint", "--no-progress", "--seed", "1"]))
+"""
+ONE_RUN = ["--batch-size", "8", "--holdout", "0.3", "--keep-checkpoint", "--no-progress",
+           "--seed", "1"]  # fmt: skip
+
+
+def embedding_cli_main(argv):
+    from embedding.cli import main
+
+    return main(argv)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_processes(data, model, out, count, block=False):
+    """`count` finetune processes of one run (count 1: a plain single-process run)."""
+    env = {**os.environ, "PYTHONPATH": ROOT, "KERAS_BACKEND": "jax", "BLOCK": "1" if block else ""}
+    env.pop("XLA_FLAGS", None)  # one CPU device per process
+    port = _free_port()
+    procs = []
+    for index in range(count):
+        hosts = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(count),
+                 "--process-id", str(index)]  # fmt: skip
+        hosts = hosts if count > 1 else []
+        args = [sys.executable, "-c", PROCESS_RUNNER, data, "--model", model, "-o", out, *hosts]
+        procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))  # fmt: skip
+    return procs
+
+
+def _finish(procs):
+    """Every process's output, once all have ended with status 0 (those left running
+    when one fails are killed)."""
+    try:
+        outputs = [proc.communicate(timeout=600)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for proc, stdout in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, stdout[-4000:]
+    return outputs
+
+
+def _checkpoint(out):
+    """(weights of the training checkpoint, held-out EER per epoch)."""
+    weights = ft.load_training_checkpoint(out + ".ckpt/train.keras").get_weights()
+    with open(out + ".ckpt/state.json") as f:
+        return weights, [h["heldout_eer"] for h in json.load(f)["history"]]
+
+
+def _embedding_weights(out):
+    train = ft.load_training_checkpoint(out + ".ckpt/train.keras")
+    return ft.embedding_model_of(train).get_weights()
+
+
+@pytest.mark.slow
+@pytest.mark.once("jax")  # multi-process keras.distribution exists on JAX only
+def test_two_processes_train_like_one_and_resume(digit_identities, digit_keras, tmp_path):
+    """Two processes on 127.0.0.1, each with one CPU device, DataParallel over both
+    (the global batch of 8 split 4 + 4), end with the one-process run's weights within
+    1e-5 after 2 epochs (14 steps); killed after epoch 1 (one process by SIGKILL, then the other,
+    as a launcher does), the same two commands resume and end there too."""
+    one = str(tmp_path / "one.keras")  # the one-process run: in this process
+    argv = [digit_identities, "--model", digit_keras, "-o", one, "--epochs", "2"]
+    assert embedding_cli_main(["finetune", *argv, *ONE_RUN]) == 0
+    reference, reference_eers = _checkpoint(one)
+    start = ft.load_model(digit_keras).get_weights()
+    moved = max(np.abs(a - b).max() for a, b in zip(_embedding_weights(one), start, strict=True))
+    assert moved > 1e-3  # training changed the model: the comparison below can fail
+
+    two = str(tmp_path / "two.keras")
+    printed = _finish(_start_processes(digit_identities, digit_keras, two, 2))
+    assert "on 2 devices" in printed[0] and "on 2 devices" in printed[1]
+    weights, eers = _checkpoint(two)
+    difference = max(np.abs(a - b).max() for a, b in zip(weights, reference, strict=True))
+    print(f"two processes vs one: largest weight difference {difference:.2e}")
+    assert difference <= 1e-5
+    np.testing.assert_allclose(eers, reference_eers, atol=1e-6)
+
+    killed = str(tmp_path / "killed.keras")
+    procs = _start_processes(digit_identities, digit_keras, killed, 2, block=True)
+    state = killed + ".ckpt/state.json"
+    deadline = time.time() + 600
+    while not os.path.exists(state):
+        assert all(p.poll() is None for p in procs), procs[0].stdout.read()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.2)
+    for proc in reversed(procs):  # process 1 first; the coordinator goes with it
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    printed = _finish(_start_processes(digit_identities, digit_keras, killed, 2))
+    assert "after epoch 1/2" in printed[0] and "after epoch 1/2" in printed[1]
+    weights, eers = _checkpoint(killed)
+    assert max(np.abs(a - b).max() for a, b in zip(weights, reference, strict=True)) <= 1e-5
+    np.testing.assert_allclose(eers, reference_eers, atol=1e-6)

@@ -13,6 +13,7 @@ import sys
 import time
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import skimage.data
 from conftest import BACKEND
@@ -194,7 +195,7 @@ def test_command_line_checks_shard_options_first(tmp_path, capsys):
         (["--shard-index", "2", "--num-shards", "2"], "--shard-index must be in 0..1"),
         (["--shard-index", "0"], "--shard-index and --num-shards go together"),
         (["--chunk-size", "0"], "--chunk-size must be >= 1"),
-        (["-o", str(tmp_path)], "is a folder"),
+        (["-o", str(tmp_path / "a-file")], "is a file, not a folder"),  # a folder of parts?
         (["-o", str(tmp_path / "a-file" / "o.npz")], "is a file, not a folder"),
     ]
     (tmp_path / "a-file").write_text("not a folder")
@@ -296,3 +297,204 @@ def test_two_devices_embed_like_one(small_checkpoint, photo_folder, tmp_path):
         np.testing.assert_array_equal(two[name], one[name])
     assert two["embeddings"].shape == (46, 320)
     np.testing.assert_allclose(two["embeddings"], one["embeddings"], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# Parquet outputs: one file, a folder of parts; read back by Gallery, merge, evaluate
+# ----------------------------------------------------------------------------
+
+
+def rows_of(path):
+    from embedding.formats import read_embeddings
+
+    return read_embeddings(path)
+
+
+def assert_same_rows(rows, reference):
+    """Equal to the .npz `reference` output: vectors bit for bit, paths, labels, index,
+    the unreadable files and their reasons."""
+    data = contents(reference)
+    np.testing.assert_array_equal(rows.embeddings, data["embeddings"])
+    for name in ("paths", "labels", "index", "skipped", "skipped_index", "skipped_reason"):
+        np.testing.assert_array_equal(getattr(rows, name), data[name], err_msg=name)
+
+
+def test_parquet_file_is_one_row_per_image_with_the_model_in_its_metadata(
+    embedder, photo_folder, tmp_path
+):
+    _, paths = photo_folder
+    paths = paths[200:240]  # the unreadable file among them
+    reference = tmp_path / "reference.npz"
+    embed_files(embedder, paths, reference, chunk_size=8, progress=False)
+    output = tmp_path / "vectors.parquet"
+    result = embed_files(embedder, paths, output, chunk_size=8, progress=False)
+    assert (result.count, result.skipped) == (39, 1)
+    assert output.read_bytes()[:4] == b"PAR1"  # the name promised Parquet: it is Parquet
+    table = pq.read_table(output)  # read by pyarrow alone
+    assert table.column_names == ["index", "path", "label", "embedding", "error"]
+    assert str(table.schema.field("embedding").type) == "fixed_size_list<element: float>[320]"
+    assert table.column("path").to_pylist() == paths  # one row per image, in order
+    broken = [row for row in table.to_pylist() if row["error"] is not None]
+    assert [row["path"] for row in broken] == [p for p in paths if p.endswith("broken.jpg")]
+    assert broken[0]["embedding"] is None and "not a readable image" in broken[0]["error"]
+    meta = json.loads(table.schema.metadata[b"keras_convnext"])
+    model = meta["model"]
+    assert model["architecture"] == "convnext_atto" and model["dim"] == 320
+    assert model["weights_sha256"] == jobs.job_identity(embedder, paths, 8, 0, 1)["weights"]
+    assert model["preprocessing"]["input_size"] == [64, 64]
+    assert meta["job"]["files"]["count"] == 40 and meta["job"]["chunk_size"] == 8
+    assert_same_rows(rows_of(output), reference)
+    gallery = Gallery.load(output)  # Parquet loads as a gallery
+    vectors = contents(reference)["embeddings"]
+    assert len(gallery) == 39 and gallery.search(vectors[3], k=1)[0] == [table["label"][3].as_py()]
+
+    notes = []  # a rerun over the finished output does nothing
+    again = embed_files(embedder, paths, output, chunk_size=8, progress=False, log=notes.append)
+    assert again.resumed == again.chunks == 5 and notes[0].startswith("nothing to do")
+
+
+def test_interrupted_parquet_job_resumes_to_the_same_output(embedder, photo_folder, tmp_path):
+    _, paths = photo_folder
+    paths = paths[210:240]
+    reference = tmp_path / "reference.npz"
+    embed_files(embedder, paths, reference, chunk_size=4, progress=False)
+    real_embed_chunk, calls = jobs._embed_chunk, []
+
+    def interrupted(*args):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(args[4])
+        return real_embed_chunk(*args)
+
+    for output in (tmp_path / "out.parquet", tmp_path / "parts"):
+        calls.clear()
+        jobs._embed_chunk = interrupted
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                embed_files(embedder, paths, output, chunk_size=4, progress=False)
+        finally:
+            jobs._embed_chunk = real_embed_chunk
+        notes = []
+        result = embed_files(embedder, paths, output, chunk_size=4, progress=False,
+                             log=notes.append)  # fmt: skip
+        assert result.resumed == 3 and "3 of 8" in notes[0], notes
+        assert_same_rows(rows_of(output), reference)
+
+
+def test_folder_of_parts_resumes_what_is_missing_and_refuses_another_model(
+    embedder, photo_folder, tmp_path
+):
+    from embedding.parquet import part_files
+
+    _, paths = photo_folder
+    paths = paths[200:240]
+    reference = tmp_path / "reference.npz"
+    embed_files(embedder, paths, reference, chunk_size=8, progress=False)
+    output = tmp_path / "parts"
+    for shard in (1, 0):  # two shards fill one folder: no merge step
+        embed_files(embedder, paths, output, chunk_size=8, shard_index=shard, num_shards=2,
+                    progress=False)  # fmt: skip
+    assert sorted(part_files(output)) == [0, 1, 2, 3, 4]
+    assert_same_rows(rows_of(output), reference)
+
+    parts = part_files(output)
+    os.remove(parts[1])
+    (tmp_path / "parts" / "part-000003.parquet").write_bytes(b"PAR1 damaged")
+    notes = []
+    result = embed_files(embedder, paths, output, chunk_size=8, progress=False, log=notes.append)
+    assert result.resumed == 3 and any("redoing a damaged part" in n for n in notes)
+    assert_same_rows(rows_of(output), reference)
+    with pytest.raises(Exception, match="incomplete, 1 of 5 parts missing"):
+        os.remove(part_files(output)[4])
+        Gallery.load(output)  # an unfinished job is no gallery
+
+    other = Embedder(model=embedder.model, pretrained_cfg=embedder.pretrained_cfg, batch_size=8)
+    weights = other.model.get_weights()
+    other.model.set_weights([w * 1.01 for w in weights])
+    try:
+        with pytest.raises(JobError, match=r"other settings: the model weights"):
+            embed_files(other, paths, output, chunk_size=8, progress=False)
+    finally:
+        other.model.set_weights(weights)
+    assert sorted(part_files(output)) == [0, 1, 2, 3]  # nothing of ours was touched
+
+
+def test_merge_reads_parquet_parts_and_refuses_another_models(embedder, photo_folder, tmp_path):
+    _, paths = photo_folder
+    paths = paths[210:255]
+    one = tmp_path / "one.npz"
+    embed_files(embedder, paths, one, chunk_size=8, progress=False)
+    parts = []
+    for shard, name in ((0, "part0.parquet"), (1, "part1")):  # a file and a folder
+        parts.append(tmp_path / name)
+        embed_files(embedder, paths, parts[-1], chunk_size=8, shard_index=shard, num_shards=2,
+                    progress=False)  # fmt: skip
+    for output in ("merged.npz", "merged.parquet", "merged"):
+        result = merge_parts(parts, tmp_path / output)
+        assert (result.count, result.skipped) == (44, 1)
+        assert_same_rows(rows_of(tmp_path / output), one)
+    code = embedding_cli.main(["merge", *map(str, parts), "-o", str(tmp_path / "cli.parquet")])
+    assert code == 0
+    assert_same_rows(rows_of(tmp_path / "cli.parquet"), one)
+    with pytest.raises(JobError, match=r"do not cover the job's 45 files: \d+ missing"):
+        merge_parts(parts[:1], tmp_path / "x.parquet")
+    with pytest.raises(JobError, match="more than once"):
+        merge_parts([parts[0], parts[0], parts[1]], tmp_path / "x.parquet")
+
+    other = Embedder(model=embedder.model, pretrained_cfg=embedder.pretrained_cfg, batch_size=8)
+    weights = other.model.get_weights()
+    other.model.set_weights([w * 1.01 for w in weights])
+    try:
+        foreign = tmp_path / "foreign.parquet"
+        embed_files(other, paths, foreign, chunk_size=8, shard_index=1, num_shards=2,
+                    progress=False)  # fmt: skip
+    finally:
+        other.model.set_weights(weights)
+    with pytest.raises(JobError, match=r"different jobs: the model weights"):
+        merge_parts([parts[0], foreign], tmp_path / "x.parquet")
+    assert not (tmp_path / "x.parquet").exists()
+
+
+def test_the_output_name_decides_the_format(tmp_path, capsys):
+    """An unknown suffix is refused before any work, naming the choices; a name the
+    format check accepts is written in that format (see the tests above)."""
+    (tmp_path / "img.png").write_bytes(b"")
+    for name in ("out.csv", "out.npy", "vectors.h5"):
+        code = embedding_cli.main(["embed", str(tmp_path), "-o", str(tmp_path / name)])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("error: -o ") and "names none" in err, err
+        assert ".npz (a numpy archive), .parquet (one Parquet file), or a folder" in err
+        assert len(err.splitlines()) == 1
+    code = embedding_cli.main(["merge", str(tmp_path / "a.npz"), "-o", str(tmp_path / "m.txt")])
+    assert code == 2 and "names none" in capsys.readouterr().err
+
+
+def test_evaluate_scores_pairs_from_an_embeddings_file(lfw_people, tiny_keras, tmp_path, capsys):
+    """`evaluate --embeddings FILE` gives the metrics of recomputing the embeddings."""
+    root, pairs = lfw_people
+    assert embedding_cli.main(["embed", root, "-o", str(tmp_path / "v.parquet"), "--model",
+                               tiny_keras, "--no-progress"]) == 0  # fmt: skip
+    results = {}
+    for name, extra in (("recomputed", ["--model", tiny_keras]),
+                        ("file", ["--embeddings", str(tmp_path / "v.parquet")])):  # fmt: skip
+        out = tmp_path / f"{name}.json"
+        code = embedding_cli.main(["evaluate", pairs, "--root", root, "--json", str(out),
+                                   "--no-progress", *extra])  # fmt: skip
+        assert code == 0, capsys.readouterr().err
+        results[name] = json.loads(out.read_text())
+    for key in ("eer", "roc_auc", "best_accuracy"):
+        assert abs(results["file"][key] - results["recomputed"][key]) <= 1e-6, key
+    capsys.readouterr()
+    code = embedding_cli.main(["evaluate", pairs, "--root", root, "--model", tiny_keras,
+                               "--embeddings", str(tmp_path / "v.parquet")])  # fmt: skip
+    assert code == 2 and "fixes the model" in capsys.readouterr().err
+
+
+def test_nothing_readable_writes_nothing_in_any_format(embedder, photo_folder, tmp_path):
+    _, paths = photo_folder
+    broken = [p for p in paths if p.endswith("broken.jpg")]
+    for name in ("none.npz", "none.parquet", "none"):
+        with pytest.raises(jobs.NothingReadableError) as caught:
+            embed_files(embedder, broken, tmp_path / name, progress=False)
+        assert caught.value.skipped[0][0] == broken[0]
+        assert not (tmp_path / name).exists()  # not even the folder it made

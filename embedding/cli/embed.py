@@ -1,30 +1,39 @@
-"""`python -m embedding embed DIR_OR_FILE ... -o OUT.npz`: resumable, shardable embedding
-of image files (the library side is `embedding.jobs`)."""
+"""`python -m embedding embed DIR_OR_FILE ... -o OUT`: resumable, shardable embedding of
+image files into an .npz, a .parquet or a folder of Parquet parts (the name decides);
+`--engine ray` runs it on a Ray cluster. The library side is `embedding.jobs` and
+`embedding.raydata`."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 
-import numpy as np
-
-from convnext_common.cli import CommandError
-from convnext_common.files import check_output_path
+from convnext_common.cli import CommandError, finite_float, positive_int
 from embedding.cli import options
+from embedding.formats import skipped_files
 
 
 def register(subparsers):
     p = subparsers.add_parser(
         "embed",
-        help="embed images (files or folders) into an .npz, resumably",
-        description="Embed images into an .npz with arrays embeddings (N, D) float32, "
-        "paths (N,), labels (N,) (for an image found in a folder given here, the top-level "
-        "sub-folder it lies in; for a file given by name, its folder's name; the file loads "
-        "as an embedding.Gallery), skipped (paths that could not be read) and their reasons. "
-        "Finished chunks of files are kept in a hidden .OUT.parts folder next to the "
-        "output: after an interruption, the same command continues from them.",
+        help="embed images (files or folders) into an .npz or Parquet, resumably",
+        description="Embed images into OUT: an .npz (arrays embeddings (N, D) float32, paths, "
+        "labels, skipped paths and their reasons), a .parquet file, or a folder of Parquet "
+        "parts (a name without a suffix or ending in /): one row per image with path, label, "
+        "embedding (null for an unreadable image) and error, the model in the metadata. "
+        "Labels: for an image found in a folder given here, the top-level sub-folder it "
+        "lies in; for a file given by name, its folder's name. Every output loads as an "
+        "embedding.Gallery. Finished chunks are kept (a folder's parts; a hidden .OUT.parts "
+        "folder for a file): after an interruption, the same command continues from them; "
+        "over a finished output it does nothing.",
     )
     p.add_argument("inputs", nargs="+", metavar="DIR_OR_FILE")
-    p.add_argument("-o", "--output", required=True, help="output .npz")
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="OUT.npz, OUT.parquet, or a folder of Parquet parts (the name decides)",
+    )
     group = p.add_argument_group("jobs")
     group.add_argument(
         "--chunk-size",
@@ -50,8 +59,68 @@ def register(subparsers):
         default="auto",
         help="auto: on JAX with several devices, split every batch over them (DataParallel)",
     )
+    engine = p.add_argument_group("engine")
+    engine.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="local",
+        help="local: this process (default); ray: Ray Data, decoding in tasks and the model "
+        "in an actor pool, on a local or existing Ray cluster (-o must be a folder of parts; "
+        "inputs may be fsspec URLs such as s3://bucket/images/)",
+    )
+    engine.add_argument(
+        "--address",
+        default=None,
+        help="--engine ray: the Ray cluster to join (host:port, auto, ray://...; default "
+        "$RAY_ADDRESS, else a new local cluster)",
+    )
+    engine.add_argument(
+        "--actors", type=positive_int, default=None, metavar="N", help="model actors (--engine "
+        "ray; default: from 1 up to what the cluster's resources allow)",
+    )  # fmt: skip
+    engine.add_argument(
+        "--cpus-per-actor", type=positive_float, default=1.0, metavar="C",
+        help="logical CPUs each actor reserves (default 1; the model uses every core anyway)",
+    )  # fmt: skip
+    engine.add_argument(
+        "--gpus-per-actor", type=non_negative_float, default=0.0, metavar="G",
+        help="GPUs each actor reserves (default 0; 1 for a GPU per actor)",
+    )  # fmt: skip
     options.add_model_options(p)
     p.set_defaults(handler=run)
+
+
+ENGINES = ("local", "ray")
+
+
+def positive_float(text: str) -> float:
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def check_engine(args, kind) -> None:
+    """Refuse engine options that do not fit, before any work."""
+    if args.engine != "ray":
+        given = [o for o, v in (("--address", args.address), ("--actors", args.actors)) if v]
+        if given:
+            raise CommandError(f"{' and '.join(given)}: only with --engine ray")
+        return
+    if kind != "folder":
+        raise CommandError(
+            f"--engine ray writes a folder of Parquet parts: give -o a folder (a name without "
+            f"a suffix, or ending in /), not {args.output}"
+        )
+    if args.num_shards is not None:
+        raise CommandError("--engine ray schedules the whole job itself: leave out --shard-index")
 
 
 def shard_arguments(args):
@@ -70,25 +139,34 @@ def shard_arguments(args):
 
 def run(args):
     shard_index, num_shards = shard_arguments(args)
-    check_output_path(args.output, option="-o")
-    files = options.image_files(args.inputs)
+    kind = options.check_embeddings_output(args.output)
+    check_engine(args, kind)
+    if args.engine == "ray":
+        paths, labels = ray_inputs(args.inputs)
+    else:
+        files = options.image_files(args.inputs)
+        paths, labels = [f.path for f in files], [f.label for f in files]
     embedder = options.make_embedder(args)
     from embedding.jobs import JobError, NothingReadableError, embed_files  # Keras: loaded now
 
+    def log(message):
+        print(message, file=sys.stderr)
+
+    settings = dict(labels=labels, chunk_size=args.chunk_size, restart=args.restart,
+                    progress=not args.no_progress, log=log)  # fmt: skip
     try:
-        result = embed_files(
-            embedder,
-            [f.path for f in files],
-            args.output,
-            labels=[f.label for f in files],
-            chunk_size=args.chunk_size,
-            shard_index=shard_index,
-            num_shards=num_shards,
-            restart=args.restart,
-            progress=not args.no_progress,
-            distribution="auto" if args.distribute == "auto" else None,
-            log=lambda message: print(message, file=sys.stderr),
-        )
+        if args.engine == "ray":
+            result = run_on_ray(args, embedder, paths, settings)
+        else:
+            result = embed_files(
+                embedder,
+                paths,
+                args.output,
+                shard_index=shard_index,
+                num_shards=num_shards,
+                distribution="auto" if args.distribute == "auto" else None,
+                **settings,
+            )
     except NothingReadableError as error:
         options.print_skipped(error.skipped)
         raise CommandError(str(error)) from None
@@ -103,8 +181,36 @@ def run(args):
     return 0
 
 
+def ray_inputs(inputs):
+    """(paths, labels) of the inputs, local or fsspec URLs (`embedding.raydata`)."""
+    from embedding.raydata import find_images  # no Keras: the job's listing
+
+    try:
+        paths, labels = find_images(inputs)
+    except FileNotFoundError as error:
+        raise CommandError(str(error)) from None
+    if not paths:
+        raise CommandError(f"no image files found in {', '.join(map(str, inputs))}")
+    return paths, labels
+
+
+def run_on_ray(args, embedder, paths, settings):
+    """The job on Ray: joins --address (or starts a local cluster), shuts down what it
+    started."""
+    from embedding.raydata import connect, embed_folder_job  # Ray: the ray extra
+
+    with connect(args.address):
+        return embed_folder_job(
+            embedder,
+            paths,
+            args.output,
+            actors=args.actors,
+            num_cpus_per_actor=args.cpus_per_actor,
+            num_gpus_per_actor=args.gpus_per_actor,
+            **settings,
+        )
+
+
 def report_skipped(output):
     """The skipped files recorded in an `embed` output, one stderr line each."""
-    with np.load(output, allow_pickle=False) as data:
-        skipped = zip(data["skipped"].tolist(), data["skipped_reason"].tolist(), strict=True)
-        options.print_skipped(skipped)
+    options.print_skipped(skipped_files(output))

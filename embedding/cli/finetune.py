@@ -83,6 +83,19 @@ def register(subparsers):
         help="auto: data-parallel over all local devices (JAX, >1 device)",
     )
     t.add_argument("--seed", type=non_negative_int, default=0)
+    hosts = p.add_argument_group(
+        "several processes (JAX; one per host, each started the same way but its id)"
+    )
+    hosts.add_argument(
+        "--coordinator", default=None, metavar="HOST:PORT",
+        help="process 0's address, where it listens (default $KERAS_DISTRIBUTION_JOB_ADDRESSES;"
+        " under SLURM, found by JAX)",
+    )  # fmt: skip
+    hosts.add_argument("--num-processes", type=positive_int, default=None, metavar="N")
+    hosts.add_argument(
+        "--process-id", type=non_negative_int, default=None, metavar="I",
+        help="this process's id, 0..N-1 (0 writes the checkpoints and the output)",
+    )  # fmt: skip
     p.set_defaults(handler=run)
 
 
@@ -119,7 +132,10 @@ def run(args):
     checkpoint_dir = args.checkpoint_dir or args.output + ".ckpt"
     check_output_path(os.path.join(checkpoint_dir, "state.json"), option="--checkpoint-dir")
     source = options.check_model_source(args)
-    from embedding.finetune import finetune  # Keras loads here, after --backend
+    from embedding.distribution import initialize_processes  # Keras loads here, after --backend
+    from embedding.finetune import finetune  # Keras: as above
+
+    initialize_processes(args.coordinator, args.num_processes, args.process_id)
 
     config = config_from_args(args)
     try:

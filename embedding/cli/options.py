@@ -8,15 +8,19 @@ Nothing here imports Keras at module level: `python -m embedding --help` is inst
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import zipfile
 
 import weights_convert  # a light package face: each name loads its module when used
 from convnext_common.cli import CommandError, positive_int
 from convnext_common.errors import error_message
+from convnext_common.files import check_output_path
 from embedding.errors import InputError
 from embedding.faces import DEFAULT_MARGIN, DEFAULT_MIN_SIZE, YuNetDetector
 from embedding.files import IMAGE_EXTENSIONS, find_image_files
+from embedding.formats import output_format
+from embedding.parquet import arrow, part_name
 from embedding.preprocess import DEFAULT_MAX_PIXELS
 from weights_convert.pretrained import DEFAULT_MODEL, license_notice
 
@@ -129,6 +133,20 @@ def image_files(paths, *, allow_none: bool = False):
 def find_images(paths) -> list[str]:
     """The paths of `image_files(paths, allow_none=True)`."""
     return [image.path for image in image_files(paths, allow_none=True)]
+
+
+def check_embeddings_output(path, option: str = "-o") -> str:
+    """The format of an embedding output (`embedding.formats.output_format`: the name
+    decides), refused before any work when the name asks for no format, the path cannot
+    be written, or Parquet is asked for without pyarrow installed."""
+    kind = output_format(path, option=option)
+    if kind == "folder":  # a file inside it must be writable (and the folder no file)
+        check_output_path(os.path.join(path, part_name(0)), option=option)
+    else:
+        check_output_path(path, option=option)
+    if kind != "npz":
+        arrow()
+    return kind
 
 
 def print_skipped(skipped):

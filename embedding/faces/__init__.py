@@ -50,7 +50,7 @@ it works offline with no download (`pip install "keras-convnext[faces]"`; OpenCV
 cascade classifier). It is a WEAK BASELINE: frontal, upright, well-lit faces only; it misses
 profiles, small and rotated faces, fires on face-like texture (coins, patterns), and its eye
 landmarks are rough. For real use plug in a modern detector with 5 landmarks (RetinaFace, SCRFD,
-YOLOv8-face, YuNet, MediaPipe; the README's "Faces" section has one adapter for each), e.g.
+YOLOv8-face, YuNet, MediaPipe; the docs' faces page, "Detectors", has one adapter for each), e.g.
 
     from insightface.app import FaceAnalysis     # SCRFD: xyxy boxes, scores, 5 keypoints
     app = FaceAnalysis(allowed_modules=["detection"]); app.prepare(ctx_id=-1)

@@ -268,17 +268,18 @@ def verification_pairs(identities, max_pairs=200_000, seed=0):
     return i, j, identities[i] == identities[j]
 
 
-def _augment(batch, rng, hflip, shift):
-    """Random horizontal flips and translations (reflect padding) of a batch."""
+def _augment(batch, rng, hflip, shift, total, rows):
+    """Random horizontal flips and translations (reflect padding) of a batch, drawn for
+    the whole global batch of `total` samples of which `batch` holds `rows` (so a sample
+    is augmented alike however many processes share the batch)."""
     out = batch.copy()
-    if hflip:
-        flip = rng.random(len(out)) < 0.5
-        out[flip] = out[flip, :, ::-1]
+    flip = (rng.random(total) < 0.5)[rows] if hflip else np.zeros(len(out), bool)
+    out[flip] = out[flip, :, ::-1]
     if shift > 0:
         h, w = out.shape[1:3]
         padded = np.pad(out, ((0, 0), (shift, shift), (shift, shift), (0, 0)), mode="reflect")
-        dy = rng.integers(0, 2 * shift + 1, size=len(out))
-        dx = rng.integers(0, 2 * shift + 1, size=len(out))
+        dy = rng.integers(0, 2 * shift + 1, size=total)[rows]
+        dx = rng.integers(0, 2 * shift + 1, size=total)[rows]
         for k in range(len(out)):
             out[k] = padded[k, dy[k] : dy[k] + h, dx[k] : dx[k] + w]
     return out
@@ -287,8 +288,10 @@ def _augment(batch, rng, hflip, shift):
 class TrainBatches(keras.utils.PyDataset):
     """Shuffled full batches ((images, class ids), class ids); epoch `e` uses seed (seed, e).
 
-    With several processes (multi-host JAX), each yields its 1/process_count
-    share of every global batch.
+    `batch_size` is the global batch. With several processes (multi-host JAX), each
+    yields its share of every global batch (samples process_index::process_count); the
+    order and the augmentation are drawn for the global batch, so the run trains on the
+    same batches whatever the number of processes.
     """
 
     def __init__(
@@ -326,12 +329,13 @@ class TrainBatches(keras.utils.PyDataset):
         return max(1, len(self.indices) // self.batch_size)
 
     def __getitem__(self, step):
-        picks = self._order[step * self.batch_size : (step + 1) * self.batch_size]
-        picks = picks[self.process_index :: self.process_count]
+        batch = self._order[step * self.batch_size : (step + 1) * self.batch_size]
+        rows = slice(self.process_index, None, self.process_count)
+        picks = batch[rows]
         x = self.images.load(self.indices[picks])
         y = self.class_ids[picks].astype("int32")
         if self.augment:
-            rng = np.random.default_rng([self.seed, self.epoch, step, self.process_index])
+            rng = np.random.default_rng([self.seed, self.epoch, step])
             shift = self.shift if self.shift is not None else max(1, x.shape[1] // 16)
-            x = _augment(x, rng, self.hflip, shift)
+            x = _augment(x, rng, self.hflip, shift, len(batch), rows)
         return (x, y), y

@@ -9,6 +9,7 @@ import numpy as np
 import convnext_layers  # noqa: F401  (registers the ConvNeXt layers a checkpoint may hold)
 import weights_convert
 from embedding.arcface import ArcFace
+from embedding.distribution import gather_rows, process_info, process_share
 from embedding.errors import FinetuneDataError
 from embedding.finetune.data import ImageSet, verification_pairs
 from embedding.metrics import verification_metrics
@@ -108,15 +109,27 @@ def embed_images(
 ):
     """Embeddings (n, D) float32 of `images[indices]`, loaded `chunk` batches at a time and
     run by `embedding.model.predict_padded` (under `distribution`: full batches, split
-    over its devices)."""
+    over its devices; over several processes, each runs its share of every batch and
+    all gather the result)."""
     indices = np.asarray(indices)
     out = []
     step = batch_size * chunk
+    _, processes = process_info(distribution)
     for start in range(0, len(indices), step):
         x = images.load(indices[start : start + step])
         for first in range(0, len(x), batch_size):
             batch = x[first : first + batch_size]
-            out.append(predict_padded(model, batch, batch_size, distribution))
+            if processes == 1:
+                out.append(predict_padded(model, batch, batch_size, distribution))
+                continue
+            # every process runs its share of the batch, then all gather the whole
+            mine = predict_padded(
+                model, batch[process_share(len(batch), distribution)],
+                batch_size // processes, distribution,
+            )  # fmt: skip
+            share = -(-len(batch) // processes)
+            mine = np.concatenate([mine, np.zeros((share - len(mine), mine.shape[1]), mine.dtype)])
+            out.append(gather_rows(mine, distribution, len(batch)))
     return np.concatenate(out) if out else np.zeros((0, model.output_shape[-1]), np.float32)
 
 

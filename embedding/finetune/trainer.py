@@ -9,6 +9,7 @@ import contextlib
 import math
 import os
 import shutil
+import tempfile
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -117,10 +118,12 @@ def plan_run(data, model, *, output, config, checkpoint_dir, resume, distributio
     distribution = resolve_distribution(distribution)
     devices = device_count(distribution)
     process_index, process_count = process_info(distribution)
-    if config.batch_size % (devices * process_count) and devices > 1:
+    if process_count > 1:  # TrainBatches gives each process its own share already
+        distribution.auto_shard_dataset = False
+    if config.batch_size % devices and devices > 1:
         raise FinetuneConfigError(
             f"batch_size {config.batch_size} must be a multiple of the {devices} devices "
-            "in the distribution."
+            "in the distribution (every device gets an equal share of every batch)."
         )
     eval_batch = eval_batch or max(config.batch_size, 2 * devices)
     model_id = model_fingerprint(model)
@@ -275,7 +278,7 @@ def split_images(images: ImageSet, plan: RunPlan) -> Split:
         images,
         train_idx,
         class_ids[train_idx],
-        config.batch_size // plan.process_count,
+        config.batch_size,
         seed=config.seed,
         augment=config.augment,
         hflip=config.hflip,
@@ -306,6 +309,7 @@ class Training:
         self.train_model = None
         self.progress = Progress()
         self.resumed_from = 0
+        self.scratch = None  # another process's throwaway copies of what process 0 writes
 
     def evaluate_now(self, model):
         if len(self.split.held) == 0:
@@ -349,8 +353,8 @@ class Training:
         if before is not None:
             self.progress.best_eer = before.eer
             say(verbose, f"held-out before: EER {before.eer:.4f}")
-            if plan.output is not None and plan.is_chief:
-                save_model(self.embedding_model, plan.output, _meta(0, before, before))
+            if plan.output is not None:
+                save_model(self.embedding_model, self.target(plan.output), _meta(0, before, before))
 
     def resume(self, verbose):
         """The training model and progress of the checkpoint (checked again now that the
@@ -424,14 +428,28 @@ class Training:
         if improved:
             progress.best_eer = metrics.eer if metrics is not None else math.inf
             progress.best_epoch, progress.best_metrics = epoch + 1, metrics
-            if plan.output is not None and plan.is_chief:
+            if plan.output is not None:
                 meta = _meta(epoch + 1, progress.metrics_before, metrics)
-                save_model(self.embedding_model, plan.output, meta)
+                save_model(self.embedding_model, self.target(plan.output), meta)
         progress.history.append(record)
         progress.epoch = epoch + 1
         say(verbose, _epoch_line(plan, record, metrics, improved, progress))
-        if plan.checkpoints.folder is not None and plan.is_chief:
-            plan.checkpoints.write(self.train_model, progress, self.identity)
+        if plan.checkpoints.folder is not None:
+            checkpoints = plan.checkpoints
+            if not plan.is_chief:
+                checkpoints = CheckpointFolder(self.target(os.path.join(checkpoints.folder, "")))
+            checkpoints.write(self.train_model, progress, self.identity)
+
+    def target(self, path) -> str:
+        """Where this process writes `path`: there (process 0), else into a scratch folder
+        (saving a model spread over several processes is a collective: every process
+        saves, one keeps the file)."""
+        if self.plan.is_chief:
+            return path
+        if self.scratch is None:
+            self.scratch = tempfile.mkdtemp(prefix="finetune-process-")
+        name = os.path.basename(os.path.normpath(path)) or "out"
+        return os.path.join(self.scratch, name)
 
     def best_model(self):
         """The best embedding model: the output's (reloaded, and under the distribution
@@ -439,7 +457,10 @@ class Training:
         plan = self.plan
         if plan.output is None:
             return self.embedding_model
-        best = load_model(plan.output) if plan.is_chief else self.embedding_model
+        # every process loads it (a collective); another process its own copy when it
+        # made one in this run, else process 0's (written before a resume, on shared storage)
+        own = self.target(plan.output)
+        best = load_model(own if os.path.isfile(own) else plan.output)
         if plan.distribution is not None:
             best = clone_under(best, plan.distribution)
             best.pretrained_cfg = self.cfg
@@ -475,6 +496,8 @@ def finish(training: Training, *, keep_checkpoint, verbose) -> FinetuneResult:
     """The result; the checkpoint folder removed unless kept; the outcome said."""
     plan, progress = training.plan, training.progress
     best = training.best_model()
+    if training.scratch is not None:
+        shutil.rmtree(training.scratch, ignore_errors=True)
     if plan.checkpoints.folder is not None and not keep_checkpoint and plan.is_chief:
         shutil.rmtree(plan.checkpoints.folder, ignore_errors=True)
     before, after = progress.metrics_before, progress.best_metrics

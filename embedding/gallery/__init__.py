@@ -32,10 +32,11 @@ bytes, uint8, of a JSON list of N objects; absent when every object is empty; ol
 versions ignore it), and either `embeddings` (N, D) float32/float16 (exact) or
 `faiss_index` (FAISS's own `serialize_index` bytes, uint8; HNSW adds `removed`).
 Files without `format` (or `format` 1: `embeddings` + `labels`, as
-`python -m embedding embed` and earlier versions wrote) load as an exact gallery with
-ids 0..N-1. Everything read is checked (members, dtypes, shapes, counts, the FAISS
-index's type, metric, dimension and ids against the labels, the metadata as JSON); a
-damaged, truncated, mismatched or pickled file raises `GalleryFileError` naming the problem.
+`python -m embedding embed` and earlier versions wrote), and `embed`'s Parquet outputs,
+load as an exact gallery with ids 0..N-1. Everything read is checked (members, dtypes,
+shapes, counts, the FAISS index's type, metric, dimension and ids against the labels, the
+metadata as JSON); a damaged, truncated, mismatched or pickled file raises
+`GalleryFileError` naming the problem.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ import numpy as np
 
 from convnext_common.files import atomic_write
 from embedding.errors import InputError
+from embedding.formats import EmbeddingFileError, is_parquet, read_embeddings
 from embedding.gallery.checks import (
     DimensionError,
     EmptyGalleryError,
@@ -437,9 +439,19 @@ class Gallery:
     def load(cls, path) -> Gallery:
         """Read a gallery file (this format or the plain `embeddings` + `labels` one).
 
+        An `embed` output in Parquet (a .parquet file or a folder of parts,
+        `embedding.formats`) loads as the plain kind: its readable rows' vectors and labels.
+
         Raises `GalleryFileError` (a ValueError) for anything wrong with the file,
-        FileNotFoundError if there is none, ImportError for a FAISS index without faiss.
+        FileNotFoundError if there is none, ImportError for a FAISS index without faiss
+        (or a Parquet file without pyarrow).
         """
+        if is_parquet(path):
+            try:
+                rows = read_embeddings(path)
+            except EmbeddingFileError as error:
+                raise GalleryFileError(str(error)) from None
+            return cls._from_plain(path, {"embeddings": rows.embeddings, "labels": rows.labels})
         arrays = read_npz(path, error=GalleryFileError, what="gallery file")
         version = arrays.get("format")
         if version is None or (version.shape == () and version.dtype.kind in "iu" and version == 1):

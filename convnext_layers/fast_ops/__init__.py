@@ -1,0 +1,331 @@
+"""Every private or backend-specific API the models use, each behind a guard with a
+plain fallback (as timm keeps its odd kernels in `timm/layers/fast_norm.py`).
+
+The fast paths (name: what it is; the fallback that replaces it):
+
+- "onednn_linear" (torch): oneDNN's fused linear + bias (+ exact GELU),
+  the private `torch.ops.mkldnn._linear_pointwise`; fallback `F.linear` (+ GELU).
+- "torch_conv_nhwc" (torch): `F.conv2d` on the channels_last view of an NHWC
+  tensor (no layout copy), for the depthwise, stem and downsampling convs;
+  fallback keras' own conv.
+- "torch_addcmul" (torch): GRN's `x * scale + bias` as one `torch.addcmul`;
+  fallback the keras-ops expression.
+- "torch_kernels" (torch): in the layer-by-layer inference, keras' LayerNormalization
+  and Add run as `F.layer_norm` / `torch.add` straight (what keras computes, without
+  its op dispatch), and conv weights are re-laid out once per weight update
+  (`torch_prepared`, torch's private tensor version counter); fallback each
+  layer's `call`.
+- "tensorflow_fused_dense" (tensorflow): a 2-D MatMul -> BiasAdd -> activation
+  chain that grappler fuses into `_FusedMatMul`; fallback keras' Dense.
+- "tensorflow_layer_norm" (tensorflow): in the layer-by-layer inference, keras'
+  LayerNormalization written as the FusedBatchNormV3 subgraph that grappler's
+  oneDNN remapper fuses into one `_MklLayerNorm`; fallback the layer's `call`.
+- "jax_compiler_options" (jax): `predict_batch`'s executable for a model without
+  GRN (V1) is compiled with XLA's experimental YNNPACK fusions off (an option of
+  that one executable, not the process-wide XLA_FLAGS); fallback the default
+  compilation.
+- "jax_row_blocks" (jax): in the layer-by-layer inference traced by a jit, in
+  float32, a block's per-position tail (LayerNorm, the two pointwise Dense
+  layers, layer scale, the residual add) runs over blocks of rows with
+  `jax.lax.map` when its hidden tensor is large (`row_blocks`,
+  `jax_by_row_blocks`), so each block stays in the cache; fallback the tail in
+  one piece.
+- "torch_row_blocks" (torch): the same blocks in the layer-by-layer inference
+  without autograd, in float32, one after another (`torch_by_row_blocks`);
+  fallback the tail in one piece.
+- "jax_shifted_sum" (jax): the 7x7 depthwise conv as 49 shifted multiply-adds
+  instead of XLA's grouped conv, for inference and training: its gradient has
+  its own rule (`jax_depthwise`), measured for training on a CPU as well;
+  fallback keras' depthwise conv.
+- "layerwise_call" (every backend): `ConvNeXt`'s inference call runs its layers
+  one after another, keeping only the current tensor and a block's shortcut
+  (keras' functional runner keeps every intermediate until the call ends);
+  fallback keras' functional call.
+- "compiled_inference" (every backend): `ConvNeXt.predict_batch`, a cached
+  jit / tf.function / inference_mode call without `predict_on_batch`'s
+  per-call machinery; fallback `predict_on_batch`.
+- "flatten_layers" (Keras internal `Model._flatten_layers`); fallback a walk
+  over `.layers`.
+- "deferred_variables" (Keras' private variable-initialisation hooks, used to
+  build a model straight from checkpoint values without random init first);
+  fallback build, then assign.
+
+Layout: this module is the guard and the dispatch; each backend's kernels live in
+their own module (`torch_kernels`, `jax_kernels`, `tensorflow_kernels`), Keras'
+private hooks in `keras_internals`; the row-block arithmetic the JAX and torch
+kernels share is here (`row_blocks`). A layer asks for a kernel by kind, never by backend name:
+`run_kernel("depthwise_conv", x, portable_call, layer)` runs the current
+backend's kernel of that kind where one exists and may run on `x`, else
+`portable_call()`; `layer_kernels(x)` and `inference_function(model)` answer
+the same way for the layer-by-layer inference and `predict_batch`.
+
+Rules:
+- A fast path runs only where it was measured: on a CPU (`on_cpu`), for
+  inference (the JAX shifted sum also for training), in the dtypes it was
+  checked with. Anywhere else (a GPU, a gradient, an exporter tracing the
+  graph) the portable formulation runs.
+- `guarded(name, fast, fallback)` runs a fast path. If it raises, the fallback
+  runs; if the fallback succeeds the fast path is broken, so it is switched off
+  for the rest of the process with one warning (`_disable`); if the fallback
+  fails too the input was bad, and its error is raised with the fast path left
+  on. A new torch or Keras release can cost speed, never correctness.
+- `portable()` (a context manager) and `KERAS_CONVNEXT_FAST_PATHS=0` switch
+  every fast path off, e.g. while `model.export` traces a graph; the tests
+  (tests/test_fast_ops.py) use them, and simulated failures of each private
+  call, to check each fallback against its fast path on every backend.
+
+Each private call goes through one small function of its backend's module
+(`torch_kernels._onednn_linear_pointwise`, `keras_internals._keras_flatten_layers`,
+`keras_internals._keras_initialize_all_variables`, ...), the one place a test
+patches to simulate its failure.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import os
+import threading
+import warnings
+
+import keras
+
+_state = threading.local()
+_DISABLED: dict[str, str] = {}  # fast path name -> why it was switched off
+
+FAST_PATHS = (
+    "onednn_linear",
+    "torch_conv_nhwc",
+    "torch_addcmul",
+    "torch_kernels",
+    "tensorflow_fused_dense",
+    "tensorflow_layer_norm",
+    "jax_shifted_sum",
+    "jax_compiler_options",
+    "jax_row_blocks",
+    "torch_row_blocks",
+    "layerwise_call",
+    "compiled_inference",
+    "flatten_layers",
+    "deferred_variables",
+)
+
+
+def _env_allows() -> bool:
+    return os.environ.get("KERAS_CONVNEXT_FAST_PATHS", "1").strip().lower() not in (
+        "0",
+        "false",
+        "no",
+        "off",
+    )
+
+
+@contextlib.contextmanager
+def portable():
+    """Within this block every layer uses its portable formulation (keras ops only)."""
+    depth = getattr(_state, "portable", 0)
+    _state.portable = depth + 1
+    try:
+        yield
+    finally:
+        _state.portable = depth
+
+
+def fast_paths_allowed(name: str | None = None) -> bool:
+    """Whether fast paths may run now (and fast path `name` is not switched off)."""
+    if getattr(_state, "portable", 0) or not _env_allows():
+        return False
+    return name is None or name not in _DISABLED
+
+
+def disabled_fast_paths() -> dict[str, str]:
+    """{fast path: reason} for every fast path switched off in this process."""
+    return dict(_DISABLED)
+
+
+def _disable(name: str, error: BaseException) -> None:
+    if name not in _DISABLED:
+        _DISABLED[name] = f"{type(error).__name__}: {error}"
+        warnings.warn(
+            f"keras-convnext: fast path {name!r} failed ({_DISABLED[name]}); using the "
+            "portable formulation from now on (same numbers, slower).",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+def guarded(name: str, fast, fallback):
+    """`fast()`, or `fallback()` if it raises (see the module docstring: the fast path
+    is switched off only when the fallback succeeds where it failed)."""
+    try:
+        return fast()
+    except Exception as error:
+        result = fallback()  # bad input raises here, and the fast path stays on
+        _disable(name, error)
+        return result
+
+
+def on_cpu(x=None) -> bool:
+    """Whether `x` (a backend tensor; on torch it must be given) lives on a CPU.
+    Every fast path here was measured on a CPU only."""
+    backend = keras.backend.backend()
+    if backend == "torch":
+        return getattr(getattr(x, "device", None), "type", None) == "cpu"
+    if backend == "jax":
+        import jax
+
+        return jax.default_backend() == "cpu"
+    if backend == "tensorflow":
+        return not _tensorflow_gpus()
+    return False
+
+
+@functools.lru_cache(maxsize=1)
+def _tensorflow_gpus() -> bool:
+    import tensorflow as tf
+
+    return bool(tf.config.list_logical_devices("GPU"))
+
+
+def use_fast_path(name: str, x=None) -> bool:
+    """Fast path `name` is allowed now and `x` is on a CPU."""
+    return fast_paths_allowed(name) and on_cpu(x)
+
+
+def plain_layer_norm(layer, x) -> bool:
+    """`layer` is keras' LayerNormalization over the last axis of `x`, with both
+    scale and offset, computing in float32 (what the fused kernels replace)."""
+    if type(layer) is not keras.layers.LayerNormalization:
+        return False
+    axis = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+    return (
+        list(axis) in ([-1], [len(x.shape) - 1])
+        and layer.center
+        and layer.scale
+        and not getattr(layer, "rms_scaling", False)
+        and layer.compute_dtype == "float32"
+    )
+
+
+# ----------------------------------------------------------------------------
+# Dispatch: a kernel by kind, from the current backend's module
+# ----------------------------------------------------------------------------
+
+
+def _backend_module():
+    """The current backend's kernel module, or None (a backend without one)."""
+    return _BACKEND_MODULES.get(keras.backend.backend())
+
+
+def run_kernel(kind: str, x, portable_call, *args):
+    """The current backend's kernel of `kind` on `x`, `kernel(x, *args)`, guarded by
+    its fast path with `portable_call()` as the fallback; `portable_call()` where
+    the backend has no kernel of that kind or it may not run on `x` now.
+
+    Each backend module lists its kernels in `KERNELS` ({kind: (fast path name,
+    function name)}); the function is looked up when called, so a test can
+    replace it. Kinds: "depthwise_conv" (x, layer), "conv" (x, layer),
+    "dense" (x, layer, fuse_gelu), "multiply_add" (x, scale, bias)."""
+    module = _backend_module()
+    entry = None if module is None else module.KERNELS.get(kind)
+    if entry is None or not use_fast_path(entry[0], x):
+        return portable_call()
+    name, function = entry
+    return guarded(name, lambda: getattr(module, function)(x, *args), portable_call)
+
+
+class LayerKernels(collections.namedtuple("LayerKernels", "name apply by_rows")):
+    """What the layer-by-layer inference runs differently on a backend: fast path
+    `name`; `apply(layer, x)` for each layer (None: the layer's own `call`);
+    `by_rows(tail, x, shortcut, width)` for a block's per-position tail (None: in
+    one piece; see `model.Residual`)."""
+
+
+def layer_kernels(x) -> LayerKernels | None:
+    """The `LayerKernels` of the layer-by-layer inference on `x` where its backend has
+    some and they may run, else None (each layer's own `call`):
+    each backend module's `layer_kernels(x)` (torch `torch_apply` and, without
+    autograd in float32, `torch_by_row_blocks`; TensorFlow `tensorflow_apply`;
+    JAX, inside a jit and in float32, `jax_by_row_blocks`)."""
+    module = _backend_module()
+    return None if module is None else module.layer_kernels(x)
+
+
+def inference_function(model):
+    """A callable running `model(x, training=False)` on one NumPy batch for inference,
+    with less per-call work than `predict_on_batch` (which on JAX also walks every
+    layer, gathers and writes back every variable each call; on TensorFlow goes
+    through a distribution strategy; on torch through the trainer's data path):
+
+    - jax: one `jax.jit` of the call inside a `keras.StatelessScope` over the
+      model's variables, whose current values are passed in each call (so weight
+      updates are seen);
+    - tensorflow: a `tf.function` of the call, one concrete function per input
+      shape and dtype;
+    - torch: the eager call under `torch.inference_mode()`.
+
+    Returns None where this is not used: a backend other than these three, or a
+    `keras.distribution` in effect (predict_on_batch honours its layouts).
+    """
+    if keras.distribution.distribution() is not None:
+        return None
+    module = _backend_module()
+    return None if module is None else module.inference_function(model)
+
+
+def to_numpy(outputs):
+    """A model's outputs (a tensor or a structure of them) as NumPy arrays."""
+    return keras.tree.map_structure(lambda y: keras.ops.convert_to_numpy(y), outputs)
+
+
+# A block's per-position tail (LayerNorm -> Dense 4C -> GELU -> Dense C -> layer
+# scale -> + shortcut) runs over row blocks whose hidden (4C-wide, float32) part
+# is about ROW_BLOCK_BYTES, where the whole hidden tensor is more than
+# ROW_BLOCKS_FROM blocks (smaller ones run in one piece): in one piece the hidden
+# tensor goes out to memory and back between the two matrix products, a block
+# stays in the cache. Measured on a 2-core x86-64 with AVX-512, float32, median
+# of 15, the tail without LayerNorm:
+#   rows x C         JAX jit (lax.map)           torch eager (oneDNN linear)
+#   100352 x 40      40.0 -> 21.6-22.1 ms        54.0 -> 23.1-26.2 ms (7-28 blocks)
+#   25088 x 80       24.5 -> 16.2-17.0 ms        17.7 -> 16.0-17.1 ms
+#   6272 x 160       16.2 -> 14.6 ms             15.7 -> 14.4-14.9 ms
+#   1568 x 320       15.6 ms whole, 16.0-25.6 split
+# TensorFlow (grappler's fused MatMul, slices + concat) measured no faster
+# (25.5 ms whole, 27.8-28.4 ms in blocks) and keeps one piece.
+ROW_BLOCK_BYTES = 4 * 2**20
+ROW_BLOCKS_FROM = 3
+
+
+def row_blocks(rows: int, width: int) -> tuple[int, int] | None:
+    """(count, size): how `rows` positions of a tail whose widest tensor has `width`
+    float32 channels are split, `count` equal blocks of `size` rows (and the
+    `rows - count * size` left, fewer than `count`, in one more piece); None to
+    keep it whole."""
+    size = max(1, ROW_BLOCK_BYTES // (4 * width))
+    if rows <= ROW_BLOCKS_FROM * size:
+        return None
+    count = -(-rows // size)
+    # a divisor of the row count near it gives blocks with nothing left over
+    count = next((n for n in range(count, 2 * count) if rows % n == 0), count)
+    return count, rows // count
+
+
+def _as_images(rows):
+    """(rows, C) -> (1, rows, 1, C): the rank the layers were built for."""
+    return rows.reshape(1, rows.shape[0], 1, rows.shape[-1])
+
+
+# The public names the layers, the model and `weights_convert` use, from the modules
+# that own them (imported last: those modules use the guard above).
+from convnext_layers.fast_ops import jax_kernels, tensorflow_kernels, torch_kernels  # noqa: E402
+from convnext_layers.fast_ops.keras_internals import (  # noqa: E402, F401
+    build_with_initial_values,
+    flatten_layers,
+    forget_deferred,
+    initialize_deferred,
+    supports_deferred_variables,
+    variables_are_deferred,
+)
+
+_BACKEND_MODULES = {"torch": torch_kernels, "jax": jax_kernels, "tensorflow": tensorflow_kernels}

@@ -1,0 +1,114 @@
+"""The TensorFlow kernels of `fast_ops` (see the package docstring for the guard):
+Dense as the chain grappler fuses into `_FusedMatMul`, LayerNorm as the subgraph
+it fuses into `_MklLayerNorm`, and `predict_batch`'s traced call.
+
+tensorflow is imported inside each function: importing this module loads no backend.
+"""
+
+from __future__ import annotations
+
+from keras import ops
+
+from convnext_layers import fast_ops
+
+# kind -> (fast path, function of this module): what `fast_ops.run_kernel` runs
+KERNELS = {"dense": ("tensorflow_fused_dense", "dense")}
+
+
+def dense(x, layer, fuse_gelu):
+    """`PointwiseDense`'s call on TensorFlow (`tensorflow_dense`; grappler fuses
+    whichever activation, so `fuse_gelu` changes nothing here)."""
+    kernel = ops.cast(layer.kernel, x.dtype)
+    bias = None if layer.bias is None else ops.cast(layer.bias, x.dtype)
+    return tensorflow_dense(x, kernel, bias, layer.activation)
+
+
+def layer_kernels(x):
+    """`fast_ops.layer_kernels` on TensorFlow: `tensorflow_apply`."""
+    if not fast_ops.use_fast_path("tensorflow_layer_norm", x):
+        return None
+    return fast_ops.LayerKernels("tensorflow_layer_norm", tensorflow_apply, None)
+
+
+def tensorflow_dense(inputs, kernel, bias, activation):
+    """Dense as a 2-D MatMul -> BiasAdd -> activation chain, which TensorFlow's graph
+    optimizer rewrites into one oneDNN `_FusedMatMul` (keras' tensordot on the 4-D
+    input leaves reshapes in between). (..., in) -> (..., out)."""
+    import tensorflow as tf
+
+    units = kernel.shape[1]
+    x = tf.matmul(tf.reshape(inputs, (-1, kernel.shape[0])), kernel)
+    if bias is not None:
+        x = tf.nn.bias_add(x, bias)
+    if activation is not None:
+        x = activation(x)
+    outputs = tf.reshape(x, tf.concat([tf.shape(inputs)[:-1], [units]], axis=0))
+    outputs.set_shape(inputs.shape[:-1] + [units])
+    return outputs
+
+
+def tensorflow_apply(layer, x):
+    """`layer.call(x)` for layer-by-layer inference on TensorFlow, with keras'
+    LayerNormalization as `tensorflow_layer_norm`."""
+    if fast_ops.plain_layer_norm(layer, x):
+        return tensorflow_layer_norm(x, layer.gamma.value, layer.beta.value, layer.epsilon)
+    return layer.call(x)
+
+
+def tensorflow_layer_norm(x, gamma, beta, epsilon):
+    """LayerNorm over the last axis, (..., C) -> (..., C), written as the subgraph
+    that TensorFlow's graph optimizer (grappler's remapper, with oneDNN) rewrites
+    into one `_MklLayerNorm` kernel: x as 2-D rows (R, C) -> reshaped (1, R, C, 1)
+    -> FusedBatchNormV3 in training mode over NCHW (per "channel" = per row: its
+    mean and biased variance), unit scale and zero offset made by Fill -> reshaped
+    back -> * gamma + beta. keras' LayerNormalization on (32, 56, 56, 40) float32
+    took 9.2 ms in a tf.function, this 1.4 ms (same numbers within 2e-6).
+
+    The rewrite needs a 2-D input and the Fills left in the graph, i.e. a row count
+    unknown when traced (constant folding turns the Fills of a static size into
+    constants): `inference_function` traces with the batch size left open. Where
+    the rewrite does not happen (eager, static sizes, no oneDNN) the same subgraph
+    runs unfused and still computes LayerNorm. The raw op keeps `epsilon` as
+    given (`tf.nn.fused_batch_norm` raises it to 1.001e-5)."""
+    import tensorflow as tf
+
+    channels = x.shape[-1]
+    rows = tf.reshape(x, [-1, channels])
+    count = tf.shape(rows)[0]
+    fill_shape = tf.reshape(count, [1])
+    y = tf.reshape(rows, tf.stack([1, count, channels, 1]))
+    empty = tf.constant([], x.dtype)
+    y = tf.raw_ops.FusedBatchNormV3(
+        x=y,
+        scale=tf.ones(fill_shape, x.dtype),
+        offset=tf.zeros(fill_shape, x.dtype),
+        mean=empty,
+        variance=empty,
+        epsilon=float(epsilon),
+        data_format="NCHW",
+        is_training=True,
+    ).y
+    y = tf.reshape(y, tf.shape(rows)) * gamma + beta
+    outputs = tf.reshape(y, tf.shape(x))
+    outputs.set_shape(x.shape)
+    return outputs
+
+
+def inference_function(model):
+    """`fast_ops.inference_function` on TensorFlow: a `tf.function` of the call, one
+    concrete function per image size and dtype, the batch size left open."""
+    import tensorflow as tf
+
+    function = tf.function(lambda x: model(x, training=False), autograph=False)
+    concrete = {}
+
+    def infer(x):
+        # the batch size is left open: one trace serves every batch size, and
+        # grappler's LayerNorm rewrite needs it (`tensorflow_layer_norm`)
+        key = (tuple(x.shape[1:]), str(x.dtype))
+        if key not in concrete:
+            spec = tf.TensorSpec((None, *x.shape[1:]), x.dtype)
+            concrete[key] = function.get_concrete_function(spec)
+        return fast_ops.to_numpy(concrete[key](tf.constant(x)))
+
+    return infer

@@ -1,0 +1,243 @@
+"""The torch kernels of `fast_ops` (CPU inference; see the package docstring for the
+guard): oneDNN's fused linear, convs on the channels_last view of NHWC tensors,
+GRN's multiply-add as one addcmul, the layer-by-layer LayerNorm / Add, a V1
+block's tail over row blocks, and `predict_batch`'s inference call.
+
+torch is imported inside each function: importing this module loads no backend.
+"""
+
+from __future__ import annotations
+
+import keras
+
+from convnext_layers import fast_ops
+
+# kind -> (fast path, function of this module): what `fast_ops.run_kernel` runs
+KERNELS = {
+    "depthwise_conv": ("torch_conv_nhwc", "depthwise_conv"),
+    "conv": ("torch_conv_nhwc", "conv"),
+    "dense": ("onednn_linear", "dense"),
+    "multiply_add": ("torch_addcmul", "torch_multiply_add"),
+}
+
+
+def torch_value(variable, dtype):
+    """A keras variable's torch tensor in `dtype`, without keras' op dispatch."""
+    value = variable.value
+    return value if value.dtype == dtype else value.to(dtype)
+
+
+def torch_prepared(layer, variable, dtype, prepare):
+    """`prepare(torch_value(variable, dtype))`, cached on `layer` while the variable's
+    tensor is the same object, unmodified (torch's version counter, which every
+    in-place update such as `variable.assign` bumps), for inference only: with
+    gradients the preparation is redone each call so it stays in the graph.
+
+    For weights torch wants in another layout (a conv kernel made contiguous in
+    torch's (O, I, kh, kw) order): redoing that copy every call was ~45 us of a
+    7x7 depthwise conv's ~85 us on an 8x8x40 input (1 thread)."""
+    import torch
+
+    value = torch_value(variable, dtype)
+    if torch.is_grad_enabled() and value.requires_grad:
+        return prepare(value)
+    cache = layer.__dict__.get("_convnext_torch_prepared")
+    if cache is None:
+        cache = {}
+        object.__setattr__(layer, "_convnext_torch_prepared", cache)
+    key = (id(variable), dtype)
+    entry = cache.get(key)
+    if entry is None or entry[0] is not value or entry[1] != value._version:
+        entry = cache[key] = (value, value._version, prepare(value).detach())
+    return entry[2]
+
+
+def _torch_layer_norm(layer, x):
+    import torch.nn.functional as F
+
+    gamma = torch_value(layer.gamma, x.dtype)
+    beta = torch_value(layer.beta, x.dtype)
+    return F.layer_norm(x, (x.shape[-1],), gamma, beta, layer.epsilon)
+
+
+def torch_apply(layer, x):
+    """`layer.call(x)` for layer-by-layer inference on torch, with keras' own
+    LayerNormalization and Add computed straight in torch (the same kernels keras
+    calls: `F.layer_norm`, `torch.add`) without keras' op dispatch, measured at
+    ~37 vs ~6 us and ~9 vs ~2 us per call on an 8x8x40 input (1 thread)."""
+    kind = type(layer)
+    if kind is keras.layers.Add and len(x) == 2:
+        return x[0] + x[1]
+    if fast_ops.plain_layer_norm(layer, x):
+        return _torch_layer_norm(layer, x)
+    return layer.call(x)
+
+
+def torch_by_row_blocks(tail, x, shortcut, width):
+    """`jax_by_row_blocks` for eager torch without autograd: the blocks one after
+    another, each written into one output tensor; guarded ("torch_row_blocks")
+    with the tail in one piece as its fallback."""
+
+    def blocked():
+        rows = x.shape[0] * x.shape[1] * x.shape[2]
+        blocks = fast_ops.row_blocks(rows, width)
+        if blocks is None:
+            return tail(x, shortcut)
+        size = blocks[1]
+        flat = [a.reshape(rows, a.shape[-1]) for a in (x, shortcut)]
+        out = None
+        for start in range(0, rows, size):
+            part = tail(*(fast_ops._as_images(a[start : start + size]) for a in flat))
+            part = part.reshape(-1, part.shape[-1])
+            if out is None:
+                out = part.new_empty((rows, part.shape[-1]))
+            out[start : start + part.shape[0]] = part
+        return out.reshape(*shortcut.shape[:-1], out.shape[-1])
+
+    return fast_ops.guarded("torch_row_blocks", blocked, lambda: tail(x, shortcut))
+
+
+def _torch_row_runner(x):
+    """`torch_by_row_blocks` where it may run on `x`: float32, no autograd."""
+    import torch
+
+    if torch.is_grad_enabled() or x.dtype != torch.float32:
+        return None
+    return torch_by_row_blocks if fast_ops.fast_paths_allowed("torch_row_blocks") else None
+
+
+def _onednn_linear_pointwise(x, weight, bias, attr, scalars, algorithm):
+    """The private oneDNN op (the one place it is called)."""
+    import torch
+
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, scalars, algorithm)
+
+
+def _onednn_linear_usable(x, weight) -> bool:
+    """oneDNN's fused linear replaces F.linear only for CPU inference in float32 /
+    bfloat16 (the op has no autograd formula and was measured on CPU only)."""
+    import torch
+
+    if not fast_ops.use_fast_path("onednn_linear", x):
+        return False
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return False
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def torch_linear(x, weight, bias, fuse_gelu: bool):
+    """(x @ weight.T + bias), then the exact GELU if `fuse_gelu`: (..., in) -> (..., out).
+
+    Returns (output, gelu_applied): the caller applies its activation itself when
+    the fused op was not used.
+    """
+    import torch.nn.functional as F
+
+    if _onednn_linear_usable(x, weight):
+        if fuse_gelu:  # "none": the erf GELU, not the tanh approximation
+
+            def fast():
+                return _onednn_linear_pointwise(x, weight, bias, "gelu", [], "none"), True
+
+            def fallback():
+                return F.gelu(F.linear(x, weight, bias)), True
+
+        else:
+
+            def fast():
+                return _onednn_linear_pointwise(x, weight, bias, "none", [], ""), False
+
+            def fallback():
+                return F.linear(x, weight, bias), False
+
+        return fast_ops.guarded("onednn_linear", fast, fallback)
+    return F.linear(x, weight, bias), False
+
+
+def torch_conv2d_nhwc(x, weight, bias, **conv_arguments):
+    """torch's conv2d on an NHWC tensor without layout copies: (B, H, W, C) in,
+    (B, H', W', O) out; `weight` in torch's (O, C / groups, kh, kw) layout.
+
+    x.permute(0, 3, 1, 2) of a contiguous NHWC tensor is a channels_last NCHW
+    view (no copy); conv2d keeps that memory format, so permuting back is again
+    a view of a contiguous NHWC result.
+    """
+    import torch.nn.functional as F
+
+    y = F.conv2d(x.permute(0, 3, 1, 2), weight, bias, **conv_arguments)
+    return y.permute(0, 2, 3, 1)
+
+
+def torch_conv_weight_channels_last(kernel):
+    """keras' (kh, kw, I, O) conv kernel as torch's (O, I, kh, kw), channels_last."""
+    import torch
+
+    return kernel.permute(3, 2, 0, 1).contiguous(memory_format=torch.channels_last)
+
+
+def torch_multiply_add(x, scale, bias):
+    """x * scale + bias with broadcasting, in one pass (addcmul)."""
+    import torch
+
+    return torch.addcmul(bias, x, scale)
+
+
+# ----------------------------------------------------------------------------
+# The layers' kernels (`KERNELS`), called as kernel(x, layer)
+# ----------------------------------------------------------------------------
+
+
+def depthwise_conv(x, layer):
+    """`DepthwiseConv`'s call on torch: F.conv2d(groups=C) on the channels_last view
+    of the NHWC input, its (k, k, C, 1) kernel as (C, 1, k, k) made contiguous once
+    per weight update."""
+    weight = torch_prepared(
+        layer, layer.kernel, x.dtype, lambda k: k.permute(2, 3, 0, 1).contiguous()
+    )
+    bias = torch_value(layer.bias, x.dtype) if layer.use_bias else None
+    k, channels = weight.shape[2], weight.shape[0]
+    outputs = torch_conv2d_nhwc(x, weight, bias, padding=k // 2, groups=channels)
+    return outputs if layer.activation is None else layer.activation(outputs)
+
+
+def conv(x, layer):
+    """`DownsampleConv`'s call on torch: F.conv2d on the channels_last view, the
+    (k, k, I, O) kernel as (O, I, k, k) laid out channels_last as the input is."""
+    kernel = torch_prepared(layer, layer.kernel, x.dtype, torch_conv_weight_channels_last)
+    bias = torch_value(layer.bias, x.dtype) if layer.use_bias else None
+    outputs = torch_conv2d_nhwc(
+        x, kernel, bias, stride=layer.strides, padding=layer.explicit_padding
+    )
+    return outputs if layer.activation is None else layer.activation(outputs)
+
+
+def dense(x, layer, fuse_gelu):
+    """`PointwiseDense`'s call on torch: oneDNN's fused linear (+ the exact GELU when
+    `fuse_gelu`, the layer's activation being it) where it may run, else F.linear."""
+    kernel = torch_value(layer.kernel, x.dtype)
+    bias = None if layer.bias is None else torch_value(layer.bias, x.dtype)
+    # kernel (in, out) -> weight (out, in): a transposed view, no copy
+    y, fused = torch_linear(x, kernel.t(), bias, fuse_gelu=fuse_gelu)
+    return y if fused or layer.activation is None else layer.activation(y)
+
+
+def layer_kernels(x):
+    """`fast_ops.layer_kernels` on torch: `torch_apply`, and `torch_by_row_blocks`
+    without autograd in float32."""
+    if not fast_ops.use_fast_path("torch_kernels", x):
+        return None
+    return fast_ops.LayerKernels("torch_kernels", torch_apply, _torch_row_runner(x))
+
+
+def inference_function(model):
+    """`fast_ops.inference_function` on torch: the eager call under
+    `torch.inference_mode()`."""
+    import torch
+
+    def infer(x):
+        with torch.inference_mode():
+            return fast_ops.to_numpy(model(keras.ops.convert_to_tensor(x), training=False))
+
+    return infer
