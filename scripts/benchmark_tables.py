@@ -11,7 +11,7 @@ A page asks for a table by fencing its place (see `markdown_pages`):
 and this script writes it there, with the date, the machine and the load average of
 the run it comes from. The tables (`TABLES`): `inference` and `inference-memory`
 (speed and peak memory against timm), `end-to-end`, `cold-start` and
-`cold-start-user-install`, `gallery` and `gallery-sweep`, `export-parity`. A new
+`cold-start-user-install`, `gallery`, `gallery-sweep` and `gallery-stores`, `export-parity`. A new
 results file gets a new entry in `TABLES`; rerunning a benchmark into the same file
 and then this script updates every page that shows it.
 
@@ -192,6 +192,20 @@ def gallery_sweep() -> str:
     return gallery("gallery_cpu_1m_sweep")
 
 
+def gallery_stores(name="gallery_stores_cpu") -> str:
+    report = read(name)
+    markdown = _benchmark_module("gallery_store_benchmark").markdown(report)
+    start, end = (f"{v[0]:.1f}" for v in (report["load_start"], report["load_end"]))
+    return (
+        f"Measured {report['date'][:10]} on {report['machine']}, {report['threads']} thread(s) "
+        f"for FAISS and numpy's BLAS; SQLite {report['sqlite']}, PostgreSQL "
+        f"{report['postgres']} with pgvector {report['pgvector']} on the same machine; "
+        f"1-minute load average {start} at the start, {end} at the end "
+        f"(`benchmarks/results/{name}.md` has the parameters).\n\n"
+        + _table_after(markdown, "# Gallery store benchmark")
+    )
+
+
 def export_parity(backends=("tensorflow", "jax", "torch")) -> str:
     rows = [row for b in backends for row in read(f"export_{b}")["rows"] if "refused" not in row]
     archs = list(dict.fromkeys(row["arch"] for row in rows))
@@ -219,6 +233,7 @@ TABLES = {
     "cold-start-user-install": cold_start_user_install,
     "gallery": gallery,
     "gallery-sweep": gallery_sweep,
+    "gallery-stores": gallery_stores,
     "export-parity": export_parity,
 }
 
