@@ -52,6 +52,7 @@ _EXPORTS = {
     "Preprocessor": "embedding.preprocess",
     "PreprocessConfig": "embedding.preprocess",
     "ImageLoadError": "embedding.errors",
+    "TooManyPixelsError": "embedding.errors",
     "load_image": "embedding.preprocess",
     "cosine_similarity": "embedding.gallery",
     "l2_normalize": "embedding.gallery",

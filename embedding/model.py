@@ -30,7 +30,7 @@ from safetensors.numpy import save_file
 import weights_convert
 from convnext_common.files import atomic_path, atomic_write_text
 from convnext_layers import POOLINGS, ConvNeXt, GeneralizedMeanPooling
-from embedding.errors import ModelUnavailableError
+from embedding.errors import ModelSourceError, ModelUnavailableError
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -364,7 +364,14 @@ def build_model(
         raise weights_convert.CheckpointNotFoundError(
             f"Model source {os.fspath(source)!r}: {problem}."
         )
-    if weights_convert.source_kind(source) == "keras":
+    kind = weights_convert.source_kind(source)
+    if kind == "onnx":
+        raise ModelSourceError(
+            os.fspath(source),
+            "an .onnx export runs with onnxruntime, not Keras: "
+            "embedding.onnx_embedder.OnnxEmbedder, or `python -m embedding serve --model`",
+        )
+    if kind == "keras":
         model = weights_convert.load_converted(source)
         return as_embedding_model(model, pooling=pooling, head_norm=head_norm, gem_p=gem_p)
     options = {

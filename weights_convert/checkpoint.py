@@ -296,15 +296,19 @@ def source_problem(source) -> str | None:
     return None
 
 
-SOURCE_KINDS = ("keras", "checkpoint")
+SOURCE_KINDS = ("keras", "onnx", "checkpoint")
 
 
 def source_kind(source) -> str:
     """What kind of model source `source` is, by its name: "keras" for a saved Keras
-    model (`.keras`, as this project writes them: converted or fine-tuned), else
-    "checkpoint" (a timm checkpoint: `.safetensors` file, folder, Hub id). The one
-    place a source is recognised; nothing is read."""
-    return "keras" if os.fspath(source).endswith(".keras") else "checkpoint"
+    model (`.keras`, as this project writes them: converted or fine-tuned), "onnx" for an
+    exported embedding model (`.onnx` + its sidecar; run by onnxruntime, without Keras:
+    `embedding.onnx_embedder`), else "checkpoint" (a timm checkpoint: `.safetensors`
+    file, folder, Hub id). The one place a source is recognised; nothing is read."""
+    text = os.fspath(source)
+    if text.endswith(".keras"):
+        return "keras"
+    return "onnx" if text.endswith(".onnx") else "checkpoint"
 
 
 def _check_readable_file(path, what):
