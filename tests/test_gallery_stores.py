@@ -1,0 +1,352 @@
+"""The same cases against every gallery store: a folder of files (exact and FAISS HNSW),
+SQLite and PostgreSQL with pgvector (a real server, `postgres_url` in conftest.py). The
+expected results come from numpy's brute force over the vectors the test keeps itself, and
+the metadata filters from a plain Python reading of the filter."""
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+from embedding.gallery import (
+    DimensionError,
+    EmptyGalleryError,
+    FilterError,
+    Gallery,
+    GalleryConflictError,
+    GalleryNotFoundError,
+    GalleryValueError,
+    StoreError,
+    UnknownIdError,
+    open_gallery,
+    open_store,
+)
+from embedding.metrics import calibrate
+
+pytestmark = pytest.mark.once("torch")  # numpy, FAISS and databases: no Keras backend
+
+HAS_FAISS = importlib.util.find_spec("faiss") is not None
+needs_faiss = pytest.mark.skipif(not HAS_FAISS, reason="faiss is not installed")
+
+# name -> (how its location is made from a temporary folder, the index to create with)
+STORES = {
+    "file-exact": ("folder", "exact"),
+    "file-hnsw": ("folder", "hnsw"),
+}
+STORE_PARAMS = [
+    pytest.param(name, marks=needs_faiss) if name.endswith("hnsw") else name for name in STORES
+]
+
+
+def unit(x):
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def planted(n, d=32, queries=20, noise=0.3, seed=0):
+    """n random unit vectors and noisy copies of `queries` of them (the row each came from)."""
+    rng = np.random.default_rng(seed)
+    vectors = unit(rng.standard_normal((n, d)))
+    source = rng.choice(n, min(queries, n), replace=False)
+    noisy = vectors[source] + noise / np.sqrt(d) * rng.standard_normal((len(source), d))
+    return vectors, unit(noisy), source
+
+
+def reference_top(vectors, ids, queries, k):
+    """numpy brute force: (ids, scores) of the k best rows per query."""
+    scores = unit(queries) @ unit(vectors).T
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.asarray(ids)[order], np.take_along_axis(scores, order, axis=1)
+
+
+@pytest.fixture
+def store_location(request, tmp_path):
+    """A fresh, empty store location of the kind the test is parametrised with."""
+    kind, _ = STORES[request.param]
+    if kind == "folder":
+        return str(tmp_path / "galleries")
+    raise AssertionError(kind)
+
+
+@pytest.fixture
+def new_gallery(request, store_location):
+    """make(name="g", **options) -> a new gallery in the store under test (and its store)."""
+    _, index = STORES[request.node.callspec.params["store_location"]]
+    opened = []
+
+    def make(name="g", **options):
+        store = open_store(store_location)
+        opened.append(store)
+        return store.gallery(name, create=True, index=index, **options)
+
+    yield make
+    for store in opened:
+        store.close()
+
+
+def reopen(gallery):
+    """The same gallery through a new store object (what another process would see)."""
+    return open_store(gallery.store.location).gallery(gallery.name)
+
+
+all_stores = pytest.mark.parametrize("store_location", STORE_PARAMS, indirect=True)
+
+
+# ----------------------------------------------------------------------------
+# The same results everywhere
+# ----------------------------------------------------------------------------
+
+
+@all_stores
+def test_add_remove_relabel_search_reopen(new_gallery):
+    vectors, queries, source = planted(300)
+    gallery = new_gallery()
+    assert len(gallery) == 0 and gallery.labels == [] and gallery.dim is None
+    first = gallery.add(vectors[:200], [f"p{i}" for i in range(200)])
+    second = gallery.add(vectors[200:], [f"p{i}" for i in range(200, 300)])
+    assert first.dtype == np.int64 and first.tolist() == list(range(200))
+    assert second.tolist() == list(range(200, 300))
+    assert len(gallery) == 300 and gallery.dim == 32
+
+    ids, scores = gallery.search_ids(queries, k=5)
+    expected_ids, expected_scores = reference_top(vectors, np.arange(300), queries, 5)
+    np.testing.assert_array_equal(ids, expected_ids)
+    np.testing.assert_allclose(scores, expected_scores, atol=1e-5)
+    labels, _ = gallery.search(queries[0], k=1)
+    assert labels == [f"p{source[0]}"]
+
+    gone = source[:5]
+    gallery.remove(gone)
+    gallery.relabel([int(source[5])], "carol")
+    live = np.setdiff1d(np.arange(300), gone)
+    assert len(gallery) == 295 and gallery.ids.tolist() == live.tolist()
+    for view in (gallery, reopen(gallery)):
+        ids, scores = view.search_ids(queries, k=3)
+        expected_ids, expected_scores = reference_top(vectors[live], live, queries, 3)
+        np.testing.assert_array_equal(ids, expected_ids)
+        np.testing.assert_allclose(scores, expected_scores, atol=1e-5)
+        assert view.labels_of([int(source[5])]) == ["carol"]
+        assert view.search(queries[5], k=1)[0] == ["carol"]
+
+    again = gallery.add(vectors[gone[:1]], "back", ids=gone[:1])  # a removed id, added again
+    assert again.tolist() == gone[:1].tolist()
+    assert reopen(gallery).search(queries[0], k=1)[0] == ["back"]
+    assert gallery.add(vectors[:1], "next").tolist() == [300]  # ids go on after the largest
+
+
+@all_stores
+def test_remove_label_and_counts(new_gallery):
+    vectors, _, _ = planted(12)
+    gallery = new_gallery()
+    gallery.add(vectors, ["ann", "bob", "cy"] * 4)
+    assert gallery.counts() == {"ann": 4, "bob": 4, "cy": 4}
+    assert gallery.remove_label("bob") == 4
+    assert gallery.remove_label("bob") == 0 and gallery.remove_label("nobody") == 0
+    for view in (gallery, reopen(gallery)):
+        assert view.counts() == {"ann": 4, "cy": 4}
+        assert "bob" not in view.search(vectors, k=8)[0]
+        assert view.ids.tolist() == [i for i in range(12) if i % 3 != 1]
+
+
+def python_filter(metadata, where):
+    """The filter as the docs state it, written out plainly (the reference)."""
+
+    def equal(stored, wanted):
+        if isinstance(stored, bool) or isinstance(wanted, bool):
+            return type(stored) is type(wanted) and stored == wanted
+        if wanted is None:
+            return stored is None
+        if isinstance(wanted, (int, float)):
+            return type(stored) in (int, float) and stored == wanted
+        return stored == wanted
+
+    keep = []
+    for entry in metadata:
+        ok = True
+        for key, wanted in where.items():
+            options = wanted["$in"] if isinstance(wanted, dict) else [wanted]
+            if key not in entry or not any(equal(entry[key], w) for w in options):
+                ok = False
+        keep.append(ok)
+    return np.asarray(keep)
+
+
+FILTERS = [
+    {"camera": "door"},
+    {"camera": "door", "site": 2},
+    {"site": 2.0},  # JSON: 2 and 2.0 are one number
+    {"site": 1},  # True is not 1
+    {"flag": True},
+    {"flag": None},  # an explicit null only
+    {"camera": {"$in": ["hall", "gate"]}},
+    {"camera": "x'); DROP TABLE vectors; --"},
+    {"tags": "a"},  # a list never equals a scalar
+    {"nobody": "here"},
+]
+
+
+@all_stores
+def test_metadata_filter(new_gallery):
+    vectors, queries, _ = planted(240, queries=6)
+    rng = np.random.default_rng(3)
+    cameras = ["door", "hall", "gate", "x'); DROP TABLE vectors; --"]
+    metadata = []
+    for i in range(240):
+        entry = {"camera": cameras[i % 4], "site": [1, 2, 2.0, True][i % 4 if i % 5 else 0]}
+        if i % 7 == 0:
+            entry["flag"] = [True, None, False][i % 3]
+        if i % 11 == 0:
+            entry["tags"] = ["a", "b"]
+        metadata.append(entry)
+    rng.shuffle(metadata)
+    gallery = new_gallery()
+    gallery.add(vectors, [f"p{i}" for i in range(240)], metadata)
+    assert gallery.metadata_of([0, 5]) == [metadata[0], metadata[5]]
+    for where in FILTERS:
+        keep = python_filter(metadata, where)
+        expected_ids, expected_scores = reference_top(
+            vectors[keep], np.flatnonzero(keep), queries, 5
+        )
+        ids, scores = gallery.search_ids(queries, k=5, where=where)
+        found = expected_ids.shape[1]
+        np.testing.assert_array_equal(ids[:, :found], expected_ids, err_msg=str(where))
+        np.testing.assert_allclose(scores[:, :found], expected_scores, atol=1e-5)
+        assert (ids[:, found:] == -1).all() and np.isneginf(scores[:, found:]).all()
+        labels, _ = gallery.search(queries, k=5, where=where)
+        assert (labels[:, found:] == "").all()
+    for bad, message in [
+        ({"camera": ["door"]}, "must be a str, int"),
+        ({"camera": {"$gt": 1}}, "only operator is '\\$in'"),
+        ({"camera": {"$in": []}}, "list of 1 to"),
+        ({"site": float("nan")}, "not a JSON value"),
+        ("camera = 'door'", "must be a dict"),
+    ]:
+        with pytest.raises(FilterError, match=message):
+            gallery.search(queries, k=3, where=bad)
+
+
+@all_stores
+def test_calibration_and_hostile_values_are_stored_as_data(new_gallery):
+    rng = np.random.default_rng(0)
+    same = rng.random(300) < 0.5
+    calibration = calibrate(rng.normal(size=300) + same, same, 0.1, n_bootstrap=10)
+    vectors, _, _ = planted(6)
+    hostile = [
+        "x'); DROP TABLE vectors; --",
+        'Robert"); DELETE FROM galleries; --',
+        "l" * 1024,
+        "émile 🙂 \\N \t\n",
+        "%s %(x)s {0} ?",
+        "",
+    ]
+    metadata = [
+        {"note": "n" * 10_000},
+        {"sql": "'; DROP TABLE galleries; --", "nested": {"a": [1, 2.5, None, True]}},
+        {"%s": "$1", "quote": "'\""},
+        {},
+        None,
+        {"big": 2**62, "neg": -1.5e-300},
+    ]
+    gallery = new_gallery()
+    gallery.calibration = calibration
+    ids = gallery.add(vectors, hostile, metadata)
+    for view in (gallery, reopen(gallery)):
+        assert view.labels == hostile
+        assert view.metadata_of(ids) == [m or {} for m in metadata]
+        assert view.search(vectors[1], k=1)[0] == [hostile[1]]
+        assert view.calibration == calibration
+        assert view.counts() == dict.fromkeys(hostile, 1)
+    assert gallery.remove_label("x'); DROP TABLE vectors; --") == 1
+    assert len(reopen(gallery)) == 5
+
+
+@all_stores
+def test_refusals_are_clear_and_change_nothing(new_gallery, store_location):
+    vectors, _, _ = planted(4, d=8)
+    gallery = new_gallery()
+    gallery.add(vectors, list("abcd"), [{"k": i} for i in range(4)])
+    cases = [
+        (lambda: gallery.add(np.ones((2, 5)), ["a", "b"]), DimensionError, "8-dim"),
+        (lambda: gallery.add(np.ones(8), "a\x00b"), GalleryValueError, "NUL"),
+        (lambda: gallery.add(np.ones(8), "x" * 1025), GalleryValueError, "at most 1,024"),
+        (lambda: gallery.add(np.ones(8), "\ud800"), GalleryValueError, "surrogate"),
+        (lambda: gallery.add(np.ones(8), "x", {"k": "a\x00"}), GalleryValueError, "NUL"),
+        (lambda: gallery.add(np.ones(8), "x", {"k": np.nan}), GalleryValueError, "NaN"),
+        (lambda: gallery.add(np.ones(8), "x", {"k": object()}), GalleryValueError, "JSON"),
+        (lambda: gallery.add(np.ones(8), "x", {1: "a"}), GalleryValueError, "keys must be str"),
+        (lambda: gallery.add(np.ones(8), "x", {"k": "v" * 70_000}), GalleryValueError, "bytes"),
+        (lambda: gallery.add(np.ones(8), "x", ids=[2]), ValueError, "already in the gallery"),
+        (lambda: gallery.add(np.ones((2, 8)), ["x", "y"], ids=[9, 9]), ValueError, "repeat"),
+        (lambda: gallery.add(np.full(8, np.nan), "x"), ValueError, "NaN or infinity"),
+        (lambda: gallery.add(np.ones((2, 8)), ["x"]), ValueError, "2 embeddings but 1"),
+        (lambda: gallery.add(np.ones(8), b"x"), TypeError, "labels must be str"),
+        (lambda: gallery.remove([2, 99]), UnknownIdError, r"not in the gallery: \[99\]"),
+        (lambda: gallery.relabel([77], "x"), UnknownIdError, "77"),
+        (lambda: gallery.search(np.ones(5)), DimensionError, r"\(8,\)"),
+        (lambda: gallery.search(np.ones(8), k=0), ValueError, "positive int"),
+    ]
+    for call, kind, message in cases:
+        with pytest.raises(kind, match=message):
+            call()
+    for view in (gallery, reopen(gallery)):
+        assert view.labels == list("abcd") and view.ids.tolist() == [0, 1, 2, 3]
+    with open_store(store_location) as store:
+        with pytest.raises(GalleryNotFoundError, match="no gallery named 'nope'"):
+            store.gallery("nope")
+        for bad in ("../etc", ".hidden", "a/b", "", "x" * 65, "naïve", "a b", "-x"):
+            with pytest.raises(GalleryValueError, match="not valid"):
+                store.gallery(bad, create=True)
+        with pytest.raises(GalleryConflictError, match="8-dim vectors, not 16"):
+            store.gallery("g", dim=16)
+        with pytest.raises(EmptyGalleryError, match="empty"):
+            store.gallery("empty", create=True, dim=8).search(np.ones(8))
+        assert store.names() == ["empty", "g"]
+        store.drop("empty")
+        assert store.names() == ["g"]
+        with pytest.raises(GalleryNotFoundError):
+            store.drop("empty")
+
+
+# ----------------------------------------------------------------------------
+# Locations
+# ----------------------------------------------------------------------------
+
+
+def test_locations_refused_clearly(tmp_path):
+    (tmp_path / "file.npz").write_bytes(b"not a gallery")
+    cases = [
+        ("mysql://root@127.0.0.1/x", "unknown store scheme 'mysql'"),
+        ("sqlite://host/x.db", "no host"),
+        ("sqlite:///x.db?mode=ro", "no host, no \\?options"),
+        ("sqlite:///", "no database file"),
+        ("postgresql://u:secret@127.0.0.1/db#bad name", "not valid"),
+        (str(tmp_path / "file.npz"), "is a file, not a folder"),
+        ("", "non-empty"),
+    ]
+    for location, message in cases:
+        with pytest.raises((StoreError, GalleryValueError), match=message) as caught:
+            open_store(location)
+        assert "secret" not in str(caught.value)
+    with pytest.raises(StoreError, match="is a folder: a store of galleries"):
+        open_gallery(tmp_path)
+    with pytest.raises(GalleryNotFoundError, match="no such gallery file"):
+        open_gallery(tmp_path / "missing.npz")
+    assert not (tmp_path / "missing.npz").exists()
+    with pytest.raises(StoreError, match="a store location names no gallery"):
+        open_store("sqlite:///x.db#staff")
+
+
+def test_one_file_is_one_gallery_with_the_in_memory_format(tmp_path):
+    vectors, queries, source = planted(50)
+    path = tmp_path / "people.npz"
+    with Gallery.open(path, create=True, dim=32) as gallery:
+        ids = gallery.add(vectors, [f"p{i}" for i in range(50)], [{"i": i} for i in range(50)])
+        gallery.remove(ids[:3])
+    loaded = Gallery.load(path)  # the in-memory class reads what the file gallery wrote
+    assert loaded.ids.tolist() == list(range(3, 50))
+    assert loaded.metadata_of([7]) == [{"i": 7}]
+    assert loaded.search(queries[3], k=1)[0] == [f"p{source[3]}"]
+    assert sorted(os.listdir(tmp_path)) == ["people.npz"]  # no lock or temporary file left
+    in_memory = Gallery().add(vectors[:2], ["a", "b"])  # the in-memory class still chains
+    assert in_memory.added_ids.tolist() == [0, 1] and isinstance(in_memory, Gallery)
