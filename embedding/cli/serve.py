@@ -15,6 +15,7 @@ import argparse
 import copy
 import functools
 import os
+import signal
 import socket
 
 import weights_convert  # a light package face: each name loads its module when used
@@ -212,6 +213,9 @@ def run(args):
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"serving on http://{shown}:{port} (model {source}; loading)", flush=True)
+    # uvicorn drains on SIGTERM, then raises it again once its own handler is gone: this
+    # one takes it then, so that a drained server exits 0 (and closes its store)
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
         server.run(sockets=[sock])
     finally:

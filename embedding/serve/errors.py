@@ -19,6 +19,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from convnext_common.errors import InputError, error_message
 from embedding.batching import BatcherClosedError, OverloadedError
 from embedding.errors import FaceError, ImageLoadError, MissingExtraError, TooManyPixelsError
+from embedding.gallery import (
+    DimensionError,
+    GalleryConflictError,
+    GalleryNotFoundError,
+    GalleryValueError,
+    StoreError,
+)
 
 log = logging.getLogger("embedding.serve")
 
@@ -108,6 +115,15 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(InputError)
     async def input_error(request: Request, error: InputError):
+        if isinstance(error, GalleryNotFoundError):
+            return error_response(404, "unknown_gallery", error_message(error))
+        if isinstance(error, (GalleryConflictError, DimensionError)):
+            return error_response(409, "gallery_conflict", error_message(error))
+        if isinstance(error, GalleryValueError):
+            return error_response(422, "bad_value", error_message(error))
+        if isinstance(error, StoreError):  # the database went away, refused, ...
+            headers = {"Retry-After": "5"}
+            return error_response(503, "store_unavailable", error_message(error), headers)
         if isinstance(error, TooManyPixelsError):
             return error_response(413, "too_many_pixels", error_message(error))
         if isinstance(error, ImageLoadError):

@@ -21,6 +21,8 @@ from convnext_common.errors import error_message
 from embedding.batching import BatchedEmbedder, DynamicBatcher, check_finite_rows
 from embedding.errors import ImageLoadError, TooManyPixelsError
 from embedding.faces import HaarCascadeDetector, PerThreadDetector, embed_faces
+from embedding.gallery import GalleryNotFoundError
+from embedding.gallery.checks import check_name
 from embedding.metrics import DEFAULT_THRESHOLD
 from embedding.serve.errors import ApiError
 from embedding.serve.metrics import Metrics
@@ -29,6 +31,11 @@ from embedding.serve.settings import ServeSettings
 log = logging.getLogger("embedding.serve")
 MAX_SEARCH_DEPTH = 4096  # most neighbours searched to find k distinct labels
 MAX_LABEL_CHARS = 256
+
+
+def printable(text: str) -> str:
+    """`text` without control characters (a file name kept as metadata)."""
+    return "".join(c for c in text if c.isprintable())[:MAX_LABEL_CHARS]
 
 
 def check_label(label: str) -> str:
@@ -226,7 +233,7 @@ class Service:
         if gallery is None:
             try:
                 gallery = self.store.gallery(name, dim=self.dim if create else None, create=create)
-            except LookupError as error:  # the store's GalleryNotFoundError
+            except GalleryNotFoundError as error:
                 raise ApiError(404, "unknown_gallery", error_message(error)) from None
             with self._locks_lock:
                 gallery = self._galleries.setdefault(name, gallery)
@@ -244,6 +251,7 @@ class Service:
     def enrol(self, name: str, label: str, uploads: list[Upload], faces: bool) -> list[int]:
         """Embed each photo (its largest face, or the whole image) and add them all under
         `label` in one durable change; nothing is added if any photo fails (blocks)."""
+        check_name(name)  # refused before any work
         check_label(label)
         vectors, metadata = [], []
         if faces:
@@ -258,7 +266,7 @@ class Service:
         else:
             pictures = [self.load_picture(upload) for upload in uploads]
             vectors.extend(self.batched.embed(pictures))
-            metadata.extend({"source": upload.filename} for upload in uploads)
+            metadata.extend({"source": printable(upload.filename)} for upload in uploads)
         with self.lock(name):
             gallery = self.gallery(name, create=True)
             ids = gallery.add(np.stack(vectors), [label] * len(vectors), metadata)
