@@ -23,6 +23,9 @@ from convnext_common.cli import CommandError, positive_int
 from convnext_common.errors import error_message
 from convnext_common.files import file_problem
 from embedding.cli import options
+from embedding.gallery import open_store
+from embedding.onnx_embedder import OnnxEmbedder
+from embedding.preprocess import DEFAULT_MAX_PIXELS
 
 SERVE_EXTRA = 'pip install "keras-convnext[serve]"'
 GRACEFUL_SHUTDOWN_S = 30  # the longest SIGTERM waits for requests in progress
@@ -131,11 +134,7 @@ def _model_loader(args, source: str):
     max_pixels = args.max_pixels
 
     def load():
-        if weights_convert.source_kind(source) == "onnx":
-            # onnxruntime only: an exported model never loads Keras
-            from embedding.onnx_embedder import OnnxEmbedder
-            from embedding.preprocess import DEFAULT_MAX_PIXELS
-
+        if weights_convert.source_kind(source) == "onnx":  # onnxruntime; never Keras
             return OnnxEmbedder(
                 source, batch_size=args.max_batch, max_pixels=max_pixels or DEFAULT_MAX_PIXELS
             )
@@ -147,8 +146,6 @@ def _model_loader(args, source: str):
 def _open_store(location):
     if location is None:
         return None
-    from embedding.gallery import open_store  # the gallery stores; a database driver may load
-
     try:
         return open_store(location)
     except (ValueError, OSError) as error:
@@ -174,10 +171,10 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def run(args):
-    try:  # the serve extra, optional
+    try:  # the serve extra (FastAPI, uvicorn), optional
         import uvicorn
 
-        from embedding.serve import ServeSettings, Service, create_app
+        from embedding.serve import ServeSettings, Service, create_app  # needs FastAPI
     except ImportError as error:
         raise CommandError(f"serve needs {error.name}: {SERVE_EXTRA}") from None
     api_key = _read_api_key(args.api_key_file)

@@ -146,7 +146,7 @@ async function identify(event) {
   }
 }
 
-async function refreshIdentities() {
+async function refreshIdentities(note = "") {
   const body = $("identities-table").tBodies[0];
   try {
     const result = await call("GET", `${galleryPath()}/identities`);
@@ -163,7 +163,8 @@ async function refreshIdentities() {
       row.insertCell().append(button);
     }
     const count = result.identities.length;
-    show("identities-result", `${count} identit${count === 1 ? "y" : "ies"} in ${result.gallery}.`);
+    const summary = `${count} identit${count === 1 ? "y" : "ies"} in ${result.gallery}.`;
+    show("identities-result", note ? `${note} ${summary}` : summary);
   } catch (error) {
     body.replaceChildren();
     show("identities-result", error.message, true);
@@ -173,8 +174,8 @@ async function refreshIdentities() {
 async function removeIdentity(label) {
   try {
     const result = await call("DELETE", `${galleryPath()}/identities/${encodeURIComponent(label)}`);
-    show("identities-result", `Deleted ${label} (${result.removed} photos).`);
-    refreshIdentities();
+    const count = result.removed;
+    await refreshIdentities(`Deleted ${label} (${count} photo${count === 1 ? "" : "s"}).`);
   } catch (error) {
     show("identities-result", error.message, true);
   }
@@ -184,7 +185,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("verify-form").addEventListener("submit", verify);
   $("enroll-form").addEventListener("submit", enroll);
   $("identify-form").addEventListener("submit", identify);
-  $("refresh-identities").addEventListener("click", refreshIdentities);
-  $("gallery-name").addEventListener("change", refreshIdentities);
+  $("refresh-identities").addEventListener("click", () => refreshIdentities());
+  $("gallery-name").addEventListener("change", () => refreshIdentities());
   checkReady();
 });
