@@ -41,9 +41,11 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+os.environ.setdefault("KERAS_BACKEND", "torch")  # this process only makes the checkpoint
 PROTOCOL = "@@RESULT "
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "motorcycle_left",
-          "hubble_deep_field", "retina")  # fmt: skip
+# scikit-image's bundled photographs (no download), 300-640 px: typical camera uploads
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "colorwheel",
+          "camera", "coins")  # fmt: skip
 
 
 def load_average() -> float:

@@ -494,8 +494,17 @@ def test_kill_restart_overload_and_sigterm(small_checkpoint, face_photos, tmp_pa
         first.stop(signal.SIGKILL)  # at once after the last acknowledgement
     assert first.proc.returncode == -signal.SIGKILL
 
-    second = ServerProcess(args, tmp_path / "second.log").wait_ready()
+    second = ServerProcess(args, tmp_path / "second.log")  # listening, the model loading
     try:
+        loading = session.get(second.url + "/readyz", timeout=30)
+        assert_error(loading, 503, "not_ready")
+        assert loading.headers["Retry-After"] == "1"
+        early = session.post(
+            second.url + "/v1/embed", files=[image_field("images", face_photos["cat"])]
+        )
+        assert_error(early, 503, "not_ready")
+        assert session.get(second.url + "/healthz", timeout=30).status_code == 200
+        second.wait_ready()
         listing = session.get(second.url + "/v1/galleries/kept/identities", timeout=30).json()
         assert sorted(item["label"] for item in listing["identities"]) == sorted(enrolled)
 

@@ -9,6 +9,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"}  # others: "other"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -82,7 +83,8 @@ class MetricsMiddleware:
             await self.app(scope, receive, recording_send)
         finally:
             route = _route(scope)
-            self.metrics.requests.labels(route, scope["method"], str(status[0])).inc()
+            method = scope["method"] if scope["method"] in METHODS else "other"
+            self.metrics.requests.labels(route, method, str(status[0])).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - start)
 
 

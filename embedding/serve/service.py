@@ -169,6 +169,16 @@ class Service:
             return float(self.embedder.threshold), self.embedder.threshold_source
         return DEFAULT_THRESHOLD, "default"
 
+    def check_count(self, uploads: list[Upload]) -> None:
+        """413 `too_many_images` for more images than the queue could ever hold, before
+        any is decoded."""
+        if len(uploads) > self.settings.max_queue:
+            raise ApiError(
+                413, "too_many_images",
+                f"{len(uploads)} images in one request; at most {self.settings.max_queue} "
+                "(--max-queue): send them in several requests",
+            )  # fmt: skip
+
     def _prepare(self, uploads: list[Upload]) -> list[np.ndarray]:
         arrays = []
         for upload in uploads:
@@ -181,6 +191,7 @@ class Service:
     async def embed_images(self, uploads: list[Upload]) -> np.ndarray:
         """(N, D) embeddings of whole images: decoded in worker threads, then batched
         with whatever else is waiting for the model."""
+        self.check_count(uploads)
         arrays = await run_in_threadpool(self._prepare, uploads)
         futures = self.batcher.submit_many(arrays)
         rows = await asyncio.gather(*(asyncio.wrap_future(future) for future in futures))
@@ -253,6 +264,7 @@ class Service:
         `label` in one durable change; nothing is added if any photo fails (blocks)."""
         check_name(name)  # refused before any work
         check_label(label)
+        self.check_count(uploads)
         vectors, metadata = [], []
         if faces:
             for upload in uploads:

@@ -28,6 +28,7 @@ async def embed(
     faces: Annotated[bool, Query(description="detect, align and embed every face")] = False,
 ):
     uploads = await read_uploads("images", images)
+    service.check_count(uploads)
     body = {"model": service.settings.model_name, "dim": service.dim}
     if not faces:
         body["embeddings"] = (await service.embed_images(uploads)).tolist()
