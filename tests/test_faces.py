@@ -660,6 +660,46 @@ def test_cli_enroll_and_identify(embedder, faces_checkpoint, people, tmp_path, c
     assert built == [faces_checkpoint] * 3
 
 
+def test_cli_enroll_into_a_store_and_identify_from_it(
+    embedder, faces_checkpoint, people, tmp_path, capsys, monkeypatch
+):
+    """`enroll --gallery sqlite:///...#staff` adds to a stored gallery (twice: it grows, one
+    transaction each, the photo of each face in its metadata); `identify --gallery` reads it."""
+    monkeypatch.setattr(embedding_cli.options, "make_embedder", lambda args: embedder)
+    common = ["--model", faces_checkpoint, "--no-progress"]
+    location = f"sqlite:///{tmp_path / 'faces.db'}#staff"
+    for round_ in (1, 2):
+        code = embedding_cli.main(["enroll", str(people), "--gallery", location, *common])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        assert f"5 faces of 2 people (ids {5 * round_ - 5}-{5 * round_ - 1}; it holds " \
+            f"{5 * round_})" in captured.out  # fmt: skip
+    gallery = Gallery.open(location)
+    assert gallery.labels == ["alice", "alice", "alice", "bob", "bob"] * 2
+    photos = [m["photo"] for m in gallery.metadata_of(gallery.ids[:5])]
+    assert all(
+        f"{os.sep}{label}{os.sep}" in p for p, label in zip(photos, gallery.labels[:5], strict=True)
+    )
+    frame = save(TWO_FACES, tmp_path / "two.png")
+    code = embedding_cli.main(["identify", frame, "--gallery", location, *common])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    expected = embedder.embed_faces(frame)
+    for (_, label, score, _), face in zip(_parse_identify(captured.out), expected, strict=True):
+        scores = gallery.embeddings @ face.embedding
+        assert label == gallery.labels[int(np.argmax(scores))]
+        assert score == pytest.approx(float(scores.max()), abs=2e-6)
+    for argv, message in [
+        (["identify", frame, "--gallery", f"sqlite:///{tmp_path / 'faces.db'}#nope"],
+         "no gallery named 'nope'"),
+        (["identify", frame, "--gallery", "redis://x/y"], "unknown store scheme 'redis'"),
+        (["enroll", str(people), "--gallery", "sqlite://host/x.db"], "no host"),
+    ]:  # fmt: skip
+        assert embedding_cli.main([*argv, *common]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+
+
 def test_cli_face_errors_are_one_line(faces_checkpoint, people, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("KERAS_CONVNEXT_CACHE", str(tmp_path / "cache"))
     common = ["--model", faces_checkpoint, "--no-progress", "--no-cache"]

@@ -1,13 +1,18 @@
-"""`python -m embedding enroll PEOPLE_DIR -o GALLERY` and `identify IMAGE --gallery GALLERY`:
-the face commands (the library side is `embedding.faces`)."""
+"""`python -m embedding enroll PEOPLE_DIR -o FILE | --gallery LOCATION` and `identify IMAGE
+--gallery LOCATION`: the face commands (the library side is `embedding.faces`). A LOCATION is
+a gallery file, `sqlite:///PATH.db#NAME` or `postgresql://USER@HOST/DB#NAME`
+(`embedding.gallery.stores`)."""
 
 from __future__ import annotations
+
+import contextlib
 
 from convnext_common.cli import CommandError, finite_float
 from convnext_common.files import file_problem
 from embedding.cli import options
 from embedding.faces import POLICIES, enroll_folder, identify, people_folders
-from embedding.gallery import Gallery
+from embedding.gallery import Gallery, GalleryNotFoundError, open_gallery
+from embedding.gallery.store_base import parse_location
 from embedding.metrics import DEFAULT_THRESHOLD
 from embedding.preprocess import load_image
 
@@ -22,7 +27,14 @@ def register(subparsers):
         "skipped.",
     )
     p.add_argument("people_dir", metavar="PEOPLE_DIR")
-    p.add_argument("-o", "--output", required=True, help="gallery file to write (.npz)")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("-o", "--output", help="gallery file to write (.npz; replaced)")
+    target.add_argument(
+        "--gallery",
+        metavar="LOCATION",
+        help="gallery to add to (made if new): a file, sqlite:///PATH.db#NAME or "
+        "postgresql://USER@HOST/DB#NAME; one transaction, each photo's path in the metadata",
+    )
     options.add_face_options(p)
     options.add_model_options(p)
     p.set_defaults(handler=run_enroll)
@@ -32,7 +44,13 @@ def register(subparsers):
         help="every face of an image with its best gallery match and a verdict",
     )
     p.add_argument("image", metavar="IMAGE")
-    p.add_argument("--gallery", required=True, help="gallery written by `enroll`")
+    p.add_argument(
+        "--gallery",
+        required=True,
+        metavar="LOCATION",
+        help="gallery written by `enroll`: a file, sqlite:///PATH.db#NAME or "
+        "postgresql://USER@HOST/DB#NAME",
+    )
     p.add_argument(
         "--threshold",
         type=finite_float,
@@ -48,8 +66,18 @@ def register(subparsers):
     p.set_defaults(handler=run_identify)
 
 
+def _check_gallery_location(location):
+    """Reach the gallery before the model loads: a bad location, an unreachable database or
+    a damaged file fails now; a gallery that does not exist yet is made after embedding."""
+    parse_location(location)
+    with contextlib.suppress(GalleryNotFoundError):
+        open_gallery(location).close()
+
+
 def run_enroll(args):
     people_folders(args.people_dir)  # fail on an empty folder before loading the model
+    if args.gallery:
+        _check_gallery_location(args.gallery)
     face_options = options.face_options(args)
     embedder = options.make_embedder(args)
     result = enroll_folder(embedder, args.people_dir, **face_options)
@@ -57,23 +85,36 @@ def run_enroll(args):
     counts = result.counts()
     for label, count in counts.items():
         print(f"enrolled {label}: {count} photo{'s' if count != 1 else ''}")
-    result.gallery.save(args.output)
-    print(
-        f"wrote {args.output}: {len(result.gallery)} faces of {len(counts)} people "
-        f"(dim {result.gallery.dim})"
-        + (f", {len(result.skipped)} skipped" if result.skipped else "")
-    )
+    skipped = f", {len(result.skipped)} skipped" if result.skipped else ""
+    if args.output:
+        result.gallery.save(args.output)
+        print(
+            f"wrote {args.output}: {len(result.gallery)} faces of {len(counts)} people "
+            f"(dim {result.gallery.dim}){skipped}"
+        )
+        return 0
+    with open_gallery(args.gallery, create=True, dim=result.gallery.dim) as gallery:
+        ids = gallery.add(
+            result.gallery.embeddings,
+            result.gallery.labels,
+            [{"photo": source} for source in result.sources],
+        )
+        print(
+            f"added to {gallery.location}: {len(ids)} faces of {len(counts)} people "
+            f"(ids {ids.min()}-{ids.max()}; it holds {len(gallery)}){skipped}"
+        )
     return 0
 
 
 def run_identify(args):
-    problem = file_problem(args.gallery)
-    if problem is not None:
-        what = "no such gallery file" if problem == "no such file" else problem
-        raise CommandError(f"{args.gallery}: {what} (make one with `enroll`)")
+    if parse_location(args.gallery).kind == "path":
+        problem = file_problem(args.gallery)
+        if problem is not None:
+            what = "no such gallery file" if problem == "no such file" else problem
+            raise CommandError(f"{args.gallery}: {what} (make one with `enroll`)")
     try:
-        gallery = Gallery.load(args.gallery)
-    except ValueError as error:  # any damaged or foreign file: named, never a traceback
+        gallery = Gallery.open(args.gallery)
+    except (ValueError, LookupError) as error:  # damaged, foreign, absent: named, no traceback
         raise CommandError(str(error)) from None
     image = load_image(args.image)  # an unreadable image fails before the model loads
     face_options = options.face_options(args)

@@ -48,6 +48,7 @@ from convnext_common.files import atomic_write
 from embedding.errors import InputError
 from embedding.gallery.checks import (
     DimensionError,
+    EmptyGalleryError,
     GalleryValueError,
     UnknownIdError,
     as_ids,
@@ -92,10 +93,6 @@ _KIND = "keras-convnext-gallery"
 
 class GalleryFileError(InputError, ValueError):
     """A gallery file that cannot be used: not an archive, damaged, mismatched, pickled."""
-
-
-class EmptyGalleryError(InputError, ValueError):
-    """A search of a gallery that holds no vectors."""
 
 
 class Gallery:

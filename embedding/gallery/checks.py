@@ -34,6 +34,10 @@ class DimensionError(InputError, ValueError):
     """Vectors whose length differs from the gallery's."""
 
 
+class EmptyGalleryError(InputError, ValueError):
+    """A search of a gallery that holds no vectors."""
+
+
 class UnknownIdError(KeyError):
     """Ids that are not in the gallery."""
 

@@ -67,7 +67,7 @@ def redact(location: str) -> str:
         return location
     try:
         parts = urlsplit(location)
-        if parts.password is None:
+        if not parts.password:
             return location
         netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
         return urlunsplit(parts._replace(netloc=netloc))

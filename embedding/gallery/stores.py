@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 
 from embedding.gallery.folder_store import FileGallery, FolderStore
+from embedding.gallery.postgres_store import PostgresStore
+from embedding.gallery.sqlite_store import SQLiteStore
 from embedding.gallery.store_base import (
     DEFAULT_NAME,
     GalleryConflictError,
@@ -36,7 +38,9 @@ def open_store(location) -> GalleryStore:
         )
     if parsed.kind == "path":
         return FolderStore(parsed.target)
-    raise StoreError(f"{parsed.text}: {parsed.kind} stores are not built yet.")
+    if parsed.kind == "sqlite":
+        return SQLiteStore(parsed.target, location=parsed.text)
+    return PostgresStore(parsed.target, location=parsed.text)
 
 
 def open_gallery(location, *, create=False, dim=None, index=None, **params) -> StoredGallery:
