@@ -10,11 +10,14 @@ interface):
 - library, numpy / PIL only: `errors`, `files` (which files are images, their labels),
   `npz` (.npz files without pickle), `preprocess` (timm's eval transform), `pairs`
   (verification pairs files), `metrics/` (verification, calibration, identification),
-  `gallery/` (1:N search: indexes, files), `runs` (what identifies a run);
+  `gallery/` (1:N search: indexes, files), `runs` (what identifies a run), `batching`
+  (dynamic batching of concurrent requests), `onnx_embedder` (an exported `.onnx` model
+  run by onnxruntime, no Keras);
 - library with Keras: `model` (embedding models, the converted-model cache, batches),
   `embedder` (`Embedder`), `faces/` (geometry, detectors, pipeline, enrolment),
   `arcface`, `distribution`, `jobs` (resumable, sharded embedding), `finetune/`;
-- interfaces: `cli/` (`python -m embedding`, one module per subcommand).
+- interfaces: `cli/` (`python -m embedding`, one module per subcommand), `serve/` (the
+  HTTP service, `python -m embedding serve`).
 """
 
 from __future__ import annotations
@@ -36,7 +39,10 @@ _EXPORTS = {
     "VerifyResult": "embedding.embedder",
     "DEFAULT_THRESHOLD": "embedding.metrics",
     "FinetuneConfig": "embedding.finetune",
-    # numpy / PIL only
+    # numpy / PIL only (onnxruntime for OnnxEmbedder)
+    "OnnxEmbedder": "embedding.onnx_embedder",
+    "DynamicBatcher": "embedding.batching",
+    "BatchedEmbedder": "embedding.batching",
     "InputError": "embedding.errors",
     "InputTypeError": "embedding.errors",
     "EmptyInputError": "embedding.errors",

@@ -469,11 +469,13 @@ def test_the_key_is_never_logged(server):
 
 @pytest.mark.slow
 def test_kill_restart_overload_and_sigterm(small_checkpoint, face_photos, tmp_path):
-    """Acknowledged enrolments survive SIGKILL; a full queue answers 503 + Retry-After;
-    SIGTERM lets the requests in flight finish, then the server exits 0."""
+    """On a SQLite store (the main server's is a folder): acknowledged enrolments survive
+    SIGKILL; a full queue answers 503 + Retry-After; SIGTERM lets the requests in flight
+    finish, then the server exits 0."""
     args = [
-        "--model", small_checkpoint[0], "--gallery", tmp_path / "store", "--max-batch", 2,
-        "--batch-timeout-ms", 300, "--max-queue", 4, "--cache-dir", tmp_path / "cache",
+        "--model", small_checkpoint[0], "--gallery", f"sqlite:///{tmp_path}/store.db",
+        "--max-batch", 2, "--batch-timeout-ms", 300, "--max-queue", 4,
+        "--cache-dir", tmp_path / "cache",
     ]  # fmt: skip
     session = requests.Session()
     enrolled = []
@@ -589,3 +591,41 @@ def test_a_model_that_cannot_load_stops_the_server(tmp_path):
     errors = [line for line in server.log().splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "--model" in errors[0], server.log()
     server.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.once("torch")
+def test_a_postgres_store_behind_the_api(
+    small_checkpoint, face_photos, postgres_database, tmp_path
+):
+    """`--gallery postgresql://...`: 10 concurrent enrolments, identify, remove."""
+    args = ["--model", small_checkpoint[0], "--gallery", postgres_database,
+            "--cache-dir", tmp_path / "cache"]  # fmt: skip
+    server = ServerProcess(args, tmp_path / "server.log").wait_ready()
+    try:
+
+        def enrol(i):
+            files = [image_field("images", face_photos["cat" if i % 2 else "coffee"])]
+            url = f"{server.url}/v1/galleries/pg/identities/p{i}"
+            return requests.post(url, files=files, params={"faces": "false"}, timeout=60)
+
+        with concurrent.futures.ThreadPoolExecutor(10) as pool:
+            assert [r.status_code for r in pool.map(enrol, range(10))] == [200] * 10
+        listing = requests.get(server.url + "/v1/galleries/pg/identities", timeout=30).json()
+        assert sorted(i["label"] for i in listing["identities"]) == sorted(
+            f"p{i}" for i in range(10)
+        )
+        found = requests.post(
+            server.url + "/v1/galleries/pg/identify", params={"faces": "false", "k": 10},
+            files=[image_field("image", face_photos["cat"])], timeout=60,
+        ).json()["faces"][0]  # fmt: skip
+        odd = {f"p{i}" for i in range(1, 10, 2)}  # enrolled with the cat: similarity 1
+        assert {m["label"] for m in found["matches"][:5]} == odd
+        assert found["verdict"] == "MATCH"
+        removed = requests.delete(server.url + "/v1/galleries/pg/identities/p1", timeout=30)
+        assert removed.json()["removed"] == 1
+        assert requests.get(server.url + "/v1/galleries", timeout=30).json() == {
+            "galleries": ["pg"]
+        }
+    finally:
+        assert server.stop() == 0, server.log()[-3000:]

@@ -22,7 +22,7 @@ from embedding.batching import BatchedEmbedder, DynamicBatcher, check_finite_row
 from embedding.errors import ImageLoadError, TooManyPixelsError
 from embedding.faces import HaarCascadeDetector, PerThreadDetector, embed_faces
 from embedding.gallery import GalleryNotFoundError
-from embedding.gallery.checks import check_name
+from embedding.gallery.checks import MAX_LABEL_CHARS, check_name
 from embedding.metrics import DEFAULT_THRESHOLD
 from embedding.serve.errors import ApiError
 from embedding.serve.metrics import Metrics
@@ -30,7 +30,6 @@ from embedding.serve.settings import ServeSettings
 
 log = logging.getLogger("embedding.serve")
 MAX_SEARCH_DEPTH = 4096  # most neighbours searched to find k distinct labels
-MAX_LABEL_CHARS = 256
 
 
 def printable(text: str) -> str:
@@ -272,9 +271,8 @@ class Service:
                 if not found:
                     raise ApiError(422, "no_face", f"{upload.describe()}: {self._no_face()}")
                 vectors.append(found[0].embedding)
-                metadata.append(
-                    {"source": upload.filename, "box": [float(v) for v in found[0].box]}
-                )
+                box = [float(v) for v in found[0].box]
+                metadata.append({"source": printable(upload.filename), "box": box})
         else:
             pictures = [self.load_picture(upload) for upload in uploads]
             vectors.extend(self.batched.embed(pictures))
@@ -332,7 +330,12 @@ class Service:
             return [[] for _ in vectors]
         # enough neighbours for k labels even when one label holds many vectors
         depth = min(sum(counts.values()), max(k, k * max(counts.values())), MAX_SEARCH_DEPTH)
-        labels, scores = gallery.search(np.stack(vectors), k=depth)
+        try:
+            labels, scores = gallery.search(np.stack(vectors), k=depth)
+        except ValueError:
+            if len(gallery) == 0:  # emptied by a removal since the counts were read
+                return [[] for _ in vectors]
+            raise
         found = []
         for row_labels, row_scores in zip(labels, scores, strict=True):
             best: dict[str, float] = {}
