@@ -13,12 +13,15 @@ interface):
   `job_files` (an embedding job's identity, chunks and outputs), `preprocess` (timm's
   eval transform), `pairs`
   (verification pairs files), `metrics/` (verification, calibration, identification),
-  `gallery/` (1:N search: indexes, files), `runs` (what identifies a run);
+  `gallery/` (1:N search: indexes, files), `runs` (what identifies a run), `batching`
+  (dynamic batching of concurrent requests), `onnx_embedder` (an exported `.onnx` model
+  run by onnxruntime, no Keras);
 - library with Keras: `model` (embedding models, the converted-model cache, batches),
   `embedder` (`Embedder`), `faces/` (geometry, detectors, pipeline, enrolment),
   `arcface`, `distribution` (devices and processes), `jobs` (resumable, sharded
   embedding), `raydata` (the same jobs on Ray Data; Ray and Keras when used), `finetune/`;
-- interfaces: `cli/` (`python -m embedding`, one module per subcommand).
+- interfaces: `cli/` (`python -m embedding`, one module per subcommand), `serve/` (the
+  HTTP service, `python -m embedding serve`).
 """
 
 from __future__ import annotations
@@ -40,7 +43,10 @@ _EXPORTS = {
     "VerifyResult": "embedding.embedder",
     "DEFAULT_THRESHOLD": "embedding.metrics",
     "FinetuneConfig": "embedding.finetune",
-    # numpy / PIL only
+    # numpy / PIL only (onnxruntime for OnnxEmbedder)
+    "OnnxEmbedder": "embedding.onnx_embedder",
+    "DynamicBatcher": "embedding.batching",
+    "BatchedEmbedder": "embedding.batching",
     "InputError": "embedding.errors",
     "InputTypeError": "embedding.errors",
     "EmptyInputError": "embedding.errors",
@@ -56,6 +62,7 @@ _EXPORTS = {
     "Preprocessor": "embedding.preprocess",
     "PreprocessConfig": "embedding.preprocess",
     "ImageLoadError": "embedding.errors",
+    "TooManyPixelsError": "embedding.errors",
     "load_image": "embedding.preprocess",
     "cosine_similarity": "embedding.gallery",
     "l2_normalize": "embedding.gallery",

@@ -22,16 +22,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image
 from tqdm.auto import tqdm
 
 import weights_convert
 from convnext_layers.dtypes import check_dtype
-from convnext_layers.model import ConvNeXt
 from embedding.errors import (
-    EmptyInputError,
     ImageLoadError,
-    InputTypeError,
     NonFiniteError,
     without_traceback,
 )
@@ -52,7 +48,12 @@ from embedding.model import (
     padded_size,
     predict_padded,
 )
-from embedding.preprocess import ACCEPTED_INPUTS, DEFAULT_MAX_PIXELS, Preprocessor, describe_input
+from embedding.preprocess import (  # as_input_list: re-exported, its old home
+    DEFAULT_MAX_PIXELS,
+    Preprocessor,
+    as_input_list,
+    describe_input,
+)
 from weights_convert.export import ExportError, export_model
 
 ON_ERROR = ("raise", "skip")
@@ -89,38 +90,6 @@ class EmbedResult:
     @property
     def skipped(self) -> list[int]:
         return [f.index for f in self.failures]
-
-
-def _is_single(inputs) -> bool:
-    if isinstance(inputs, np.ndarray):
-        return inputs.ndim <= 3
-    if hasattr(inputs, "read"):  # a binary file object is one image, not a list of lines
-        return True
-    return isinstance(inputs, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image))
-
-
-def as_input_list(inputs) -> list:
-    """`inputs` as a list of single images: one image -> [it]; a list, tuple, other
-    iterable or (N, H, W, C) array -> its items.
-
-    Raises `InputTypeError` (a `TypeError`) for None, numbers, mappings and other
-    non-images, and `EmptyInputError` (a `ValueError`) for no images at all.
-    """
-    if _is_single(inputs):
-        return [inputs]
-    if (
-        inputs is None
-        or isinstance(inputs, (dict, bool, int, float, complex))
-        or not hasattr(inputs, "__iter__")
-    ):
-        raise InputTypeError(
-            f"inputs must be one image or a list of images ({ACCEPTED_INPUTS}); "
-            f"got {describe_input(inputs)}"
-        )
-    items = list(inputs)
-    if not items:
-        raise EmptyInputError("inputs is empty: give at least one image")
-    return items
 
 
 class Embedder:
@@ -248,25 +217,18 @@ class Embedder:
 
     # -- embedding ----------------------------------------------------------
 
-    def warmup(self) -> dict:
-        """Compiles the model for every batch size `embed` runs (the powers of two up
-        to `batch_size`, `padded_size`) at the preprocessing size, so that no request
-        pays for compilation (JAX's jit, TensorFlow's trace): a service calls it
-        before it reports ready. Returns {batch size: seconds}; {} for a model
-        other than a `ConvNeXt` (nothing to compile ahead)."""
-        if not isinstance(self.model, ConvNeXt):
-            return {}
-        sizes = sorted({padded_size(n, self.batch_size) for n in range(1, self.batch_size + 1)})
-        height, width = self.preprocessor.config.input_size
-        return self.model.warmup(sizes, image_size=(height, width))
-
     def preprocess(
-        self, item, channel_order: str | None = None, data_format: str | None = None
+        self,
+        item,
+        channel_order: str | None = None,
+        data_format: str | None = None,
+        *,
+        index: int | None = None,
     ) -> np.ndarray:
         """One input -> the normalised (H, W, C) float32 array the model sees (C the
-        model's input channels)."""
+        model's input channels; `index`: its place in a batch, for the error message)."""
         return self.preprocessor(
-            item, channel_order=channel_order or self.channel_order, data_format=data_format
+            item, channel_order or self.channel_order, index, data_format=data_format
         )
 
     def _prepare(self, item, index, channel_order, data_format):
@@ -337,8 +299,7 @@ class Embedder:
                     else:
                         good.append((start + offset, value))
                 if good:
-                    batch = np.stack([array for _, array in good])
-                    output = predict_padded(self.model, batch, self.batch_size)
+                    output = self.embed_arrays(np.stack([array for _, array in good]))
                     _check_finite(output, [i for i, _ in good], items)
                     vectors.append(output)
                     indices.extend(i for i, _ in good)
@@ -376,6 +337,20 @@ class Embedder:
                 f"Skipped {len(result.failures)} unreadable input(s): {names}", stacklevel=2
             )
         return result.vectors
+
+    def embed_arrays(self, batch: np.ndarray) -> np.ndarray:
+        """(N, H, W, C) arrays as `preprocess` makes them, N <= `batch_size` -> (N, D)
+        float32: one model call, zero-padded to `embedding.model.padded_size(N)`."""
+        return predict_padded(self.model, batch, self.batch_size)
+
+    def warm_up(self) -> list[int]:
+        """Run the model once at every batch size `embed_arrays` pads to (1, 2, 4, ...,
+        `batch_size`), so that no later call compiles (JAX's jit, TensorFlow's trace): a
+        service calls it before it reports ready. Returns the sizes."""
+        sizes = sorted({padded_size(n, self.batch_size) for n in range(1, self.batch_size + 1)})
+        for size in sizes:
+            self.embed_arrays(np.zeros((size, *self.preprocessor.input_shape), np.float32))
+        return sizes
 
     def embed_one(self, item, channel_order: str | None = None) -> np.ndarray:
         """(D,) embedding of a single image."""

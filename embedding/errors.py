@@ -38,6 +38,11 @@ class ImageLoadError(InputError, ValueError):
         return type(self), (self.name, self.reason, self.index)
 
 
+class TooManyPixelsError(ImageLoadError):
+    """An image with more pixels than `max_pixels` (or PIL's decompression-bomb limit),
+    refused from its header before it is decoded."""
+
+
 class UnsupportedInputError(ImageLoadError, TypeError):
     """An input of a kind that is no image at all (None, a number, ...): also a `TypeError`."""
 

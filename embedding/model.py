@@ -31,7 +31,7 @@ import weights_convert
 from convnext_common.files import atomic_path, atomic_write_text
 from convnext_layers import POOLINGS, ConvNeXt, GeneralizedMeanPooling
 from convnext_layers.dtypes import check_dtype
-from embedding.errors import ModelUnavailableError
+from embedding.errors import ModelSourceError, ModelUnavailableError
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -391,7 +391,14 @@ def build_model(
         raise weights_convert.CheckpointNotFoundError(
             f"Model source {os.fspath(source)!r}: {problem}."
         )
-    if weights_convert.source_kind(source) == "keras":
+    kind = weights_convert.source_kind(source)
+    if kind == "onnx":
+        raise ModelSourceError(
+            os.fspath(source),
+            "an .onnx export runs with onnxruntime, not Keras: "
+            "embedding.onnx_embedder.OnnxEmbedder, or `python -m embedding serve --model`",
+        )
+    if kind == "keras":
         model = weights_convert.load_converted(source)
         model = as_embedding_model(model, pooling=pooling, head_norm=head_norm, gem_p=gem_p)
         return in_dtype(model, dtype)

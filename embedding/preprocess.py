@@ -68,7 +68,14 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from convnext_common.files import open_regular_file
-from embedding.errors import ImageLoadError, UnsupportedInputError, without_traceback
+from embedding.errors import (
+    EmptyInputError,
+    ImageLoadError,
+    InputTypeError,
+    TooManyPixelsError,
+    UnsupportedInputError,
+    without_traceback,
+)
 from weights_convert.pretrained import channel_mean_std
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -209,11 +216,47 @@ class PreprocessConfig:
 # ----------------------------------------------------------------------------
 
 
+def _is_single(inputs) -> bool:
+    if isinstance(inputs, np.ndarray):
+        return inputs.ndim <= 3
+    if hasattr(inputs, "read"):  # a binary file object is one image, not a list of lines
+        return True
+    return isinstance(inputs, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image))
+
+
+def as_input_list(inputs) -> list:
+    """`inputs` as a list of single images: one image -> [it]; a list, tuple, other
+    iterable or (N, H, W, C) array -> its items.
+
+    Raises `InputTypeError` (a `TypeError`) for None, numbers, mappings and other
+    non-images, and `EmptyInputError` (a `ValueError`) for no images at all.
+    """
+    if _is_single(inputs):
+        return [inputs]
+    if (
+        inputs is None
+        or isinstance(inputs, (dict, bool, int, float, complex))
+        or not hasattr(inputs, "__iter__")
+    ):
+        raise InputTypeError(
+            f"inputs must be one image or a list of images ({ACCEPTED_INPUTS}); "
+            f"got {describe_input(inputs)}"
+        )
+    items = list(inputs)
+    if not items:
+        raise EmptyInputError("inputs is empty: give at least one image")
+    return items
+
+
+class _PixelLimitExceeded(ValueError):
+    """Raised by `_check_pixels`; `load_image` reports it as a `TooManyPixelsError`."""
+
+
 def _check_pixels(width: int, height: int, max_pixels: int | None) -> None:
     if width < 1 or height < 1:
         raise ValueError(f"empty image ({width}x{height})")
     if max_pixels is not None and width * height > max_pixels:
-        raise ValueError(
+        raise _PixelLimitExceeded(
             f"{width}x{height} = {width * height:,} pixels is more than max_pixels="
             f"{max_pixels:,} (a decompression bomb?); raise max_pixels (--max-pixels) "
             "to accept larger images"
@@ -479,10 +522,10 @@ def load_image(
         failure = error
         if failure.index is None and index is not None:
             failure = type(error)(error.name, error.reason, index)
+    except (_PixelLimitExceeded, Image.DecompressionBombError) as error:
+        failure = TooManyPixelsError(describe_input(item), _failure_reason(error), index)
     except (OSError, ValueError, TypeError, SyntaxError, EOFError, MemoryError) as error:
         # PIL raises all of these for corrupt data
-        failure = ImageLoadError(describe_input(item), _failure_reason(error), index)
-    except Image.DecompressionBombError as error:
         failure = ImageLoadError(describe_input(item), _failure_reason(error), index)
     # raised outside the except blocks: no __context__ keeps the failed frames (and files) alive
     raise without_traceback(failure)

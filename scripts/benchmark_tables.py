@@ -11,9 +11,9 @@ A page asks for a table by fencing its place (see `markdown_pages`):
 and this script writes it there, with the date, the machine and the load average of
 the run it comes from. The tables (`TABLES`): `inference` and `inference-memory`
 (speed and peak memory against timm), `end-to-end`, `cold-start` and
-`cold-start-user-install`, `gallery`, `gallery-sweep` and `gallery-stores`, `export-parity`. A new
-results file gets a new entry in `TABLES`; rerunning a benchmark into the same file
-and then this script updates every page that shows it.
+`cold-start-user-install`, `gallery`, `gallery-sweep` and `gallery-stores`,
+`export-parity`, `serve`. A new results file gets a new entry in `TABLES`; rerunning a
+benchmark into the same file and then this script updates every page that shows it.
 
 The gallery tables are the benchmark's own (`gallery_benchmark.markdown`); the others
 are laid out for a reader here (one column per backend, phases without the
@@ -225,6 +225,19 @@ def export_parity(backends=("tensorflow", "jax", "torch")) -> str:
     return "\n".join(lines)
 
 
+def serve(name="serve_cpu") -> str:
+    report = read(name)
+    markdown = _benchmark_module("serve_benchmark").markdown(report)
+    start, end = (f"{v:.1f}" for v in (report["load_start"], report["load_end"]))
+    return (
+        f"Measured {report['date'][:10]} on {report['machine']}: {report['variant']} at "
+        f"{report['resolution']}x{report['resolution']}, {report['rounds']} alternating rounds; "
+        f"1-minute load average {start} at the start, {end} at the end, per row in the last "
+        f"column (`benchmarks/results/{name}.md`). The ratios compare sides measured "
+        "alternately in the same run.\n\n" + _table_after(markdown, "# Serving benchmark")
+    )
+
+
 TABLES = {
     "inference": inference,
     "inference-memory": inference_memory,
@@ -235,6 +248,7 @@ TABLES = {
     "gallery-sweep": gallery_sweep,
     "gallery-stores": gallery_stores,
     "export-parity": export_parity,
+    "serve": serve,
 }
 
 

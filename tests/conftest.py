@@ -15,11 +15,13 @@ import json
 import os
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 import zlib
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -27,6 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 import keras
 import numpy as np
 import pytest
+import requests
 import skimage.data
 from PIL import Image
 from safetensors.torch import save_file
@@ -481,6 +484,109 @@ def timm_face_checkpoint(tmp_path_factory):
     model = random_timm_model("convnext_atto", seed=11, **FACE_ARGS)
     folder = tmp_path_factory.mktemp("face_checkpoint")
     return save_timm_hf(model, folder, FACE_ARGS, FACE_CFG), model
+
+
+# ----------------------------------------------------------------------------
+# The HTTP service (`python -m embedding serve`) in a subprocess
+# ----------------------------------------------------------------------------
+
+# a Python that cannot import Keras or any backend: what an ONNX-only server has
+WITHOUT_KERAS = (
+    "import sys\n"
+    "for name in ('keras', 'tensorflow', 'jax', 'torch', 'timm'):\n"
+    "    sys.modules[name] = None  # import raises ImportError\n"
+    "from embedding.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+class ServerProcess:
+    """A `python -m embedding serve` subprocess: `url` once it listens; `wait_ready`
+    polls /readyz; `stop` ends it (SIGTERM, then SIGKILL) and returns its exit code;
+    `log()` is what it printed."""
+
+    def __init__(self, args, log_path, env_extra=None, without_keras=False):
+        env = {**os.environ, "PYTHONPATH": ROOT, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+        command = [sys.executable, "-c", WITHOUT_KERAS] if without_keras else [
+            sys.executable, "-m", "embedding"]  # fmt: skip
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 (closed by stop)
+        self.proc = subprocess.Popen(
+            [*command, "serve", "--port", "0", *map(str, args)],
+            env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        self.url = self._wait_for_url()
+
+    def log(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as file:
+            return file.read()
+
+    def _wait_for_url(self, timeout=120) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.log().splitlines():
+                if line.startswith("serving on "):
+                    return line.split()[2]
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited ({self.proc.returncode}):\n{self.log()}")
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"the server did not listen within {timeout} s:\n{self.log()}")
+
+    def wait_ready(self, timeout=600) -> "ServerProcess":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(self.url + "/readyz", timeout=30).status_code == 200:
+                    return self
+            except (requests.ConnectionError, requests.Timeout):  # a loaded machine
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited ({self.proc.returncode}):\n{self.log()}")
+            time.sleep(0.1)
+        raise RuntimeError(f"the server was not ready within {timeout} s:\n{self.log()}")
+
+    def stop(self, sig=signal.SIGTERM, timeout=60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+@contextlib.contextmanager
+def served(args, log_path, **options):
+    """A ready server for the `with` block, stopped after it whatever happens."""
+    server = ServerProcess(args, log_path, **options)
+    try:
+        yield server.wait_ready()
+    finally:
+        server.stop()
+
+
+def jpeg_file(path, array, **options) -> str:
+    Image.fromarray(array).save(path, format="JPEG", quality=95, **options)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def face_photos(tmp_path_factory):
+    """{name: path}: the astronaut (one face), her mirror image, a smaller copy, a cat,
+    coffee (no face), as JPEG files."""
+    folder = tmp_path_factory.mktemp("face-photos")
+    astronaut = photo("astronaut")
+    smaller = np.asarray(Image.fromarray(astronaut).resize((384, 384), Image.BICUBIC))
+    return {
+        "astronaut": jpeg_file(folder / "astronaut.jpg", astronaut),
+        "mirror": jpeg_file(folder / "mirror.jpg", np.ascontiguousarray(astronaut[:, ::-1])),
+        "smaller": jpeg_file(folder / "smaller.jpg", smaller),
+        "cat": jpeg_file(folder / "cat.jpg", photo("chelsea")),
+        "coffee": jpeg_file(folder / "coffee.jpg", photo("coffee")),
+    }
 
 
 # ----------------------------------------------------------------------------

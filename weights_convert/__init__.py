@@ -68,15 +68,12 @@ _EXPORTS = {
     "checkpoint": (
         "head_is_embedding",
         "hub_reachable",
-        "hub_repo_id",
         "load_checkpoint",
         "read_config_json",
         "read_safetensors",
         "resolve_source",
-        "source_kind",
-        "source_problem",
-        "SOURCE_KINDS",
     ),
+    "sources": ("hub_repo_id", "source_kind", "source_problem", "SOURCE_KINDS"),
     "mapping": (
         "LAYER_RULES",
         "TRANSFORMS",

@@ -9,7 +9,6 @@ import json
 import logging
 import math
 import os
-import re
 import struct
 
 import numpy as np
@@ -35,6 +34,11 @@ from weights_convert.pretrained import (
     check_pretrained_cfg,
     complete_pretrained_cfg,
     fit_channels,
+)
+from weights_convert.sources import (  # re-exported: their home before sources.py
+    _HUB_ID,
+    PICKLE_SUFFIXES,
+    hub_repo_id,
 )
 
 logger = logging.getLogger("weights_convert")
@@ -175,9 +179,6 @@ def read_safetensors(path) -> tuple[dict[str, np.ndarray], dict]:
 # Sources: Hub id, file, folder
 # ----------------------------------------------------------------------------
 
-_HUB_ID = re.compile(r"^(?:hf-hub:|hf_hub:)?([\w.-]+/[\w.-]+)(?:@([\w./-]+))?$")
-PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pkl", ".pickle", ".tar")
-
 
 def _local_hint(source):
     return (
@@ -230,53 +231,6 @@ def _hub_download(repo_id, revision, filename, required, offline):
             f"Cannot get {filename} of {repo_id} from the Hugging Face Hub "
             f"({type(error).__name__}: {first_line}). " + _local_hint(repo_id)
         ) from None
-
-
-def hub_repo_id(source) -> str | None:
-    """The Hub repo id `source` names (`timm/NAME.TAG`, `hf-hub:timm/...`, `...@rev`), or
-    None for an existing local path or anything else."""
-    text = os.fspath(source)
-    if (
-        os.path.lexists(text)
-        or text.endswith((".safetensors", ".keras", ".h5", *PICKLE_SUFFIXES))
-        or text.startswith((".", "/", "~"))
-    ):
-        return None
-    match = _HUB_ID.match(text)
-    return match[1] if match else None
-
-
-def source_problem(source) -> str | None:
-    """Why `source` names no model at all, before anything is read: "no such file or
-    folder (nor a Hub id)" or "a broken or looping symbolic link"; None for an
-    existing path or a Hub id (which may still fail to load). Anything but a
-    string or path is a `TypeError` naming what is accepted."""
-    if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(
-            "A model source is a path (a .safetensors file, a folder with model.safetensors "
-            f"+ config.json, a .keras file) or a Hub id string, got {type(source).__name__}."
-        )
-    text = os.fspath(source)
-    if isinstance(text, bytes):
-        raise TypeError("A model source is a str path or Hub id, got bytes.")
-    if os.path.islink(text) and not os.path.exists(text):
-        return "a broken or looping symbolic link"
-    if not text.strip():
-        return "empty (no path and no Hub id)"
-    if not os.path.exists(text) and hub_repo_id(text) is None:
-        return "no such file or folder (nor a Hub id)"
-    return None
-
-
-SOURCE_KINDS = ("keras", "checkpoint")
-
-
-def source_kind(source) -> str:
-    """What kind of model source `source` is, by its name: "keras" for a saved Keras
-    model (`.keras`, as this project writes them: converted or fine-tuned), else
-    "checkpoint" (a timm checkpoint: `.safetensors` file, folder, Hub id). The one
-    place a source is recognised; nothing is read."""
-    return "keras" if os.fspath(source).endswith(".keras") else "checkpoint"
 
 
 def _check_readable_file(path, what):

@@ -1,5 +1,5 @@
 """Command line: `python -m embedding COMMAND ...` (demo, embed, merge, verify, evaluate,
-finetune, enroll, identify, gallery, export).
+finetune, enroll, identify, gallery, export, serve).
 
 One module per subcommand (the faces module has two), each with `register(subparsers)`
 adding its parser and setting `handler=` to the function that runs it; `SUBCOMMANDS`
@@ -26,12 +26,23 @@ import warnings
 from PIL import Image
 
 from convnext_common.cli import CommandError, CommandLineParser, parse_args, run_command
-from embedding.cli import demo, embed, evaluate, export, faces, finetune, gallery, merge, verify
+from embedding.cli import (
+    demo,
+    embed,
+    evaluate,
+    export,
+    faces,
+    finetune,
+    gallery,
+    merge,
+    serve,
+    verify,
+)
 from embedding.cli.options import find_images
 from embedding.files import IMAGE_EXTENSIONS
 from embedding.pairs import read_pairs
 
-SUBCOMMANDS = (demo, embed, merge, verify, evaluate, finetune, faces, gallery, export)
+SUBCOMMANDS = (demo, embed, merge, verify, evaluate, finetune, faces, gallery, export, serve)
 # the module's names before it became a package, kept: scripts and tests use them
 __all__ = [
     "IMAGE_EXTENSIONS", "SUBCOMMANDS", "CommandError", "build_parser", "find_images", "main",

@@ -26,11 +26,15 @@ from weights_convert.pretrained import DEFAULT_MODEL, license_notice
 
 
 def add_model_options(
-    parser: argparse.ArgumentParser, batch_size: int = 32, dtype: bool = True
+    parser: argparse.ArgumentParser,
+    batch_size: int = 32,
+    run_options: bool = True,
+    dtype: bool = True,
 ) -> None:
-    """--model, --batch-size, --dtype (the inference dtype; not with `dtype=False`),
-    --pooling, --no-head-norm, --workers, --no-cache, --cache-dir, --max-pixels,
-    --no-progress."""
+    """--model, --batch-size, --dtype (the inference dtype), --pooling, --no-head-norm,
+    --workers, --no-cache, --cache-dir, --max-pixels, --no-progress (`run_options=False`:
+    without --batch-size, --workers and --no-progress, for a command that batches its own
+    way; `dtype=False`: without --dtype, for a command that trains)."""
     group = parser.add_argument_group("model")
     group.add_argument(
         "--model",
@@ -39,7 +43,8 @@ def add_model_options(
         help="Hub id, .safetensors file, folder with model.safetensors + config.json, or a "
         f".keras model written by weights_convert or finetune (default: {DEFAULT_MODEL})",
     )
-    group.add_argument("--batch-size", type=positive_int, default=batch_size, metavar="N")
+    if run_options:
+        group.add_argument("--batch-size", type=positive_int, default=batch_size, metavar="N")
     if dtype:
         group.add_argument(
             "--dtype",
@@ -52,7 +57,10 @@ def add_model_options(
     group.add_argument(
         "--no-head-norm", action="store_true", help="skip timm's head LayerNorm after pooling"
     )
-    group.add_argument("--workers", type=positive_int, default=None, help="image decoding threads")
+    if run_options:
+        group.add_argument(
+            "--workers", type=positive_int, default=None, help="image decoding threads"
+        )
     group.add_argument(
         "--no-cache", action="store_true", help="do not read or write the converted-model cache"
     )
@@ -68,7 +76,8 @@ def add_model_options(
         metavar="N",
         help="skip images with more pixels (decompression bombs; default PIL's limit, 89478485)",
     )
-    group.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    if run_options:
+        group.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def model_source(args) -> str:
@@ -81,11 +90,10 @@ def check_model_source(args) -> str:
     problem = weights_convert.source_problem(source)
     if problem is not None:
         raise CommandError(f"--model {source}: {problem}")
-    if weights_convert.source_kind(source) == "keras" and (
-        args.pooling != "avg" or args.no_head_norm
-    ):
+    kind = weights_convert.source_kind(source)
+    if kind != "checkpoint" and (args.pooling != "avg" or args.no_head_norm):
         raise CommandError(
-            f"--model {source}: a .keras model has its own pooling and head; "
+            f"--model {source}: a .{kind} model has its own pooling and head; "
             "--pooling / --no-head-norm apply to checkpoints only"
         )
     return source
@@ -93,8 +101,9 @@ def check_model_source(args) -> str:
 
 def make_embedder(args, **kwargs):
     """An `Embedder` from the options of `add_model_options` (any checkpoint source, or a
-    `.keras` model this project wrote); a model that cannot be loaded is reported as an
-    error naming `--model`, and a non-commercial licence gets a `note:` line."""
+    `.keras` model this project wrote); `kwargs` are more or other `Embedder` arguments. A
+    model that cannot be loaded is reported as an error naming `--model`, and a
+    non-commercial licence gets a `note:` line."""
     source = check_model_source(args)
     # Keras loads here, after --backend chose the backend
     from embedding.embedder import Embedder
@@ -102,20 +111,22 @@ def make_embedder(args, **kwargs):
 
     if not args.no_cache:  # JAX: reuse compiled executables across runs
         enable_compilation_cache(args.cache_dir)
-    try:
-        embedder = Embedder(
-            source,
-            pooling=args.pooling,
-            head_norm=not args.no_head_norm,
-            cache=not args.no_cache,
-            cache_dir=args.cache_dir,
-            batch_size=args.batch_size,
-            dtype=args.dtype,
-            num_workers=args.workers,
-            max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
-            progress=not args.no_progress,
-            **kwargs,
+    settings = dict(
+        pooling=args.pooling,
+        head_norm=not args.no_head_norm,
+        cache=not args.no_cache,
+        cache_dir=args.cache_dir,
+        max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
+    )
+    if "dtype" in vars(args):  # add_model_options(dtype=True)
+        settings.update(dtype=args.dtype)
+    if "batch_size" in vars(args):  # add_model_options(run_options=True)
+        settings.update(
+            batch_size=args.batch_size, num_workers=args.workers, progress=not args.no_progress
         )
+    settings.update(kwargs)
+    try:
+        embedder = Embedder(source, **settings)
     except CommandError:
         raise
     except (InputError, ValueError, OSError, EOFError, zipfile.BadZipFile) as error:

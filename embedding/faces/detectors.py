@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -302,6 +303,25 @@ class YuNetDetector:
         self._detector.setInputSize((width, height))
         _, faces = self._detector.detect(np.ascontiguousarray(image[:, :, ::-1]))  # it wants BGR
         return detections_from_yunet(faces)
+
+
+class PerThreadDetector:
+    """A detector many threads can call at once: each thread gets its own `factory()`
+    (OpenCV's detectors keep state between calls: YuNet its input size, a cascade its
+    buffers), made on the thread's first call."""
+
+    def __init__(self, factory: Callable[[], Callable]):
+        self.factory = factory
+        self._local = threading.local()
+
+    def __repr__(self):
+        return f"PerThreadDetector({self.factory!r})"
+
+    def __call__(self, image: np.ndarray) -> list[Detection]:
+        detector = getattr(self._local, "detector", None)
+        if detector is None:
+            detector = self._local.detector = self.factory()
+        return detector(image)
 
 
 @functools.lru_cache(maxsize=1)

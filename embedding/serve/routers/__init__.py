@@ -1,0 +1,2 @@
+"""One router per domain: `health` (liveness, readiness, metrics), `embed`, `verify`,
+`galleries`."""
