@@ -7,6 +7,8 @@ Pure Python (huggingface_hub is imported only by those who download), shared by
 from __future__ import annotations
 
 import os
+import socket
+from urllib.parse import urlparse
 
 _TRUE = {"1", "on", "yes", "true"}
 
@@ -32,9 +34,6 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     Asked once before a download, so that with no network the Hub cache is
     used at once instead of after huggingface_hub's ~20 s of retries.
     """
-    import socket
-    from urllib.parse import urlparse
-
     if hub_offline():
         return False
     url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")

@@ -32,7 +32,9 @@ import re
 import shutil
 import tempfile
 
+import huggingface_hub
 import keras
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
 from convnext_common.jsonable import jsonable
 from convnext_layers.errors import PresetError
@@ -231,10 +233,6 @@ def _hub_fetch(repo_id, revision):
     offline = not hub_reachable()
 
     def fetch(filename, required=True):
-        # a dependency, imported where the Hub is used (it costs `import convnext_layers` time)
-        import huggingface_hub
-        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
         try:
             return huggingface_hub.hf_hub_download(
                 repo_id,
@@ -426,8 +424,6 @@ def upload_preset(uri, directory) -> str:
     created if needed, then `huggingface_hub.upload_folder`. Returns the repository id."""
     repo_id = parse_hub_uri(uri)
     check_preset(directory)
-    import huggingface_hub  # a dependency, imported where the Hub is used
-
     huggingface_hub.create_repo(repo_id, exist_ok=True, repo_type="model")
     huggingface_hub.upload_folder(
         repo_id=repo_id,

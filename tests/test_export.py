@@ -27,6 +27,7 @@ from embedding import Embedder, Preprocessor, load_image
 from embedding import cli as embedding_cli
 from weights_convert import cli as convert_cli
 from weights_convert import export as export_module
+from weights_convert import export_writers
 from weights_convert.export import ExportError, ExportUnavailableError, export_model
 
 SIZE = 64  # the checkpoints' pretrained_cfg input size: cheap exports
@@ -465,7 +466,7 @@ def test_jax_saved_model_refused_before_any_export(keras_embedder, tmp_path, cap
     logs = capfd.readouterr().err  # file-descriptor level: TensorFlow's C++ logging
     assert "OP_REQUIRES" not in logs and "note: called from" not in logs, logs
     assert (reason is None) == (refused is None), (reason, refused)
-    with mock.patch.object(export_module, "_check_tensorflow_runs", side_effect=AssertionError):
+    with mock.patch.object(export_writers, "_check_tensorflow_runs", side_effect=AssertionError):
         assert can_export("saved_model") == reason  # the answer, a refusal too, is kept
     if refused is None:
         return  # this TensorFlow runs this JAX's SavedModels (test_reloaded_saved_model...)

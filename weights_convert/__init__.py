@@ -22,7 +22,9 @@ The package, along its seams:
 - `mapping`: Keras <-> timm names and layouts, the strict port, the head plan;
 - `convert`: `load_timm`, `port_timm_weights`, `keras_model_for`, `export_timm`;
 - `saving`: `.keras` / `.weights.h5` outputs and reading them back;
-- `export`: `export_model`: ONNX / LiteRT / SavedModel / OpenVINO files + a sidecar JSON;
+- `export`: `export_model`: ONNX / LiteRT / SavedModel / OpenVINO files + a sidecar JSON
+  (its options and checks in `export_options`, the writers of each format in
+  `export_writers`, the sidecar in `export_sidecar`);
 - `presets`: timm repositories read as presets, the parity with timm in a preset's model
   card, `write_preset` (`--preset DIR`, `--upload hf://owner/repo`);
 - `errors`: one exception per kind of problem;

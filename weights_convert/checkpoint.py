@@ -11,7 +11,9 @@ import math
 import os
 import struct
 
+import huggingface_hub
 import numpy as np
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
 from convnext_layers.errors import ConfigError
 from convnext_layers.hub import hub_cache_dir, hub_offline, hub_reachable
@@ -190,11 +192,8 @@ def _local_hint(source):
 
 
 def _hub_download(repo_id, revision, filename, required, offline):
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
     try:
-        return hf_hub_download(
+        return huggingface_hub.hf_hub_download(
             repo_id,
             filename,
             revision=revision,

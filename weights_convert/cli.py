@@ -15,7 +15,17 @@ import time
 
 from convnext_common.cli import CommandError, CommandLineParser, parse_args, run_command
 from convnext_common.files import check_output_path
-from weights_convert.pretrained import DEFAULT_MODEL  # no Keras: `--help` stays instant
+from weights_convert.export import (  # no Keras: `--help` builds its options from here
+    DTYPES,
+    FORMATS,
+    SUFFIXES,
+    check_backend_supports,
+    check_export_options,
+    check_output,
+    export_model,
+    format_for_path,
+)
+from weights_convert.pretrained import DEFAULT_MODEL, license_notice  # no Keras either
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,8 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
 def add_export_options(parser: argparse.ArgumentParser, input_size: bool = False) -> None:
     """--format, --dtype, --batch-size, --dynamic-size, --with-normalization, --uint8
     (and --input-size when `input_size`)."""
-    from weights_convert.export import DTYPES, FORMATS
-
     group = parser.add_argument_group("export (ONNX, LiteRT, SavedModel, OpenVINO)")
     group.add_argument(
         "--format", choices=FORMATS, help="export format (default: from the output's suffix)"
@@ -106,7 +114,7 @@ def add_export_options(parser: argparse.ArgumentParser, input_size: bool = False
 
 def is_export(args) -> bool:
     """Whether the output asks for an export rather than a Keras file."""
-    from weights_convert.export import SUFFIXES
+    # loads Keras: imported once a conversion runs, so --help is instant
     from weights_convert.saving import OUTPUT_SUFFIXES
 
     output = args.output
@@ -123,13 +131,6 @@ def is_export(args) -> bool:
 def export_options(args) -> dict:
     """`export_model` keyword arguments from the options of `add_export_options`, checked
     (with the output path and the active backend) before any model is loaded."""
-    from weights_convert.export import (
-        check_backend_supports,
-        check_export_options,
-        check_output,
-        format_for_path,
-    )
-
     format = format_for_path(args.output, args.format)
     options = {
         "dtype": args.dtype,
@@ -162,8 +163,7 @@ def run_export(args) -> int:
     options = export_options(args)  # before any work
     if args.num_classes is not None and args.num_classes < 0:
         raise CommandError(f"--num-classes must be >= 0, got {args.num_classes}.")
-    from weights_convert.convert import load_timm
-    from weights_convert.export import export_model
+    from weights_convert.convert import load_timm  # loads Keras: once the options are checked
 
     start = time.perf_counter()
     model = load_timm(
@@ -205,6 +205,7 @@ def check_preset_options(args) -> None:
 
 def run_preset(args) -> int:
     """--preset DIR [--upload hf://OWNER/REPO]: the converted model as a keras-hub preset."""
+    # both load Keras: imported when a preset is written, so --help is instant
     from convnext_layers.presets import upload_preset
     from weights_convert.presets import write_preset
 
@@ -217,7 +218,7 @@ def run_preset(args) -> int:
         num_classes=args.num_classes,
         verbose=not args.quiet,
     )
-    from convnext_layers.model_card import parity_line
+    from convnext_layers.model_card import parity_line  # loads Keras (convnext_layers)
 
     with open(os.path.join(args.preset, "metadata.json"), encoding="utf-8") as f:
         parity = json.load(f).get("parity")
@@ -252,8 +253,7 @@ def run_keras_file(args) -> int:
             "--with-normalization and --uint8 are export options: the output must be .onnx, "
             ".tflite, .xml or a folder (SavedModel)."
         )
-    from weights_convert.export import SUFFIXES
-    from weights_convert.pretrained import license_notice
+    # loads Keras: imported once a conversion runs, so --help is instant
     from weights_convert.saving import OUTPUT_SUFFIXES, save_converted
 
     if not args.output.endswith(OUTPUT_SUFFIXES):
@@ -266,7 +266,7 @@ def run_keras_file(args) -> int:
         raise CommandError(f"--num-classes must be >= 0, got {args.num_classes}.")
     if args.input_size is not None and min(args.input_size) < 2:
         raise CommandError(f"--input-size must be at least 2 2, got {args.input_size}.")
-    from weights_convert.convert import load_timm
+    from weights_convert.convert import load_timm  # loads Keras: once the options are checked
 
     start = time.perf_counter()
     model = load_timm(

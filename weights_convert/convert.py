@@ -8,6 +8,7 @@ import os
 from collections.abc import Iterable
 
 import keras
+from safetensors.numpy import save_file
 
 from convnext_common.files import atomic_path
 from convnext_layers import ConvNeXt, ConvNeXtConfig
@@ -200,8 +201,6 @@ def export_timm(model: keras.Model, path, *, conv_mlp: bool | None = None) -> st
     `timm.create_model(arch, num_classes=...).load_state_dict(load_file(path))`
     accepts it strictly; a timm -> Keras -> timm round trip is bit-exact.
     """
-    from safetensors.numpy import save_file
-
     arch = model_architecture(model)
     if conv_mlp is None:
         conv_mlp = _conv_mlp(model, arch)
@@ -219,7 +218,7 @@ def randomize_timm_parameters(model, seed: int = 0):
     comparison. Norm weights go to 1 +- 0.2, other 1-D parameters (biases, layer
     scale, GRN) to +-0.2, weights to N(0, 1/fan_in) so activations keep a sane scale.
     """
-    import torch
+    import torch  # optional (the convert extra): the caller has a timm model, so torch is there
 
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 
 import keras
 import numpy as np
+from tqdm.auto import tqdm
 
 from convnext_layers import (
     ConvNeXt,
@@ -186,7 +187,7 @@ def _numpy_dtype(dtype):
     """numpy dtype for a Keras dtype string, or None when numpy has none."""
     if dtype == "bfloat16":
         try:
-            import ml_dtypes
+            import ml_dtypes  # optional (it comes with jax and tensorflow)
 
             return np.dtype(ml_dtypes.bfloat16)
         except ImportError:
@@ -265,8 +266,6 @@ def plan_port(model: keras.Model, state_dict: dict, *, skip_prefixes: Iterable[s
 def _progress_bar(total, enabled, desc):
     if not enabled:
         return contextlib.nullcontext(None)
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, unit="tensor", leave=False, file=sys.stderr)
 
 

@@ -18,6 +18,8 @@ import numpy as np
 
 from convnext_layers import ConvNeXt, presets
 from convnext_layers.errors import ConfigError
+from weights_convert import convert
+from weights_convert.mapping import export_state_dict
 from weights_convert.pretrained import timm_module
 
 PARITY_BATCH = 2
@@ -30,19 +32,16 @@ def read_timm_preset(source, config: dict):
     names an "architecture"); None for anything else."""
     if "architecture" not in config:
         return None
-    from weights_convert.convert import load_timm
-
     kind, where, revision = presets.parse_preset_source(source)
-    return load_timm(where if kind == "folder" else f"{where}@{revision}" if revision else where,
-                     verbose=False)  # fmt: skip
+    where = where if kind == "folder" else f"{where}@{revision}" if revision else where
+    return convert.load_timm(where, verbose=False)
 
 
 def _timm_reference(model):
     """timm's `ConvNeXt` of `model`'s config and head, holding `model`'s weights; None
     (and why) when timm has no such network."""
+    # timm: optional (the convert extra); `timm_parity` checked `timm_module()` first
     from timm.models.convnext import ConvNeXt as TimmConvNeXt
-
-    from weights_convert.mapping import export_state_dict
 
     config = model.convnext_config
     try:
@@ -58,7 +57,7 @@ def _timm_reference(model):
         **args, num_classes=model.num_classes, global_pool=_TIMM_POOLS[pooling]
     ).eval()
     state = export_state_dict(model, conv_mlp=config.conv_mlp)
-    import torch
+    import torch  # optional (the convert extra), as timm above
 
     result = reference.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, False)
     # the head's tensors where the model has none; norm_pre where it returns stage maps
@@ -70,6 +69,7 @@ def _timm_reference(model):
 
 def _timm_output(model, reference, x):
     """timm's counterpart of `model`'s output for NCHW `x` (torch)."""
+    # torch: optional (the convert extra), there with the timm reference
     import torch
     import torch.nn.functional as F
 
@@ -99,7 +99,7 @@ def timm_parity(model) -> dict | None:
     timm = timm_module()
     if timm is None or not isinstance(model, ConvNeXt):
         return None
-    import torch
+    import torch  # optional (the convert extra): timm, found above, brought it
 
     reference, reason = _timm_reference(model)
     if reference is None:
@@ -131,9 +131,7 @@ def timm_parity(model) -> dict | None:
 def write_preset(source, directory, *, arch=None, include_top=True, num_classes=None, verbose=True):
     """Convert a timm checkpoint (Hub id, file or folder) and write it as a preset folder
     (`ConvNeXt.save_to_preset`, the parity measured); returns the model."""
-    from weights_convert.convert import load_timm
-
-    model = load_timm(
+    model = convert.load_timm(
         source, arch=arch, include_top=include_top, num_classes=num_classes, verbose=verbose
     )
     model.save_to_preset(os.fspath(directory))

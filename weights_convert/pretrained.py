@@ -69,7 +69,7 @@ def timm_module():
     if "tensorflow" in sys.modules:
         return None
     try:
-        import timm
+        import timm  # optional (the convert extra), imported before TensorFlow or not at all
 
         return timm
     except Exception:
@@ -86,7 +86,7 @@ def timm_default_cfg(arch, tag=None, num_classes=None) -> dict:
     if timm is None:
         return {}
     try:
-        from timm.models import get_arch_pretrained_cfgs, get_pretrained_cfg
+        from timm.models import get_arch_pretrained_cfgs, get_pretrained_cfg  # timm, found above
 
         if tag:
             cfg = get_pretrained_cfg(f"{arch}.{tag}")

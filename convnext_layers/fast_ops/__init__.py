@@ -183,7 +183,7 @@ def on_cpu(x=None) -> bool:
     if backend == "torch":
         return getattr(getattr(x, "device", None), "type", None) == "cpu"
     if backend == "jax":
-        import jax
+        import jax  # the backend: asked on jax alone
 
         return jax.default_backend() == "cpu"
     if backend == "tensorflow":
@@ -193,7 +193,7 @@ def on_cpu(x=None) -> bool:
 
 @functools.lru_cache(maxsize=1)
 def _tensorflow_gpus() -> bool:
-    import tensorflow as tf
+    import tensorflow as tf  # the backend: asked on tensorflow alone
 
     return bool(tf.config.list_logical_devices("GPU"))
 

@@ -80,6 +80,7 @@ def jax_depthwise(x, kernel, bias, shifted_sum):
 
 @functools.lru_cache(maxsize=1)
 def _jax_depthwise_rule():
+    # jax: on the jax backend alone (importing this module loads no backend)
     import jax
     import jax.numpy as jnp
 
@@ -119,6 +120,7 @@ def _jax_depthwise_rule():
 def traced_float32(x) -> bool:
     """`x` is a float32 JAX value being traced by a jit (in eager calls each
     `lax.map` would be compiled anew)."""
+    # jax: on the jax backend alone (importing this module loads no backend)
     import jax
 
     tracer = getattr(getattr(jax, "core", None), "Tracer", None)  # public, but jax.core shrinks
@@ -130,6 +132,7 @@ def jax_by_row_blocks(tail, x, shortcut, width):
     over blocks of rows (`row_blocks`) with `jax.lax.map`, the rows left over after
     the equal blocks in one more piece; each block is passed to `tail` as
     (1, rows, 1, C). The same numbers up to the matrix products' summation order."""
+    # jax: on the jax backend alone (importing this module loads no backend)
     import jax
 
     rows = x.shape[0] * x.shape[1] * x.shape[2]
@@ -210,6 +213,7 @@ def inference_function(model):
 def _compiled(run, model):
     """`jax.jit(run)`, with `jax_compiler_options(model)` where there are some (guarded,
     the default compilation as their fallback)."""
+    # jax: on the jax backend alone (importing this module loads no backend)
     import jax
 
     default = jax.jit(run)
@@ -256,6 +260,7 @@ def float32_twin(model):
 def _float32_runner(twin):
     """`run(values, x)`: `twin` on `x` with `values` (the bfloat16 model's, in its
     variables' order) cast to float32."""
+    # jax: on the jax backend alone (importing this module loads no backend)
     import jax.numpy as jnp
 
     variables = list(twin.variables)

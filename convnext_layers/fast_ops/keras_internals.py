@@ -38,6 +38,7 @@ def flatten_layers(model):
 
 def _keras_initialize_all_variables():
     """Keras' private initialisation of deferred variables (the one place it is called)."""
+    # Keras' private module: imported when used (`supports_deferred_variables` checked it)
     from keras.src.backend.common.variables import initialize_all_variables
 
     initialize_all_variables()
@@ -49,6 +50,7 @@ def supports_deferred_variables() -> bool:
     hooks are present, and the fast path is on)."""
     if not fast_ops.fast_paths_allowed("deferred_variables"):
         return False
+    # Keras' private modules: imported here to find whether this Keras has them
     try:
         from keras.src.backend.common import global_state  # noqa: F401
         from keras.src.backend.common.variables import initialize_all_variables  # noqa: F401
@@ -71,6 +73,7 @@ def initialize_deferred(variables, values) -> None:
 def forget_deferred(variables) -> None:
     """Drop never-initialised variables from Keras' pending list (after a failed build),
     so a later unrelated initialisation does not trip over them."""
+    # Keras' private module: imported inside the try, as another Keras may lack it
     try:
         from keras.src.backend.common import global_state
 

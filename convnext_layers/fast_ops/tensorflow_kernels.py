@@ -53,6 +53,7 @@ POINTWISE_CONV_DTYPES = ("bfloat16",)
 def tensorflow_pointwise_conv(inputs, kernel, bias):
     """Dense without activation on (B, H, W, in) as a 1x1 Conv2D (+ BiasAdd, which
     grappler fuses into it): (B, H, W, in) -> (B, H, W, out)."""
+    # tensorflow: on the tensorflow backend alone (importing this module loads no backend)
     import tensorflow as tf
 
     outputs = tf.nn.conv2d(inputs, tf.reshape(kernel, (1, 1, *kernel.shape)), 1, "VALID")
@@ -70,6 +71,7 @@ def tensorflow_dense(inputs, kernel, bias, activation):
     """Dense as a 2-D MatMul -> BiasAdd -> activation chain, which TensorFlow's graph
     optimizer rewrites into one oneDNN `_FusedMatMul` (keras' tensordot on the 4-D
     input leaves reshapes in between). (..., in) -> (..., out)."""
+    # tensorflow: on the tensorflow backend alone (importing this module loads no backend)
     import tensorflow as tf
 
     units = kernel.shape[1]
@@ -106,6 +108,7 @@ def tensorflow_layer_norm(x, gamma, beta, epsilon):
     the rewrite does not happen (eager, static sizes, no oneDNN) the same subgraph
     runs unfused and still computes LayerNorm. The raw op keeps `epsilon` as
     given (`tf.nn.fused_batch_norm` raises it to 1.001e-5)."""
+    # tensorflow: on the tensorflow backend alone (importing this module loads no backend)
     import tensorflow as tf
 
     channels = x.shape[-1]
@@ -135,6 +138,7 @@ def tensorflow_layer_norm(x, gamma, beta, epsilon):
 def inference_function(model):
     """`fast_ops.inference_function` on TensorFlow: a `tf.function` of the call, one
     concrete function per image size and dtype, the batch size left open."""
+    # tensorflow: on the tensorflow backend alone (importing this module loads no backend)
     import tensorflow as tf
 
     function = tf.function(lambda x: model(x, training=False), autograph=False)

@@ -36,6 +36,7 @@ def torch_prepared(layer, variable, dtype, prepare):
     For weights torch wants in another layout (a conv kernel made contiguous in
     torch's (O, I, kh, kw) order): redoing that copy every call was ~45 us of a
     7x7 depthwise conv's ~85 us on an 8x8x40 input (1 thread)."""
+    # torch: on the torch backend alone (importing this module loads no backend)
     import torch
 
     value = torch_value(variable, dtype)
@@ -53,6 +54,7 @@ def torch_prepared(layer, variable, dtype, prepare):
 
 
 def _torch_layer_norm(layer, x):
+    # torch: on the torch backend alone (importing this module loads no backend)
     import torch.nn.functional as F
 
     gamma = torch_value(layer.gamma, x.dtype)
@@ -99,6 +101,7 @@ def torch_by_row_blocks(tail, x, shortcut, width):
 
 def _torch_row_runner(x):
     """`torch_by_row_blocks` where it may run on `x`: float32, no autograd."""
+    # torch: on the torch backend alone (importing this module loads no backend)
     import torch
 
     if torch.is_grad_enabled() or x.dtype != torch.float32:
@@ -108,6 +111,7 @@ def _torch_row_runner(x):
 
 def _onednn_linear_pointwise(x, weight, bias, attr, scalars, algorithm):
     """The private oneDNN op (the one place it is called)."""
+    # torch: on the torch backend alone (importing this module loads no backend)
     import torch
 
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, scalars, algorithm)
@@ -116,6 +120,7 @@ def _onednn_linear_pointwise(x, weight, bias, attr, scalars, algorithm):
 def _onednn_linear_usable(x, weight) -> bool:
     """oneDNN's fused linear replaces F.linear only for CPU inference in float32 /
     bfloat16 (the op has no autograd formula and was measured on CPU only)."""
+    # torch: on the torch backend alone (importing this module loads no backend)
     import torch
 
     if not fast_ops.use_fast_path("onednn_linear", x):
@@ -133,6 +138,7 @@ def torch_linear(x, weight, bias, fuse_gelu: bool):
     Returns (output, gelu_applied): the caller applies its activation itself when
     the fused op was not used.
     """
+    # torch: on the torch backend alone (importing this module loads no backend)
     import torch.nn.functional as F
 
     if _onednn_linear_usable(x, weight):
@@ -164,6 +170,7 @@ def torch_conv2d_nhwc(x, weight, bias, **conv_arguments):
     view (no copy); conv2d keeps that memory format, so permuting back is again
     a view of a contiguous NHWC result.
     """
+    # torch: on the torch backend alone (importing this module loads no backend)
     import torch.nn.functional as F
 
     y = F.conv2d(x.permute(0, 3, 1, 2), weight, bias, **conv_arguments)
@@ -172,6 +179,7 @@ def torch_conv2d_nhwc(x, weight, bias, **conv_arguments):
 
 def torch_conv_weight_channels_last(kernel):
     """keras' (kh, kw, I, O) conv kernel as torch's (O, I, kh, kw), channels_last."""
+    # torch: on the torch backend alone (importing this module loads no backend)
     import torch
 
     return kernel.permute(3, 2, 0, 1).contiguous(memory_format=torch.channels_last)
@@ -179,6 +187,7 @@ def torch_conv_weight_channels_last(kernel):
 
 def torch_multiply_add(x, scale, bias):
     """x * scale + bias with broadcasting, in one pass (addcmul)."""
+    # torch: on the torch backend alone (importing this module loads no backend)
     import torch
 
     return torch.addcmul(bias, x, scale)
@@ -234,6 +243,7 @@ def layer_kernels(x):
 def inference_function(model):
     """`fast_ops.inference_function` on torch: the eager call under
     `torch.inference_mode()`."""
+    # torch: on the torch backend alone (importing this module loads no backend)
     import torch
 
     def infer(x):
