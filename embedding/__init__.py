@@ -63,7 +63,7 @@ _EXPORTS = {
     "PreprocessConfig": "embedding.preprocess",
     "ImageLoadError": "embedding.errors",
     "TooManyPixelsError": "embedding.errors",
-    "load_image": "embedding.preprocess",
+    "load_image": "embedding.images",
     "cosine_similarity": "embedding.gallery",
     "l2_normalize": "embedding.gallery",
     "Gallery": "embedding.gallery",

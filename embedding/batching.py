@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from embedding.errors import ImageLoadError, NonFiniteError, without_traceback
-from embedding.preprocess import as_input_list, describe_input
+from embedding.images import as_input_list, describe_input
 
 
 class OverloadedError(RuntimeError):

@@ -33,6 +33,11 @@ from embedding.errors import (
 )
 from embedding.faces import embed_faces
 from embedding.gallery import cosine_similarity
+from embedding.images import (  # as_input_list: re-exported, its old home
+    DEFAULT_MAX_PIXELS,
+    as_input_list,
+    describe_input,
+)
 from embedding.metrics import (
     DEFAULT_THRESHOLD,
     Calibration,
@@ -48,12 +53,7 @@ from embedding.model import (
     padded_size,
     predict_padded,
 )
-from embedding.preprocess import (  # as_input_list: re-exported, its old home
-    DEFAULT_MAX_PIXELS,
-    Preprocessor,
-    as_input_list,
-    describe_input,
-)
+from embedding.preprocess import Preprocessor
 from weights_convert.export import ExportError, export_model
 
 ON_ERROR = ("raise", "skip")

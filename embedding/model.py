@@ -386,6 +386,40 @@ def build_model(
     """
     _check_options(pooling, head_norm, normalize)
     dtype = check_dtype(dtype) or "float32"
+    if _source_kind(source) == "keras":
+        model = weights_convert.load_converted(source)
+        model = as_embedding_model(model, pooling=pooling, head_norm=head_norm, gem_p=gem_p)
+        return in_dtype(model, dtype)
+    options = {
+        "pooling": pooling,
+        "head_norm": head_norm,
+        "normalize": normalize,
+        "input_shape": list(input_shape) if input_shape is not None else None,
+        "gem_p": float(gem_p) if pooling == "gem" else None,
+    }
+    store = ModelCache(cache_dir) if cache else None
+    cached = _from_cache(store, source, options, dtype, verbose) if store is not None else None
+    if cached is not None:
+        return cached
+    state_dict, config = load_checkpoint(source)
+    model = embedding_model_from_state(
+        state_dict,
+        config,
+        pooling=pooling,
+        head_norm=head_norm,
+        normalize=normalize,
+        input_shape=input_shape,
+        gem_p=gem_p,
+    )
+    if store is not None:
+        _to_cache(store, source, options, model)
+    return in_dtype(model, dtype)
+
+
+def _source_kind(source) -> str:
+    """`weights_convert.source_kind` of a model source that `build_model` can build from:
+    `CheckpointNotFoundError` for a missing one (a TypeError for what is no source),
+    `ModelSourceError` for an .onnx export."""
     problem = weights_convert.source_problem(source)  # a TypeError for what is no source
     if problem is not None:
         raise weights_convert.CheckpointNotFoundError(
@@ -398,44 +432,32 @@ def build_model(
             "an .onnx export runs with onnxruntime, not Keras: "
             "embedding.onnx_embedder.OnnxEmbedder, or `python -m embedding serve --model`",
         )
-    if kind == "keras":
-        model = weights_convert.load_converted(source)
-        model = as_embedding_model(model, pooling=pooling, head_norm=head_norm, gem_p=gem_p)
+    return kind
+
+
+def _from_cache(store: ModelCache, source, options, dtype: str, verbose: bool):
+    """The cached model of `source` with `options`, in `dtype`, or None (no entry, or a
+    damaged one, which `build_model` then rebuilds; warned about at its caller)."""
+    key = store.lookup(source, options)
+    if key is None:
+        return None
+    try:
+        model = store.load(key)
+        if verbose:
+            print(f"Loaded converted model from cache {store.dir}")
         return in_dtype(model, dtype)
-    options = {
-        "pooling": pooling,
-        "head_norm": head_norm,
-        "normalize": normalize,
-        "input_shape": list(input_shape) if input_shape is not None else None,
-        "gem_p": float(gem_p) if pooling == "gem" else None,
-    }
-    store = ModelCache(cache_dir) if cache else None
-    if store is not None:
-        key = store.lookup(source, options)
-        if key is not None:
-            try:
-                model = store.load(key)
-                if verbose:
-                    print(f"Loaded converted model from cache {store.dir}")
-                return in_dtype(model, dtype)
-            except Exception as error:  # a damaged entry: rebuild it
-                warnings.warn(f"Ignoring unreadable cache entry {key}: {error}", stacklevel=2)
-    state_dict, config = load_checkpoint(source)
-    model = embedding_model_from_state(
-        state_dict,
-        config,
-        pooling=pooling,
-        head_norm=head_norm,
-        normalize=normalize,
-        input_shape=input_shape,
-        gem_p=gem_p,
-    )
-    if store is not None:
-        try:
-            store.store(source, options, model)
-        except OSError as error:
-            warnings.warn(f"Could not write model cache in {store.dir}: {error}", stacklevel=2)
-    return in_dtype(model, dtype)
+    except Exception as error:  # a damaged entry: rebuild it
+        warnings.warn(f"Ignoring unreadable cache entry {key}: {error}", stacklevel=3)
+        return None
+
+
+def _to_cache(store: ModelCache, source, options, model) -> None:
+    """Store the converted model; a cache that cannot be written is warned about (at
+    `build_model`'s caller), not an error."""
+    try:
+        store.store(source, options, model)
+    except OSError as error:
+        warnings.warn(f"Could not write model cache in {store.dir}: {error}", stacklevel=3)
 
 
 def padded_size(n: int, batch_size: int) -> int:

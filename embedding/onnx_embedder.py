@@ -26,8 +26,9 @@ import numpy as np
 from embedding.batching import check_finite_rows
 from embedding.errors import ModelSourceError
 from embedding.gallery.vectors import l2_normalize
+from embedding.images import DEFAULT_MAX_PIXELS, as_input_list
 from embedding.metrics import check_threshold
-from embedding.preprocess import DEFAULT_MAX_PIXELS, Preprocessor, as_input_list
+from embedding.preprocess import Preprocessor
 from weights_convert.export import SIDECAR_KIND, export_sidecar_path
 
 ONNX_EXTRA = 'pip install "keras-convnext[serve]" (onnxruntime)'

@@ -23,6 +23,7 @@ from PIL import Image
 
 import embedding.finetune as ft
 from embedding import Embedder, Preprocessor, load_image
+from embedding import images as images_module
 from embedding import preprocess as preprocess_module
 from embedding.errors import (
     ImageLoadError,
@@ -176,15 +177,15 @@ def test_huge_jpegs_are_decoded_at_a_reduced_scale(tmp_path, monkeypatch):
     pre = Preprocessor({"input_size": (3, 64, 64)})
     full = pre(path)
     decoded = []
-    original = preprocess_module._decode
+    original = images_module._decode
 
     def spy(*args):
         image = original(*args)
         decoded.append(image.size)
         return image
 
-    monkeypatch.setattr(preprocess_module, "_decode", spy)
-    monkeypatch.setattr(preprocess_module, "DRAFT_ABOVE_PIXELS", 1_000_000)
+    monkeypatch.setattr(images_module, "_decode", spy)
+    monkeypatch.setattr(images_module, "DRAFT_ABOVE_PIXELS", 1_000_000)
     drafted = pre(path)
     assert decoded == [(250, 188)]  # 1/8 scale: still >= 2 x 73 on the short side
     assert drafted.shape == full.shape

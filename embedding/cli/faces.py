@@ -13,8 +13,8 @@ from embedding.cli import options
 from embedding.faces import POLICIES, enroll_folder, identify, people_folders
 from embedding.gallery import Gallery, GalleryNotFoundError, open_gallery
 from embedding.gallery.store_base import parse_location
+from embedding.images import load_image
 from embedding.metrics import DEFAULT_THRESHOLD
-from embedding.preprocess import load_image
 
 
 def register(subparsers):

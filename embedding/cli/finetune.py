@@ -17,7 +17,7 @@ from convnext_common.cli import CommandError, finite_float, non_negative_int, po
 from convnext_common.files import check_output_path
 from embedding.cli import options
 from embedding.errors import ModelSourceError
-from embedding.preprocess import DEFAULT_MAX_PIXELS
+from embedding.images import DEFAULT_MAX_PIXELS
 
 
 def _fraction(text: str) -> float:

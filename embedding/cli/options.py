@@ -20,8 +20,8 @@ from embedding.errors import InputError
 from embedding.faces import DEFAULT_MARGIN, DEFAULT_MIN_SIZE, YuNetDetector
 from embedding.files import IMAGE_EXTENSIONS, find_image_files
 from embedding.formats import output_format
+from embedding.images import DEFAULT_MAX_PIXELS
 from embedding.parquet import arrow, part_name
-from embedding.preprocess import DEFAULT_MAX_PIXELS
 from weights_convert.pretrained import DEFAULT_MODEL, license_notice
 
 

@@ -24,8 +24,8 @@ from convnext_common.errors import error_message
 from convnext_common.files import file_problem
 from embedding.cli import options
 from embedding.gallery import open_store
+from embedding.images import DEFAULT_MAX_PIXELS
 from embedding.onnx_embedder import OnnxEmbedder
-from embedding.preprocess import DEFAULT_MAX_PIXELS
 
 SERVE_EXTRA = 'pip install "keras-convnext[serve]"'
 GRACEFUL_SHUTDOWN_S = 30  # the longest SIGTERM waits for requests in progress

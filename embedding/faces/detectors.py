@@ -21,7 +21,7 @@ from PIL import Image
 
 from embedding.errors import FACES_EXTRA, MissingExtraError
 from embedding.faces.geometry import parse_box, parse_landmarks
-from embedding.preprocess import load_image
+from embedding.images import load_image
 
 POLICIES = ("all", "largest", "most_confident")
 DEFAULT_MIN_SIZE = 32  # pixels, smaller side of the box: smaller faces carry little identity

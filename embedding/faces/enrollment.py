@@ -15,8 +15,8 @@ from embedding.faces.geometry import DEFAULT_MARGIN
 from embedding.faces.pipeline import Face, embed_crops, embed_faces, face_image
 from embedding.files import identity_folders
 from embedding.gallery import Gallery
+from embedding.images import describe_input, load_image
 from embedding.metrics import DEFAULT_THRESHOLD
-from embedding.preprocess import describe_input, load_image
 
 # ----------------------------------------------------------------------------
 # Enrol and identify

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from embedding.errors import FACES_EXTRA, MissingExtraError
-from embedding.preprocess import load_image
+from embedding.images import load_image
 
 BOX_FORMATS = ("xyxy", "xywh")
 _BOX_FORMS = (

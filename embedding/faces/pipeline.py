@@ -25,7 +25,7 @@ from embedding.faces.geometry import (
     warp_to_template,
 )
 from embedding.gallery import l2_normalize
-from embedding.preprocess import load_image
+from embedding.images import load_image
 
 # ----------------------------------------------------------------------------
 # The pipeline

@@ -83,8 +83,8 @@ from embedding.finetune.trainer import (
     plan_run,
     split_images,
 )
+from embedding.images import DEFAULT_MAX_PIXELS
 from embedding.model import as_embedding_model
-from embedding.preprocess import DEFAULT_MAX_PIXELS
 
 __all__ = [
     "CHECKPOINT_MODEL", "CHECKPOINT_STATE", "HOLDOUT_BY", "IMAGE_CACHE_BYTES", "STATE_FORMAT",
