@@ -38,11 +38,16 @@ class CommandLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {text} (see {self.prog} --help)\n")
 
 
-def parse_args(parser: argparse.ArgumentParser, argv) -> argparse.Namespace | int:
+def parse_args(parser: argparse.ArgumentParser, argv, check=None) -> argparse.Namespace | int:
     """`parser.parse_args(argv)`, or the exit status of a usage error or `--help`
-    (returned, not raised, so that `main` stays callable as a function)."""
+    (returned, not raised, so that `main` stays callable as a function). `check(parser,
+    args)`, when given, refuses combinations argparse cannot express with
+    `parser.error(...)`: the same one-line usage error."""
     try:
-        return parser.parse_args(None if argv is None else [os.fspath(a) for a in argv])
+        args = parser.parse_args(None if argv is None else [os.fspath(a) for a in argv])
+        if check is not None:
+            check(parser, args)
+        return args
     except SystemExit as stop:
         return stop.code if isinstance(stop.code, int) else 0
 

@@ -178,15 +178,16 @@ def run_export(args) -> int:
     return 0
 
 
+def check_outputs_given(parser, args) -> None:
+    """A usage error without -o or --preset, or with --upload but no --preset."""
+    if args.upload is not None and args.preset is None:
+        parser.error("--upload pushes the preset: it needs --preset DIR")
+    if args.output is None and args.preset is None:
+        parser.error("the following arguments are required: -o/--output (or --preset DIR)")
+
+
 def check_preset_options(args) -> None:
     """The --preset / --upload combination and the preset folder, checked before any work."""
-    if args.upload is not None and args.preset is None:
-        raise CommandError("--upload pushes the preset: it needs --preset DIR.")
-    if args.output is None and args.preset is None:
-        raise CommandError(
-            "the following arguments are required: -o/--output (or --preset DIR): a Keras "
-            "file or an export, a preset folder, or both."
-        )
     if args.preset is None:
         return
     exporting = args.format or args.with_normalization or args.uint8 or args.dynamic_size
@@ -294,7 +295,7 @@ def run_keras_file(args) -> int:
 def main(argv=None) -> int:
     """`python -m weights_convert ...`: the exit status (the policy of
     `convnext_common.cli.run_command`: one `error:` line for every bad input)."""
-    args = parse_args(build_parser(), argv)
+    args = parse_args(build_parser(), argv, check=check_outputs_given)
     if isinstance(args, int):
         return args
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
