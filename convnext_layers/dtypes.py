@@ -55,11 +55,14 @@ def built_in_dtype(init):
     """`ConvNeXt.__init__` with a `dtype` argument (`DTYPES`): the layers are made
     under that keras dtype policy (the head in float32, `head_dtype`)."""
 
+    # (self, config, ...) and not (self, *args, ...): keras' clone_model takes a class
+    # whose __init__ has *args and **kwargs for a functional one and calls it with
+    # (inputs, outputs)
     @functools.wraps(init)
-    def __init__(self, *args, dtype=None, **kwargs):
+    def __init__(self, config, *, dtype=None, **kwargs):
         dtype = check_dtype(dtype)
         with dtype_policy(dtype):
-            init(self, *args, **kwargs)
+            init(self, config, **kwargs)
         object.__setattr__(self, "_dtype_argument", dtype)
 
     return __init__

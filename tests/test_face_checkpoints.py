@@ -23,6 +23,7 @@ from timm.data.model_config import resolve_input_data_config
 
 from embedding import Embedder, Gallery
 from embedding import cli as embedding_cli
+from embedding.cli import options as cli_options
 from weights_convert import export as export_module
 
 ATOL = 1e-5
@@ -108,9 +109,9 @@ def test_face_checkpoint_through_the_command_lines(
     folder, _ = timm_face_checkpoint
     root, pairs = photos
     built = {}
-    make = embedding_cli.make_embedder
+    make = cli_options.make_embedder
     monkeypatch.setattr(
-        embedding_cli, "make_embedder", lambda args, **k: built.setdefault("e", make(args, **k))
+        cli_options, "make_embedder", lambda args, **k: built.setdefault("e", make(args, **k))
     )
     common = ["--model", folder, "--no-cache", "--no-progress"]
     out = tmp_path / "faces.npz"
