@@ -1,7 +1,7 @@
 """The Hugging Face Hub as this project reaches it: offline mode, reachability, cache.
 
-Pure Python (huggingface_hub is imported only by those who download), shared by
-`convnext_layers.presets` and `weights_convert.checkpoint`.
+No Keras; shared by `convnext_layers.presets` and `weights_convert.checkpoint`, which
+download through `hub_download`.
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import socket
 from urllib.parse import urlparse
+
+import huggingface_hub
 
 _TRUE = {"1", "on", "yes", "true"}
 
@@ -42,3 +44,17 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return True
     except OSError:
         return False
+
+
+def hub_download(repo_id: str, filename: str, revision: str | None, offline: bool) -> str:
+    """The local path of `filename` of `repo_id` at `revision`, downloaded into the
+    environment's cache (`hub_cache_dir`) or, `offline`, taken from it; huggingface_hub's
+    `EntryNotFoundError` / `LocalEntryNotFoundError` for the caller to explain."""
+    return huggingface_hub.hf_hub_download(
+        repo_id,
+        filename,
+        revision=revision,
+        cache_dir=hub_cache_dir(),
+        local_files_only=offline,
+        library_name="keras-convnext",
+    )

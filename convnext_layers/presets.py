@@ -38,7 +38,7 @@ from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
 from convnext_common.jsonable import jsonable
 from convnext_layers.errors import PresetError
-from convnext_layers.hub import hub_cache_dir, hub_offline, hub_reachable
+from convnext_layers.hub import hub_cache_dir, hub_download, hub_offline, hub_reachable
 from convnext_layers.loading import FAST_LOAD
 from convnext_layers.model_card import model_card
 
@@ -234,14 +234,7 @@ def _hub_fetch(repo_id, revision):
 
     def fetch(filename, required=True):
         try:
-            return huggingface_hub.hf_hub_download(
-                repo_id,
-                filename,
-                revision=revision,
-                cache_dir=hub_cache_dir(),
-                local_files_only=offline,
-                library_name="keras-convnext",
-            )
+            return hub_download(repo_id, filename, revision, offline)
         except (EntryNotFoundError, LocalEntryNotFoundError) as error:
             if not required:
                 return None

@@ -11,12 +11,11 @@ import math
 import os
 import struct
 
-import huggingface_hub
 import numpy as np
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
 from convnext_layers.errors import ConfigError
-from convnext_layers.hub import hub_cache_dir, hub_offline, hub_reachable
+from convnext_layers.hub import hub_cache_dir, hub_download, hub_offline, hub_reachable
 from convnext_layers.timm_args import split_timm_args
 from weights_convert.architectures import (
     TENSOR_ARGS,
@@ -193,14 +192,7 @@ def _local_hint(source):
 
 def _hub_download(repo_id, revision, filename, required, offline):
     try:
-        return huggingface_hub.hf_hub_download(
-            repo_id,
-            filename,
-            revision=revision,
-            cache_dir=hub_cache_dir(),
-            local_files_only=offline,
-            library_name="keras-convnext",
-        )
+        return hub_download(repo_id, filename, revision, offline)
     except LocalEntryNotFoundError as error:
         if not required and offline:
             return None

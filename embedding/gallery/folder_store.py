@@ -22,7 +22,6 @@ import os
 from embedding.gallery import Gallery
 from embedding.gallery.checks import check_name
 from embedding.gallery.store_base import (
-    GalleryConflictError,
     GalleryNotFoundError,
     GalleryStore,
     MemoryBackedGallery,
@@ -91,13 +90,11 @@ class FileGallery(MemoryBackedGallery):
                 self._save(memory)
                 return
             self._refresh()
-        if dim is not None and self._memory.dim is not None and dim != self._memory.dim:
-            raise GalleryConflictError(
-                f"{path}: gallery {self.name!r} holds {self._memory.dim}-dim vectors, not {dim}."
-            )
+        memory = self._memory
         search_time = reopen_params(
-            path, self.name, self._memory.index_type, self._memory.index_params, index, params
-        )
+            path, self.name, memory.index_type, memory.index_params, index, params,
+            memory.dim, dim,
+        )  # fmt: skip
         if search_time:
             self.set_search_params(**search_time)
 

@@ -233,12 +233,8 @@ class SQLiteStore(GalleryStore):
                     row = _gallery_row(conn, name)
         if row is None:
             raise self._not_found(name)
-        if dim is not None and row["dim"] is not None and dim != row["dim"]:
-            raise GalleryConflictError(
-                f"{self.location}: gallery {name!r} holds {row['dim']}-dim vectors, not {dim}."
-            )
         search_time = reopen_params(
-            self.location, name, row["index_type"], row["params"], index, params
+            self.location, name, row["index_type"], row["params"], index, params, row["dim"], dim
         )
         return SQLiteGallery(self, name, row["uid"], search_time)
 

@@ -328,10 +328,16 @@ class GalleryStore(ABC):
         )
 
 
-def reopen_params(location, name, stored_index, stored_params: dict, index, params) -> dict:
-    """The search-time parameters to apply when opening an existing gallery with `index` and
-    `params`; a GalleryConflictError when they ask for another index or other build
-    parameters than the gallery's own."""
+def reopen_params(
+    location, name, stored_index, stored_params: dict, index, params, stored_dim=None, dim=None
+) -> dict:
+    """The search-time parameters to apply when opening an existing gallery with `dim`,
+    `index` and `params`; a GalleryConflictError when they ask for another dimension,
+    another index or other build parameters than the gallery's own."""
+    if dim is not None and stored_dim is not None and dim != stored_dim:
+        raise GalleryConflictError(
+            f"{location}: gallery {name!r} holds {stored_dim}-dim vectors, not {dim}."
+        )
     if index is not None and index != stored_index:
         raise GalleryConflictError(
             f"{location}: gallery {name!r} uses index {stored_index!r}, not {index!r} "
