@@ -665,7 +665,11 @@ def test_tensorflow_layer_norm_is_layer_norm(scale, dtype, rng):
     batch size (where grappler fuses it), equals LayerNorm computed in float64 with
     the layer's epsilon (1e-6: at scale 1e-3 the variance is 1e-6, where
     `tf.nn.fused_batch_norm`'s floor of 1.001e-5 would change the result); in
-    bfloat16 (statistics in float32) within the output's rounding, 2^-8 relative."""
+    bfloat16 (statistics in float32) within the roundings of bfloat16 arithmetic
+    (u = 2^-8): x - mean, times 1/std, times gamma, each rounded (3u relative to the
+    product gamma * x_hat), then the sum with beta (u relative to the output). Where the
+    product and beta nearly cancel, the error is relative to them, not to the small
+    output: seen once in a full run, 0.0109 at an output of 0.09."""
     import tensorflow as tf
 
     x = (scale * rng.standard_normal((3, 5, 7, 24))).astype("float32")
@@ -675,7 +679,8 @@ def test_tensorflow_layer_norm_is_layer_norm(scale, dtype, rng):
     x64 = x.astype("float64")
     mean = x64.mean(-1, keepdims=True)
     variance = ((x64 - mean) ** 2).mean(-1, keepdims=True)
-    expected = (x64 - mean) / np.sqrt(variance + 1e-6) * gamma + beta
+    product = (x64 - mean) / np.sqrt(variance + 1e-6) * gamma
+    expected = product + beta
 
     def norm(v):
         return tensorflow_kernels.tensorflow_layer_norm(
@@ -683,10 +688,14 @@ def test_tensorflow_layer_norm_is_layer_norm(scale, dtype, rng):
         )
 
     graph = tf.function(norm).get_concrete_function(tf.TensorSpec((None, 5, 7, 24), dtype))
-    tolerance = {"atol": 2e-5, "rtol": 0} if dtype == "float32" else {"atol": 1e-2, "rtol": 2**-7}
+    if dtype == "float32":
+        bound = np.full(x.shape, 2e-5)
+    else:  # the three roundings of the product and the sum's (see above)
+        bound = 2**-8 * (3 * np.abs(product) + np.abs(expected))
     for got in (norm(tf.constant(x, dtype)), graph(tf.constant(x, dtype))):
         assert tuple(got.shape) == x.shape and got.dtype == dtype
-        np.testing.assert_allclose(tf.cast(got, "float32").numpy(), expected, **tolerance)
+        error = np.abs(tf.cast(got, "float32").numpy() - expected)
+        assert np.all(error <= bound), (error - bound).max()
 
 
 @pytest.mark.skipif(BACKEND != "torch", reason="torch kernels")
