@@ -127,6 +127,10 @@ def test_resume_after_interruption(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+# the recipe's quality bar, on the backend that trains it fastest here (110 s against
+# 122 s on JAX and 183 s on torch in one CI run); training on every backend is checked
+# by test_fit_lowers_the_loss and the resume tests
+@pytest.mark.once("tensorflow")
 def test_digits_convnext_v2_atto_below_5_percent_eer(tmp_path):
     """V2 atto from random init, 32x32 digits, each digit an identity, 30% of every
     digit's images held out: held-out pair EER goes from ~20% to below 5%."""
@@ -169,6 +173,7 @@ def write_digit_folder(root, per_class=12, size=32):
 
 
 @pytest.mark.slow
+@pytest.mark.once("torch")  # the command line's plumbing: 6 s on torch, 34 s on JAX and TF
 def test_command_line_on_image_folder(tmp_path, timm_v2_atto_checkpoint, capsys):
     """`python -m embedding finetune DIR --model SOURCE -o tuned.keras` on a folder
     of PNGs, from a random-timm checkpoint folder (no network)."""
