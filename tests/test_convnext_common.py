@@ -3,6 +3,7 @@ sanitiser and the exit policy of both command lines (standard library + numpy on
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -10,7 +11,14 @@ import os
 import numpy as np
 import pytest
 
-from convnext_common.cli import CommandError, run_command
+from convnext_common.cli import (
+    CommandError,
+    finite_float,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+    run_command,
+)
 from convnext_common.errors import InputError, OutputPathError
 from convnext_common.files import atomic_path, atomic_write_text, check_output_path
 from convnext_common.jsonable import jsonable
@@ -127,3 +135,30 @@ def test_output_paths_that_cannot_be_written(tmp_path, unwritable_dir):
         check_output_path(str(tmp_path / "w.weights.h5"), suffixes=(".keras",))
     deep = tmp_path / "new" / "deeper" / "out.npz"
     assert check_output_path(deep) == str(deep) and not deep.parent.exists()
+
+
+@pytest.mark.parametrize(
+    "kind,text,value,refusal",
+    [
+        (positive_int, "3", 3, None),
+        (positive_int, "0", None, "at least 1"),
+        (positive_int, "1e9", None, "whole number"),
+        (non_negative_int, "0", 0, None),
+        (non_negative_int, "-1", None, "at least 0"),
+        (finite_float, "-2.5", -2.5, None),
+        (finite_float, "nan", None, "finite"),
+        (non_negative_float, "0", 0.0, None),
+        (non_negative_float, "2.5", 2.5, None),
+        (non_negative_float, "-0.1", None, "at least 0"),
+        (non_negative_float, "inf", None, "finite"),
+        (non_negative_float, "nan", None, "finite"),
+        (non_negative_float, "ms", None, "expected a number"),
+    ],
+)
+def test_argument_types_take_their_values_and_name_the_refusal(kind, text, value, refusal):
+    """The command lines' argument types (argparse turns a refusal into one `error:` line)."""
+    if refusal is None:
+        assert kind(text) == value
+    else:
+        with pytest.raises(argparse.ArgumentTypeError, match=refusal):
+            kind(text)

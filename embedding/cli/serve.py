@@ -19,7 +19,7 @@ import signal
 import socket
 
 import weights_convert  # a light package face: each name loads its module when used
-from convnext_common.cli import CommandError, positive_int
+from convnext_common.cli import CommandError, non_negative_float, positive_int
 from convnext_common.errors import error_message
 from convnext_common.files import file_problem
 from embedding.cli import options
@@ -35,16 +35,6 @@ def _port(text: str) -> int:
     value = int(text) if text.isdigit() else -1
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"a port is 0..65535 (0: any free port), got {text!r}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
     return value
 
 
@@ -77,7 +67,7 @@ def register(subparsers):
         help="most images per model call (1: no batching; default 32)",
     )  # fmt: skip
     p.add_argument(
-        "--batch-timeout-ms", type=_non_negative_float, default=5.0, metavar="MS",
+        "--batch-timeout-ms", type=non_negative_float, default=5.0, metavar="MS",
         help="longest wait for a batch to fill (default 5)",
     )  # fmt: skip
     p.add_argument(
@@ -86,7 +76,7 @@ def register(subparsers):
         "(default 256)",
     )  # fmt: skip
     p.add_argument(
-        "--max-upload-mb", type=_non_negative_float, default=20.0, metavar="MB",
+        "--max-upload-mb", type=non_negative_float, default=20.0, metavar="MB",
         help="largest request body (default 20); larger ones get 413 before they are read",
     )  # fmt: skip
     p.add_argument(
