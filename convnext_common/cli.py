@@ -87,6 +87,13 @@ def finite_float(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text!r}")
+    return value
+
+
 def non_negative_float(text: str) -> float:
     value = finite_float(text)
     if value < 0:

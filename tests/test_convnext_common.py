@@ -16,6 +16,7 @@ from convnext_common.cli import (
     finite_float,
     non_negative_float,
     non_negative_int,
+    positive_float,
     positive_int,
     run_command,
 )
@@ -147,6 +148,9 @@ def test_output_paths_that_cannot_be_written(tmp_path, unwritable_dir):
         (non_negative_int, "-1", None, "at least 0"),
         (finite_float, "-2.5", -2.5, None),
         (finite_float, "nan", None, "finite"),
+        (positive_float, "0.5", 0.5, None),
+        (positive_float, "0", None, "more than 0"),
+        (positive_float, "inf", None, "finite"),
         (non_negative_float, "0", 0.0, None),
         (non_negative_float, "2.5", 2.5, None),
         (non_negative_float, "-0.1", None, "at least 0"),

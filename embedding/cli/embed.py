@@ -5,10 +5,14 @@ image files into an .npz, a .parquet or a folder of Parquet parts (the name deci
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from convnext_common.cli import CommandError, finite_float, positive_int
+from convnext_common.cli import (
+    CommandError,
+    non_negative_float,
+    positive_float,
+    positive_int,
+)
 from embedding.cli import options
 from embedding.formats import skipped_files
 
@@ -91,20 +95,6 @@ def register(subparsers):
 
 
 ENGINES = ("local", "ray")
-
-
-def positive_float(text: str) -> float:
-    value = finite_float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = finite_float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
 
 
 def check_engine(args, kind) -> None:
