@@ -2,7 +2,7 @@
 `asyncio.wrap_future`) run together, one model call per batch.
 
     batcher = DynamicBatcher(embedder.embed_arrays, max_batch=32, timeout_s=0.005)
-    futures = batcher.submit_many([embedder.preprocess(image) for image in images])
+    futures = batcher.submit_many([partial(embedder.preprocess, data) for data in uploads])
     vectors = np.stack([f.result() for f in futures])
     batched = BatchedEmbedder(embedder, batcher)       # `Embedder.embed`'s interface, batched
     faces = embed_faces(batched, frame)                 # face crops share batches too
@@ -10,10 +10,19 @@
 One worker thread takes the oldest waiting image and up to `max_batch - 1` more, waiting
 until `timeout_s` after the oldest arrived for the batch to fill (Triton's
 `max_queue_delay`): an image that waited while the model ran on the previous batch goes
-at once. `max_batch=1` turns batching off. The queue is bounded: `submit_many` refuses
-work it cannot hold (`OverloadedError`, all of a request or none of it) instead of
-letting latency grow without end. `close` stops taking work and lets the worker finish
-what is queued (a graceful shutdown drains).
+at once. `max_batch=1` turns batching off.
+
+An item is an array or a callable that makes one (decoding an upload). The worker calls
+those for the whole batch, in its own pool of `prepare_threads`, and then runs the model:
+decoding and the model take turns on the CPU instead of running side by side. On a CPU
+they would share the same cores, and the model's threads (OpenMP, Eigen, XLA) wait for
+each other at every operation, spinning while a decoder holds one of their cores. It is
+the order `Embedder.embed` follows one batch at a time. Decoded images exist only for
+the batch being run; the queue holds what was uploaded.
+
+The queue is bounded: `submit_many` refuses work it cannot hold (`OverloadedError`, all
+of a request or none of it) instead of letting latency grow without end. `close` stops
+taking work and lets the worker finish what is queued (a graceful shutdown drains).
 """
 
 from __future__ import annotations
@@ -24,8 +33,9 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -48,20 +58,27 @@ class BatcherClosedError(RuntimeError):
 
 @dataclass
 class _Waiting:
-    array: np.ndarray
+    item: np.ndarray | Callable[[], np.ndarray]  # the array, or what makes it
     future: Future
     enqueued: float  # time.monotonic()
 
 
+@dataclass
+class _Failed:
+    error: BaseException  # what an item's callable raised: that item's answer
+
+
 class DynamicBatcher:
-    """Runs `run_batch` ((N, ...) array -> (N, D) array) on batches of the arrays submitted.
+    """Runs `run_batch` ((N, ...) array -> (N, D) array) on batches of the items submitted.
 
     Args:
         run_batch: the model call; N is at most `max_batch`.
-        max_batch: most arrays per call (1: no batching).
-        timeout_s: the longest the oldest waiting array waits for its batch to fill.
-        max_queue: most arrays waiting; beyond, `submit_many` raises `OverloadedError`.
+        max_batch: most items per call (1: no batching).
+        timeout_s: the longest the oldest waiting item waits for its batch to fill.
+        max_queue: most items waiting; beyond, `submit_many` raises `OverloadedError`.
         on_batch: called as `on_batch(size, seconds)` after each model call (metrics).
+        prepare_threads: threads that call a batch's callable items before the model
+            call (default: the CPU count).
     """
 
     def __init__(
@@ -73,9 +90,12 @@ class DynamicBatcher:
         max_queue: int = 256,
         on_batch: Callable[[int, float], None] | None = None,
         name: str = "batcher",
+        prepare_threads: int | None = None,
     ):
         if max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch}, {max_queue}")
+        if prepare_threads is not None and prepare_threads < 1:
+            raise ValueError(f"prepare_threads must be >= 1, got {prepare_threads}")
         if not timeout_s >= 0:
             raise ValueError(f"timeout_s must be >= 0, got {timeout_s}")
         self.run_batch = run_batch
@@ -83,6 +103,8 @@ class DynamicBatcher:
         self.timeout_s = float(timeout_s)
         self.max_queue = int(max_queue)
         self.on_batch = on_batch
+        self.prepare_threads = prepare_threads or max(1, os.cpu_count() or 1)
+        self._name = name
         self._queue: collections.deque[_Waiting] = collections.deque()
         self._ready = threading.Condition()
         self._closed = False
@@ -98,15 +120,17 @@ class DynamicBatcher:
 
     @property
     def queue_depth(self) -> int:
-        """Arrays waiting for the model."""
+        """Items waiting for the model."""
         return len(self._queue)
 
-    def submit_many(self, arrays: Sequence[np.ndarray]) -> list[Future]:
-        """One future per array, resolved to its output row; all are queued or none
+    def submit_many(self, items: Sequence[np.ndarray | Callable[[], np.ndarray]]) -> list[Future]:
+        """One future per item, resolved to its output row; all are queued or none
         (`OverloadedError` when the queue cannot hold them all, `BatcherClosedError`
-        after `close`)."""
+        after `close`). An item is an array or a callable returning one, called by the
+        worker just before its batch runs; what the callable raises is that item's
+        future's exception, and the rest of the batch runs."""
         now = time.monotonic()
-        waiting = [_Waiting(array, Future(), now) for array in arrays]
+        waiting = [_Waiting(item, Future(), now) for item in items]
         with self._ready:
             if self._closed:
                 raise BatcherClosedError("the batcher is closed (shutting down)")
@@ -127,12 +151,13 @@ class DynamicBatcher:
             self._ready.notify()
         return [item.future for item in waiting]
 
-    def submit(self, array: np.ndarray) -> Future:
-        return self.submit_many([array])[0]
+    def submit(self, item: np.ndarray | Callable[[], np.ndarray]) -> Future:
+        return self.submit_many([item])[0]
 
-    def run(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
-        """The outputs of `arrays` (N, D), waiting for them (from a thread, not a coroutine)."""
-        futures = self.submit_many(arrays)
+    def run(self, items: Sequence[np.ndarray | Callable[[], np.ndarray]]) -> np.ndarray:
+        """The outputs of `items` (N, D), waiting for them (from a thread, not a coroutine);
+        the first item that failed raises its error."""
+        futures = self.submit_many(items)
         return np.stack([future.result() for future in futures])
 
     def close(self, timeout: float | None = None) -> None:
@@ -159,23 +184,46 @@ class DynamicBatcher:
             return [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
 
     def _work(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            live = [item for item in batch if item.future.set_running_or_notify_cancel()]
-            if not live:
-                continue
-            start = time.perf_counter()
-            try:
-                outputs = self.run_batch(np.stack([item.array for item in live]))
-            except BaseException as error:  # handed to every waiting caller, never lost
-                for item in live:
-                    item.future.set_exception(error)
-                continue
-            seconds = time.perf_counter() - start
-            self._seconds_per_item = 0.8 * self._seconds_per_item + 0.2 * seconds / len(live)
-            for item, row in zip(live, outputs, strict=True):
-                item.future.set_result(row)
-            if self.on_batch is not None:
-                self.on_batch(len(live), seconds)
+        prefix = f"{self._name}-prepare"
+        with ThreadPoolExecutor(self.prepare_threads, thread_name_prefix=prefix) as pool:
+            while (batch := self._next_batch()) is not None:
+                self._run(batch, pool)
+
+    def _run(self, batch: list[_Waiting], pool: ThreadPoolExecutor) -> None:
+        live = [item for item in batch if item.future.set_running_or_notify_cancel()]
+        arrays = [item.item for item in live]
+        if any(callable(array) for array in arrays):
+            arrays = list(pool.map(_prepared, live)) if len(live) > 1 else [_prepared(live[0])]
+            for item, array in zip(live, arrays, strict=True):
+                if isinstance(array, _Failed):
+                    item.future.set_exception(array.error)
+            kept = [n for n, array in enumerate(arrays) if not isinstance(array, _Failed)]
+            live, arrays = [live[n] for n in kept], [arrays[n] for n in kept]
+        if not live:
+            return
+        start = time.perf_counter()
+        try:
+            outputs = self.run_batch(np.stack(arrays))
+        except BaseException as error:  # handed to every waiting caller, never lost
+            for item in live:
+                item.future.set_exception(error)
+            return
+        seconds = time.perf_counter() - start
+        self._seconds_per_item = 0.8 * self._seconds_per_item + 0.2 * seconds / len(live)
+        for item, row in zip(live, outputs, strict=True):
+            item.future.set_result(row)
+        if self.on_batch is not None:
+            self.on_batch(len(live), seconds)
+
+
+def _prepared(waiting: _Waiting) -> np.ndarray | _Failed:
+    """The item's array: the item itself, or what its callable returns (its error kept)."""
+    if not callable(waiting.item):
+        return waiting.item
+    try:
+        return waiting.item()
+    except BaseException as error:  # the item's own answer, not the batch's
+        return _Failed(error)
 
 
 class BatchedEmbedder:
@@ -183,14 +231,14 @@ class BatchedEmbedder:
     `DynamicBatcher`: the interface the face pipeline uses (`embed`, `preprocessor`,
     `channel_order`, `dim`, `threshold`), so threads embedding at once share batches.
 
-    Decoding and resizing run in the calling thread, at most `decode_slots` at once
-    (default: the CPU count, at least 2), which bounds the memory decoded images take.
+    Decoding and resizing run in the batcher's worker, just before each batch's model call
+    (see `DynamicBatcher`): the queue holds the inputs as given, a batch's decoded
+    images exist while it runs.
     """
 
-    def __init__(self, embedder, batcher: DynamicBatcher, decode_slots: int | None = None):
+    def __init__(self, embedder, batcher: DynamicBatcher):
         self.embedder = embedder
         self.batcher = batcher
-        self._decoding = threading.BoundedSemaphore(decode_slots or max(2, os.cpu_count() or 1))
 
     @property
     def preprocessor(self):
@@ -208,22 +256,28 @@ class BatchedEmbedder:
     def threshold(self):
         return self.embedder.threshold
 
-    def preprocess_all(self, inputs, channel_order: str | None = None) -> list[np.ndarray]:
-        """Each input as the model takes it; the first unreadable one raises
-        `ImageLoadError` naming it and its index."""
-        arrays = []
-        for index, item in enumerate(as_input_list(inputs)):
-            with self._decoding:
-                try:
-                    arrays.append(self.embedder.preprocess(item, channel_order, index=index))
-                except ImageLoadError as error:
-                    raise without_traceback(error) from None
-        return arrays
+    def submit(self, inputs, channel_order: str | None = None) -> list[Future]:
+        """One future per input, resolved to its (D,) unit embedding; the worker decodes
+        and preprocesses the input when its batch runs, and an unreadable input's future
+        raises `ImageLoadError` naming it and its index. All are queued or none
+        (`OverloadedError`)."""
+        items = as_input_list(inputs)
+        return self.batcher.submit_many(
+            [partial(self._preprocess, item, channel_order, n) for n, item in enumerate(items)]
+        )
+
+    def _preprocess(self, item, channel_order: str | None, index: int) -> np.ndarray:
+        try:
+            return self.embedder.preprocess(item, channel_order, index=index)
+        except ImageLoadError as error:
+            raise without_traceback(error) from None
 
     def embed(self, inputs, *, channel_order: str | None = None) -> np.ndarray:
-        """(N, D) float32 unit embeddings of `inputs`, through the batcher (blocks)."""
+        """(N, D) float32 unit embeddings of `inputs`, through the batcher (blocks); the
+        first unreadable input raises its `ImageLoadError`."""
         items = as_input_list(inputs)
-        vectors = self.batcher.run(self.preprocess_all(items, channel_order))
+        futures = self.submit(items, channel_order)
+        vectors = np.stack([future.result() for future in futures])
         return check_finite_rows(vectors, items)
 
 

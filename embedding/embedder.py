@@ -344,10 +344,13 @@ class Embedder:
         return predict_padded(self.model, batch, self.batch_size)
 
     def warm_up(self) -> list[int]:
-        """Run the model once at every batch size `embed_arrays` pads to (1, 2, 4, ...,
-        `batch_size`), so that no later call compiles (JAX's jit, TensorFlow's trace): a
-        service calls it before it reports ready. Returns the sizes."""
-        sizes = sorted({padded_size(n, self.batch_size) for n in range(1, self.batch_size + 1)})
+        """Run the model once at 1, 2, 4, ..., `batch_size` images: every batch size
+        `embed_arrays` pads to where the backend compiles per batch size (JAX's jit), so
+        that no later call compiles; elsewhere the first trace (TensorFlow, one for every
+        batch size) and the kernels' first runs. A service calls it before it reports
+        ready. Returns the sizes."""
+        bs = self.batch_size
+        sizes = sorted({padded_size(n, bs, compiles_per_size=True) for n in range(1, bs + 1)})
         for size in sizes:
             self.embed_arrays(np.zeros((size, *self.preprocessor.input_shape), np.float32))
         return sizes

@@ -29,7 +29,7 @@ from safetensors.numpy import save_file
 
 import weights_convert
 from convnext_common.files import atomic_path, atomic_write_text
-from convnext_layers import POOLINGS, ConvNeXt, GeneralizedMeanPooling
+from convnext_layers import POOLINGS, ConvNeXt, GeneralizedMeanPooling, fast_ops
 from convnext_layers.dtypes import check_dtype
 from embedding.errors import ModelSourceError, ModelUnavailableError
 
@@ -460,13 +460,20 @@ def _to_cache(store: ModelCache, source, options, model) -> None:
         warnings.warn(f"Could not write model cache in {store.dir}: {error}", stacklevel=3)
 
 
-def padded_size(n: int, batch_size: int) -> int:
-    """Batch size a group of `n` images is padded to: the next power of two, at most
-    `batch_size` (so a run compiles at most log2(batch_size) + 1 shapes)."""
+def padded_size(n: int, batch_size: int, compiles_per_size: bool | None = None) -> int:
+    """Batch size a group of `n` images runs at. Where the backend compiles once per
+    batch size (`compiles_per_size`, default `fast_ops.compiles_per_batch_size()`: JAX),
+    the next power of two, at most `batch_size`, so that a run compiles at most
+    log2(batch_size) + 1 shapes; elsewhere `n` itself (a padded row costs as much as an
+    image). Never less than `n`."""
+    if compiles_per_size is None:
+        compiles_per_size = fast_ops.compiles_per_batch_size()
+    if n > batch_size or not compiles_per_size:
+        return n
     size = 1
     while size < n:
         size *= 2
-    return min(size, batch_size) if n <= batch_size else n
+    return min(size, batch_size)
 
 
 def predict_padded(
@@ -474,11 +481,12 @@ def predict_padded(
 ) -> np.ndarray:
     """`model` on up to `batch_size` images, zero-padded: the one place batches are run.
 
-    Without a distribution the batch is padded to `padded_size` (a power of two) and
-    run by `ConvNeXt.predict_batch` (the light inference entry point) or, for any other
-    model, `predict_on_batch`. Under a `keras.distribution` (its variables created
-    under it: `embedding.distribution.clone_under`) it is padded to the full
-    `batch_size`, so that every device gets an equal share, and run in its scope.
+    Without a distribution the batch is padded to `padded_size` (a power of two on
+    JAX, not padded on TensorFlow and torch) and run by `ConvNeXt.predict_batch` (the
+    light inference entry point) or, for any other model, `predict_on_batch`. Under a
+    `keras.distribution` (its variables created under it:
+    `embedding.distribution.clone_under`) it is padded to the full `batch_size`, so
+    that every device gets an equal share, and run in its scope.
     Returns (n, D) float32 numpy. Under a distribution over several processes, `batch`
     is this process's share and so are the rows returned.
     """

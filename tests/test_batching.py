@@ -106,6 +106,55 @@ def test_a_failing_model_call_reaches_every_caller_and_the_worker_goes_on():
     batcher.close()
 
 
+def test_callable_items_are_made_by_the_worker_between_model_calls_and_fail_alone():
+    """A callable item (an upload to decode) is called by the worker's pool just before its
+    batch runs, never while the model runs; one that raises fails only its own future."""
+    events, lock = [], threading.Lock()
+
+    def record(what):
+        with lock:
+            events.append((what, time.monotonic()))
+
+    def model(batch):
+        record("model start")
+        time.sleep(0.05)
+        record("model end")
+        return batch * 10.0
+
+    def make(value):
+        def prepare():
+            record("prepare start")
+            time.sleep(0.01)
+            record("prepare end")
+            if value == 3:
+                raise ImageLoadError("bytes", "not a readable image", index=3)
+            return np.full(2, value, np.float32)
+
+        return prepare
+
+    batcher = DynamicBatcher(model, max_batch=4, timeout_s=0.05, prepare_threads=2)
+    callers = [threading.Thread(target=lambda i=i: futures.__setitem__(i, batcher.submit(make(i))))
+               for i in range(8)]  # fmt: skip
+    futures = [None] * 8
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    for i, future in enumerate(futures):
+        if i == 3:
+            with pytest.raises(ImageLoadError, match="input #3"):
+                future.result(10)
+        else:
+            assert future.result(10)[0] == 10.0 * i
+    batcher.close()
+    running = 0  # model calls in progress at each event
+    for what, _ in sorted(events, key=lambda event: event[1]):
+        running += {"model start": 1, "model end": -1}.get(what, 0)
+        if what.startswith("prepare"):
+            assert running == 0, "an item was prepared while the model ran"
+    assert sum(what == "prepare start" for what, _ in events) == 8
+
+
 def test_close_finishes_the_queue_then_refuses_work():
     gate = threading.Event()
     batcher = DynamicBatcher(Model(gate), max_batch=2, timeout_s=0.0)

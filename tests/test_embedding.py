@@ -6,6 +6,7 @@ import json
 import os
 import pathlib
 
+import keras
 import numpy as np
 import pytest
 import skimage.data
@@ -16,6 +17,7 @@ from timm.data import create_transform, resolve_data_config
 
 import embedding
 import weights_convert
+from convnext_layers import fast_ops
 from embedding import (
     Embedder,
     GeneralizedMeanPooling,
@@ -263,9 +265,27 @@ def test_hub_source_without_network_fails_clearly(monkeypatch, tmp_path):
             Embedder(wrong)
 
 
-def test_padded_sizes_are_powers_of_two_capped():
-    assert [padded_size(n, 32) for n in (1, 2, 3, 5, 17, 32)] == [1, 2, 4, 8, 32, 32]
-    assert padded_size(20, 24) == 24
+def test_padded_sizes_are_powers_of_two_capped_where_each_size_compiles():
+    compiled = [padded_size(n, 32, compiles_per_size=True) for n in (1, 2, 3, 5, 17, 32)]
+    assert compiled == [1, 2, 4, 8, 32, 32]
+    assert padded_size(20, 24, compiles_per_size=True) == 24
+    assert [padded_size(n, 32, compiles_per_size=False) for n in (1, 3, 17, 32)] == [1, 3, 17, 32]
+    assert padded_size(40, 32, compiles_per_size=True) == 40  # never fewer rows than given
+    # JAX's jit compiles per batch size; TensorFlow's trace leaves it open, torch is eager
+    assert fast_ops.compiles_per_batch_size() == (keras.backend.backend() == "jax")
+
+
+def test_batches_run_unpadded_where_the_backend_does_not_compile_per_size(
+    small_checkpoint, monkeypatch
+):
+    """The model sees 3 rows for 3 images on TensorFlow and torch (a padded row costs
+    as much as an image), 4 on JAX (one compiled shape per power of two)."""
+    embedder = Embedder(small_checkpoint[0], batch_size=8, cache=False)
+    seen = []
+    run = embedder.model.predict_batch
+    monkeypatch.setattr(embedder.model, "predict_batch", lambda x: seen.append(len(x)) or run(x))
+    embedder.embed([skimage.data.astronaut()[::8, ::8]] * 3)
+    assert seen == ([4] if keras.backend.backend() == "jax" else [3])
 
 
 # ----------------------------------------------------------------------------

@@ -263,6 +263,14 @@ def layer_kernels(x) -> LayerKernels | None:
     return None if module is None else module.layer_kernels(x)
 
 
+def compiles_per_batch_size() -> bool:
+    """Whether the inference path compiles once per batch size on this backend: JAX's
+    jit does; the TensorFlow `inference_function` leaves the batch size open (one trace
+    for all) and torch runs eagerly. Where it does, callers run batches at a few padded
+    sizes (`embedding.model.padded_size`); elsewhere padding would only add work."""
+    return keras.backend.backend() not in ("tensorflow", "torch")
+
+
 def inference_function(model):
     """A callable running `model(x, training=False)` on one NumPy batch for inference,
     with less per-call work than `predict_on_batch` (which on JAX also walks every

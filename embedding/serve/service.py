@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
-from starlette.concurrency import run_in_threadpool
 
 from convnext_common.errors import error_message
 from embedding.batching import BatchedEmbedder, DynamicBatcher, check_finite_rows
@@ -178,22 +177,20 @@ class Service:
                 "(--max-queue): send them in several requests",
             )  # fmt: skip
 
-    def _prepare(self, uploads: list[Upload]) -> list[np.ndarray]:
-        arrays = []
-        for upload in uploads:
-            try:
-                arrays.extend(self.batched.preprocess_all([upload.data]))
-            except ImageLoadError as error:
-                raise image_refusal(upload, error) from None
-        return arrays
-
     async def embed_images(self, uploads: list[Upload]) -> np.ndarray:
-        """(N, D) embeddings of whole images: decoded in worker threads, then batched
-        with whatever else is waiting for the model."""
+        """(N, D) embeddings of whole images, batched with whatever else is waiting for
+        the model (the batcher's worker decodes them just before their batch runs); the
+        first unusable upload is refused (4xx) and nothing is returned."""
         self.check_count(uploads)
-        arrays = await run_in_threadpool(self._prepare, uploads)
-        futures = self.batcher.submit_many(arrays)
-        rows = await asyncio.gather(*(asyncio.wrap_future(future) for future in futures))
+        futures = self.batched.submit([upload.data for upload in uploads])
+        rows = await asyncio.gather(
+            *(asyncio.wrap_future(future) for future in futures), return_exceptions=True
+        )
+        for upload, row in zip(uploads, rows, strict=True):
+            if isinstance(row, ImageLoadError):
+                raise image_refusal(upload, row)
+            if isinstance(row, BaseException):
+                raise row
         return check_finite_rows(np.stack(rows), [u.describe() for u in uploads])
 
     def load_picture(self, upload: Upload):
