@@ -73,13 +73,19 @@ def pytest_collection_modifyitems(config, items):
     backend (numpy, FAISS, file handling, documentation, process plumbing) or that
     starts every backend itself. A single-backend run runs it; a run over all
     backends (.ci/run sets CONVNEXT_TESTS_ONCE=1) runs it only in the named
-    backends' sessions."""
+    backends' sessions. Several `once` marks on one test (the function's and a
+    parameter's) narrow each other: it runs in the backends all of them name."""
     if os.environ.get("CONVNEXT_TESTS_ONCE") != "1":
         return
     for item in items:
-        marker = item.get_closest_marker("once")
-        if marker is not None and BACKEND not in marker.args:
-            named = " and ".join(marker.args)
+        marks = list(item.iter_markers("once"))
+        if not marks:
+            continue
+        backends = [b for b in marks[0].args if all(b in mark.args for mark in marks)]
+        if not backends:
+            raise pytest.UsageError(f"{item.nodeid}: its once marks name no backend in common")
+        if BACKEND not in backends:
+            named = " and ".join(backends)
             reason = f"one backend suffices: this multi-backend run runs it under {named}"
             item.add_marker(pytest.mark.skip(reason=reason))
 

@@ -468,6 +468,7 @@ def test_the_key_is_never_logged(server):
 
 
 @pytest.mark.slow
+@pytest.mark.once("torch")  # the server's process plumbing; every backend serves elsewhere
 def test_kill_restart_overload_and_sigterm(small_checkpoint, face_photos, tmp_path):
     """On a SQLite store (the main server's is a folder): acknowledged enrolments survive
     SIGKILL; a full queue answers 503 + Retry-After; SIGTERM lets the requests in flight

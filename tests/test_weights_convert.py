@@ -7,6 +7,7 @@ models built without initialising their variables, so even convnextv2_huge
 costs about a second.
 """
 
+import dataclasses
 import json
 import logging
 import os
@@ -34,12 +35,21 @@ PUBLISHED_TAGS = timm.list_models("convnext*", pretrained=True)
 # numeric parity marked slow (CI runs them); the two largest: keys, shapes, counts only
 NUMERIC_SLOW = {"small", "base", "large", "large_mlp", "xlarge"}
 SHAPES_ONLY = {"xxlarge", "huge"}
-# From base up, a variant adds no layer the smaller ones (checked on every backend)
-# lack: only widths and depths, which are data. A run over all three backends
-# (.ci/run) checks each of these numerically in one backend's session, in turn,
-# so every backend still runs some (20-30 s each on 2 cores).
-ONE_BACKEND_EACH = {"base", "large", "large_mlp", "xlarge"}
-BACKENDS = ("jax", "tensorflow", "torch")
+
+
+def architecture_kind(config) -> tuple:
+    """What an architecture is made of beyond its sizes (stem, norm, activation, GRN,
+    layer scale, kernel sizes, head, ...): architectures of one kind differ only in
+    widths, depths and epsilon, which are data to the same layers."""
+    fields = dataclasses.asdict(config)
+    for size in ("depths", "widths", "norm_eps"):
+        del fields[size]
+    fields["head_hidden_size"] = fields["head_hidden_size"] is not None
+    return tuple(sorted(fields.items()))
+
+
+def _size(config) -> int:
+    return sum(d * w * w for d, w in zip(config.depths, config.widths, strict=True))
 
 
 def images(batch, size, seed=0):
@@ -185,17 +195,32 @@ def test_every_published_tag_converts(tag):
 
 
 def _parity_params():
-    params, big = [], 0
-    for arch in sorted(wc.ARCHITECTURES):
+    """Every backend checks the smallest architecture of each kind numerically (its
+    layers on that backend). A run over all three backends (.ci/run) checks each of
+    the others in one backend's session, largest first and in turn from torch (the
+    fastest to compile), so every architecture is checked and every backend runs some
+    of each size. `large_mlp`, the only one of its kind (a hidden head layer), is
+    large: its head is checked on every backend by test_timm_args at a small size."""
+    configs = {arch: wc.ARCHITECTURES[arch] for arch in sorted(wc.ARCHITECTURES)}
+    smallest = {}
+    for arch, config in sorted(configs.items(), key=lambda item: _size(item[1])):
+        smallest.setdefault(architecture_kind(config), arch)
+    every_backend = set(smallest.values()) - {"convnext_large_mlp"}
+    turns = ("torch", "tensorflow", "jax")
+    by_size = sorted(configs, key=lambda arch: -_size(configs[arch]))
+    in_turn = [
+        a for a in by_size if a not in every_backend and a.split("_", 1)[1] not in SHAPES_ONLY
+    ]
+    params = []
+    for arch in configs:
         variant = arch.split("_", 1)[1]
         marks = []
         if variant in SHAPES_ONLY:
             marks.append(pytest.mark.skip("keys / shapes / counts only (size)"))
         elif variant in NUMERIC_SLOW:
             marks.append(pytest.mark.slow)
-        if variant in ONE_BACKEND_EACH:
-            marks.append(pytest.mark.once(BACKENDS[big % len(BACKENDS)]))
-            big += 1
+        if arch in in_turn:
+            marks.append(pytest.mark.once(turns[in_turn.index(arch) % len(turns)]))
         params.append(pytest.param(arch, marks=marks))
     return params
 
