@@ -68,6 +68,8 @@ def test_onnx_embedder_loads_without_keras(exported):
 
 
 def test_the_onnx_model_served_without_keras_equals_the_keras_one(exported, tmp_path):
+    for module in ("fastapi", "uvicorn"):  # the serve extra; .ci/run installs it
+        pytest.importorskip(module, reason='the serve extra: pip install -e ".[serve]"')
     path, embedder = exported
     files = []
     for name in PHOTOS:

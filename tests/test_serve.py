@@ -27,6 +27,10 @@ from embedding import Embedder
 from embedding.cli import main as embedding_main
 from embedding.gallery import open_store
 
+# the serve extra (FastAPI, uvicorn, ...): .ci/run installs it, so CI never skips these
+for _module in ("fastapi", "uvicorn"):
+    pytest.importorskip(_module, reason='the serve extra: pip install -e ".[serve]"')
+
 KEY = "k3y-" + "0123456789abcdef" * 2
 MAX_PIXELS = 4_000_000
 MAX_UPLOAD_MB = 1
