@@ -191,14 +191,13 @@ class DynamicBatcher:
 
     def _run(self, batch: list[_Waiting], pool: ThreadPoolExecutor) -> None:
         live = [item for item in batch if item.future.set_running_or_notify_cancel()]
-        arrays = [item.item for item in live]
-        if any(callable(array) for array in arrays):
-            arrays = list(pool.map(_prepared, live)) if len(live) > 1 else [_prepared(live[0])]
-            for item, array in zip(live, arrays, strict=True):
-                if isinstance(array, _Failed):
-                    item.future.set_exception(array.error)
-            kept = [n for n, array in enumerate(arrays) if not isinstance(array, _Failed)]
-            live, arrays = [live[n] for n in kept], [arrays[n] for n in kept]
+        in_pool = len(live) > 1 and any(callable(item.item) for item in live)
+        arrays = list(pool.map(_prepared, live)) if in_pool else [_prepared(i) for i in live]
+        for item, array in zip(live, arrays, strict=True):
+            if isinstance(array, _Failed):
+                item.future.set_exception(array.error)
+        kept = [n for n, array in enumerate(arrays) if not isinstance(array, _Failed)]
+        live, arrays = [live[n] for n in kept], [arrays[n] for n in kept]
         if not live:
             return
         start = time.perf_counter()
@@ -261,24 +260,24 @@ class BatchedEmbedder:
         and preprocesses the input when its batch runs, and an unreadable input's future
         raises `ImageLoadError` naming it and its index. All are queued or none
         (`OverloadedError`)."""
+        return self.batcher.submit_many(self._loaders(as_input_list(inputs), channel_order))
+
+    def embed(self, inputs, *, channel_order: str | None = None) -> np.ndarray:
+        """(N, D) float32 unit embeddings of `inputs`, through the batcher (blocks); the
+        first unreadable input raises its `ImageLoadError`."""
         items = as_input_list(inputs)
-        return self.batcher.submit_many(
-            [partial(self._preprocess, item, channel_order, n) for n, item in enumerate(items)]
-        )
+        vectors = self.batcher.run(self._loaders(items, channel_order))
+        return check_finite_rows(vectors, items)
+
+    def _loaders(self, items: list, channel_order: str | None) -> list[Callable[[], np.ndarray]]:
+        """Per item, what the batcher's worker calls to preprocess it."""
+        return [partial(self._preprocess, item, channel_order, n) for n, item in enumerate(items)]
 
     def _preprocess(self, item, channel_order: str | None, index: int) -> np.ndarray:
         try:
             return self.embedder.preprocess(item, channel_order, index=index)
         except ImageLoadError as error:
             raise without_traceback(error) from None
-
-    def embed(self, inputs, *, channel_order: str | None = None) -> np.ndarray:
-        """(N, D) float32 unit embeddings of `inputs`, through the batcher (blocks); the
-        first unreadable input raises its `ImageLoadError`."""
-        items = as_input_list(inputs)
-        futures = self.submit(items, channel_order)
-        vectors = np.stack([future.result() for future in futures])
-        return check_finite_rows(vectors, items)
 
 
 def check_finite_rows(vectors: np.ndarray, items) -> np.ndarray:
