@@ -10,10 +10,12 @@ A page asks for a table by fencing its place (see `markdown_pages`):
 
 and this script writes it there, with the date, the machine and the load average of
 the run it comes from. The tables (`TABLES`): `inference` and `inference-memory`
-(speed and peak memory against timm), `end-to-end`, `cold-start` and
-`cold-start-user-install`, `gallery`, `gallery-sweep` and `gallery-stores`,
-`export-parity`, `serve`. A new results file gets a new entry in `TABLES`; rerunning a
-benchmark into the same file and then this script updates every page that shows it.
+(speed and peak memory against timm), `against-compiled-float32` and
+`against-compiled-bfloat16` (round three: timm eager and timm + torch.compile),
+`end-to-end`, `cold-start` and `cold-start-user-install`, `gallery`, `gallery-sweep` and
+`gallery-stores`, `export-parity`, `serve`. A new results file gets a new entry in
+`TABLES`; rerunning a benchmark into the same file and then this script updates every
+page that shows it.
 
 The gallery tables are the benchmark's own (`gallery_benchmark.markdown`); the others
 are laid out for a reader here (one column per backend, phases without the
@@ -103,6 +105,67 @@ def inference(name="cpu_r224_float32") -> str:
         f"{cfg['dtype']}, Keras `{', '.join(cfg['calls'])}`; ratio = our images/s over timm "
         "eager's, so > 1 is faster.\n\n" + table
     )
+
+
+def against_compiled(name: str) -> str:
+    """Round three's table (a run with `--timm-compile`): per (variant, batch), timm eager's
+    images/s, timm + torch.compile's ratio to it, each backend's ratio to timm eager and
+    to timm + torch.compile, the best backend's ratio to timm + torch.compile and its
+    share of the CPU's peak; then each side's first call (compilation) in seconds."""
+    report = {**read(name), "_name": name}
+    cfg, rows = report["config"], report["results"]
+    backends = [n for n in dict.fromkeys(r["name"] for r in rows) if n.startswith("keras-")]
+    peak = (report["machine"].get("peak_gflops") or {}).get(cfg["dtype"])
+    titles = [COLUMNS.get(b, b) for b in backends]
+    speed = [
+        "| variant | batch | timm eager img/s | timm + compile | "
+        + " | ".join(titles)
+        + " | best vs timm + compile | best GFLOP/s (of peak) |",
+        "|---|---:|---:|---:|" + "---:|" * (len(backends) + 2),
+    ]
+    first = [
+        "| variant | batch | timm + compile | " + " | ".join(titles) + " |",
+        "|---|---:|---:|" + "---:|" * len(backends),
+    ]
+    for variant, batch in dict.fromkeys((r["variant"], r["batch_size"]) for r in rows):
+        group = {r["name"]: r for r in rows if (r["variant"], r["batch_size"]) == (variant, batch)}
+        timm, compiled = group["timm"], group["timm +compile"]
+        ours = [group[b] for b in backends if b in group]
+        best = max(ours, key=lambda r: r["images_per_s"])
+        best_title = COLUMNS.get(best["name"], best["name"])
+        share = f" ({best['gflops_per_s'] / peak:.1%})" if peak else ""
+        speed.append(
+            f"| {variant} | {batch} | {timm['images_per_s']:.1f} "
+            f"| {compiled['ratio_to_timm']:.2f}x | "
+            + " | ".join(
+                f"{r['ratio_to_timm']:.2f}x / {r['ratio_to_timm_compiled']:.2f}x" for r in ours
+            )
+            + f" | {best['ratio_to_timm_compiled']:.2f}x ({best_title})"
+            f" | {best['gflops_per_s']:.0f}{share} |"
+        )
+        first.append(
+            f"| {variant} | {batch} | {compiled['first_call_s']:.1f} | "
+            + " | ".join(f"{r['first_call_s']:.1f}" for r in ours)
+            + " |"
+        )
+    derivation = (report["machine"].get("peak_gflops") or {}).get("derivation")
+    peak_text = f" Peak {peak:,.0f} GFLOP/s: {derivation}." if peak else ""
+    return (
+        f"{_caption(report, rows)} {cfg['resolution']}x{cfg['resolution']}, {cfg['dtype']} "
+        f"on every side, Keras `{', '.join(cfg['calls'])}`. A backend's cell: its images/s "
+        f"over timm eager's / over timm + torch.compile's, so > 1 is faster.{peak_text}\n\n"
+        + "\n".join(speed)
+        + "\n\nFirst call in seconds (compilation: torch.compile, JAX's jit, TensorFlow's "
+        "trace; never inside the timed passes):\n\n" + "\n".join(first)
+    )
+
+
+def against_compiled_float32() -> str:
+    return against_compiled("cpu_r224_float32_compile")
+
+
+def against_compiled_bfloat16() -> str:
+    return against_compiled("cpu_r224_bfloat16")
 
 
 def inference_memory(name="cpu_r224_float32") -> str:
@@ -241,6 +304,8 @@ def serve(name="serve_cpu") -> str:
 TABLES = {
     "inference": inference,
     "inference-memory": inference_memory,
+    "against-compiled-float32": against_compiled_float32,
+    "against-compiled-bfloat16": against_compiled_bfloat16,
     "end-to-end": end_to_end,
     "cold-start": cold_start,
     "cold-start-user-install": cold_start_user_install,

@@ -158,6 +158,38 @@ def test_performance_page_shows_the_measured_ratios():
 
 
 @pytest.mark.once("torch")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_performance_page_shows_the_ratios_against_torch_compile(dtype):
+    """Round three's tables: each backend's cell is its ratio to timm eager / to timm +
+    torch.compile from the results file, and the best column names the fastest backend
+    with its ratio (read here from the JSON, not from the generator)."""
+    name = {"float32": "cpu_r224_float32_compile", "bfloat16": "cpu_r224_bfloat16"}[dtype]
+    with open(ROOT / f"benchmarks/results/{name}.json") as f:
+        results = json.load(f)["results"]
+    page = (ROOT / "docs/performance.md").read_text()
+    table = page.split(f"<!-- benchmark-table:against-compiled-{dtype}:begin -->")[1]
+    lines = [line for line in table.split("First call")[0].splitlines() if line.startswith("|")]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in lines]
+    header, rows = rows[0], rows[2:]
+    columns = {"JAX": "keras-jax", "TensorFlow": "keras-tensorflow", "PyTorch": "keras-torch"}
+    checked = 0
+    for variant, batch in {(r["variant"], r["batch_size"]) for r in results}:
+        group = {
+            r["name"]: r for r in results if (r["variant"], r["batch_size"]) == (variant, batch)
+        }
+        cells = next(r for r in rows if r[:2] == [variant, str(batch)])
+        for title, side in columns.items():
+            row = group[side]
+            expected = f"{row['ratio_to_timm']:.2f}x / {row['ratio_to_timm_compiled']:.2f}x"
+            assert cells[header.index(title)] == expected, (variant, batch, title)
+            checked += 1
+        best = max(columns, key=lambda title: group[columns[title]]["images_per_s"])
+        ratio = group[columns[best]]["images_per_s"] / group["timm +compile"]["images_per_s"]
+        assert cells[header.index("best vs timm + compile")] == f"{ratio:.2f}x ({best})"
+    assert checked == 27  # 3 variants x 3 batch sizes x 3 backends
+
+
+@pytest.mark.once("torch")
 def test_generated_parts_are_fenced_whole():
     with pytest.raises(ValueError, match="unknown benchmark table 'nope'"):
         benchmark_tables.updated_page("<!-- benchmark-table:nope:begin -->\n")

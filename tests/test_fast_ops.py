@@ -153,6 +153,12 @@ LAYER_CASES = {
         lambda: GlobalResponseNorm(),
         (5, 4, 6),
     ),
+    "torch_grn_bfloat16": (
+        "torch",
+        (torch_kernels, "torch_response_norm"),
+        lambda: GlobalResponseNorm(dtype="bfloat16"),
+        (5, 4, 6),
+    ),
 }
 
 
@@ -221,6 +227,11 @@ UNMEASURED_DTYPES = {
         "tensorflow",
         (tensorflow_kernels, "tensorflow_pointwise_conv"),
         lambda: PointwiseDense(12, dtype="float32"),
+    ),
+    "torch_grn_bfloat16": (
+        "torch",
+        (torch_kernels, "torch_response_norm"),
+        lambda: GlobalResponseNorm(dtype="float32"),
     ),
 }
 
@@ -696,6 +707,31 @@ def test_tensorflow_layer_norm_is_layer_norm(scale, dtype, rng):
         assert tuple(got.shape) == x.shape and got.dtype == dtype
         error = np.abs(tf.cast(got, "float32").numpy() - expected)
         assert np.all(error <= bound), (error - bound).max()
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="a torch fast path")
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_torch_bfloat16_response_norm_is_grn(scale, rng):
+    """The bfloat16 GRN equals GRN computed in float64 on the same bfloat16 values within
+    the roundings it makes (u = 2^-8 relative, bfloat16's spacing): the factor
+    1 + weight * Nx and the bias rounded to bfloat16 (u/2 each), the product and the sum
+    (u/2 each), so |error| <= u * (|x * factor| + |bias| + |y|). At scale 30 the sum of
+    squares over H x W (7 x 9 here) would lose digits if it were accumulated in bfloat16."""
+    import torch
+
+    x = (scale * rng.standard_normal((2, 7, 9, 16))).astype("float32")
+    weight, bias = (rng.standard_normal(16).astype("float32") for _ in "wb")
+    x, weight, bias = (torch.from_numpy(v).bfloat16() for v in (x, weight, bias))
+    x64, w64, b64 = (v.double().numpy() for v in (x, weight, bias))
+    gx = np.sqrt((x64**2).sum(axis=(1, 2), keepdims=True))
+    factor = 1.0 + w64 * gx / (gx.mean(axis=-1, keepdims=True) + 1e-6)
+    expected = x64 * factor + b64
+    with torch.inference_mode():
+        got = torch_kernels.torch_response_norm(x, weight, bias, 1e-6)
+    assert got.dtype == torch.bfloat16 and tuple(got.shape) == x64.shape
+    bound = 2**-8 * (np.abs(x64 * factor) + np.abs(b64) + np.abs(expected))
+    error = np.abs(got.double().numpy() - expected)
+    assert np.all(error <= bound), (error - bound).max()
 
 
 @pytest.mark.skipif(BACKEND != "torch", reason="torch kernels")

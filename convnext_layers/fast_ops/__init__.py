@@ -41,6 +41,9 @@ The fast paths (name: what it is; the fallback that replaces it):
 - "torch_row_blocks" (torch): the same blocks in the layer-by-layer inference
   without autograd, in float32, one after another (`torch_by_row_blocks`);
   fallback the tail in one piece.
+- "torch_grn_bfloat16" (torch): GRN on a bfloat16 tensor kept in bfloat16 (its
+  norm accumulated in float32 by `vector_norm(dtype=float32)`, one bfloat16
+  `addcmul`; `torch_kernels.torch_response_norm`); fallback the float32 GRN.
 - "jax_shifted_sum" (jax): the 7x7 depthwise conv as 49 shifted multiply-adds
   instead of XLA's grouped conv, for inference and training: its gradient has
   its own rule (`jax_depthwise`), measured for training on a CPU as well;
@@ -115,6 +118,7 @@ FAST_PATHS = (
     "jax_row_blocks",
     "jax_float32_compute",
     "torch_row_blocks",
+    "torch_grn_bfloat16",
     "layerwise_call",
     "compiled_inference",
     "flatten_layers",
@@ -237,7 +241,8 @@ def run_kernel(kind: str, x, portable_call, *args):
     Each backend module lists its kernels in `KERNELS` ({kind: (fast path name,
     function name)}); the function is looked up when called, so a test can
     replace it. Kinds: "depthwise_conv" (x, layer), "conv" (x, layer),
-    "dense" (x, layer, fuse_gelu), "multiply_add" (x, scale, bias)."""
+    "dense" (x, layer, fuse_gelu), "multiply_add" (x, scale, bias),
+    "bfloat16_response_norm" (x, layer: GRN on a bfloat16 x)."""
     module = _backend_module()
     entry = None if module is None else module.KERNELS.get(kind)
     if entry is None or not use_fast_path(entry[0], x):

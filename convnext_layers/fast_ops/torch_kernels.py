@@ -18,6 +18,7 @@ KERNELS = {
     "conv": ("torch_conv_nhwc", "conv"),
     "dense": ("onednn_linear", "dense"),
     "multiply_add": ("torch_addcmul", "torch_multiply_add"),
+    "bfloat16_response_norm": ("torch_grn_bfloat16", "response_norm"),
 }
 
 
@@ -230,6 +231,39 @@ def dense(x, layer, fuse_gelu):
     # kernel (in, out) -> weight (out, in): a transposed view, no copy
     y, fused = torch_linear(x, kernel.t(), bias, fuse_gelu=fuse_gelu)
     return y if fused or layer.activation is None else layer.activation(y)
+
+
+def torch_response_norm(x, weight, bias, epsilon):
+    """ConvNeXt V2's GRN on a bfloat16 (B, H, W, C) tensor without a float32 copy of it:
+    the L2 norm over (H, W) accumulated in float32 from the bfloat16 values
+    (`vector_norm(dtype=float32)` upcasts inside its reduction), the per-(sample,
+    channel) factor `1 + weight * Nx` in float32, then one bfloat16 `addcmul` with the
+    factor and bias rounded to bfloat16.
+
+    The portable GRN casts the tensor to float32, squares it, multiplies and adds in
+    float32 and casts back. convnextv2_atto in bfloat16, `predict_batch`, one process
+    alternating the two 8 times: batch 8 69.5 -> 62.9 ms, batch 32 323 -> 283 ms
+    (embeddings within cosine 0.999997)."""
+    # torch: on the torch backend alone (importing this module loads no backend)
+    import torch
+
+    gx = torch.linalg.vector_norm(x, 2, dim=(1, 2), keepdim=True, dtype=torch.float32)
+    nx = gx / (gx.mean(dim=-1, keepdim=True) + epsilon)
+    scale = 1.0 + weight.to(torch.float32) * nx
+    return torch.addcmul(bias.to(x.dtype), x, scale.to(x.dtype))
+
+
+def response_norm(x, layer):
+    """`GlobalResponseNorm`'s call on torch for a bfloat16 input (`torch_response_norm`),
+    for inference: with gradients, the layer's portable GRN (the fast path was measured
+    for inference only)."""
+    # torch: on the torch backend alone (importing this module loads no backend)
+    import torch
+
+    weight, bias = layer.weight.value, layer.bias.value
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias)):
+        return layer._response_norm(x)
+    return torch_response_norm(x, weight, bias, layer.epsilon)
 
 
 def layer_kernels(x):
