@@ -344,13 +344,8 @@ class GlobalResponseNorm(keras.layers.Layer):
         self.bias = self.add_weight(name="bias", shape=(channels,), initializer="zeros")
 
     def call(self, x):
-        if keras.backend.standardize_dtype(x.dtype) == "bfloat16":
-            # the float32 copies below are most of a bfloat16 GRN's time: a backend's
-            # kernel keeps the big tensor in bfloat16, its statistics in float32
-            return fast_ops.run_kernel(
-                "bfloat16_response_norm", x, lambda: self._response_norm(x), self
-            )
-        return self._response_norm(x)
+        # a backend's kernel where it has one for x's dtype (torch: bfloat16)
+        return fast_ops.run_kernel("response_norm", x, lambda: self._response_norm(x), self)
 
     def _response_norm(self, x):
         """The portable GRN, computed in float32 whatever `x`'s dtype."""

@@ -242,7 +242,7 @@ def run_kernel(kind: str, x, portable_call, *args):
     function name)}); the function is looked up when called, so a test can
     replace it. Kinds: "depthwise_conv" (x, layer), "conv" (x, layer),
     "dense" (x, layer, fuse_gelu), "multiply_add" (x, scale, bias),
-    "bfloat16_response_norm" (x, layer: GRN on a bfloat16 x)."""
+    "response_norm" (x, layer: GRN)."""
     module = _backend_module()
     entry = None if module is None else module.KERNELS.get(kind)
     if entry is None or not use_fast_path(entry[0], x):

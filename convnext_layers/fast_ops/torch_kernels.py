@@ -18,8 +18,12 @@ KERNELS = {
     "conv": ("torch_conv_nhwc", "conv"),
     "dense": ("onednn_linear", "dense"),
     "multiply_add": ("torch_addcmul", "torch_multiply_add"),
-    "bfloat16_response_norm": ("torch_grn_bfloat16", "response_norm"),
+    "response_norm": ("torch_grn_bfloat16", "response_norm"),
 }
+
+# `torch_grn_bfloat16`'s dtypes: in float32 the portable GRN's cast is free and its
+# sum of squares measured faster than `vector_norm` (see `GlobalResponseNorm`)
+RESPONSE_NORM_DTYPES = ("bfloat16",)
 
 
 def torch_value(variable, dtype):
@@ -254,14 +258,16 @@ def torch_response_norm(x, weight, bias, epsilon):
 
 
 def response_norm(x, layer):
-    """`GlobalResponseNorm`'s call on torch for a bfloat16 input (`torch_response_norm`),
-    for inference: with gradients, the layer's portable GRN (the fast path was measured
-    for inference only)."""
+    """`GlobalResponseNorm`'s call on torch: `torch_response_norm` for inference in
+    `RESPONSE_NORM_DTYPES`; the layer's portable GRN in other dtypes and with gradients
+    (the fast path was measured for bfloat16 inference only)."""
     # torch: on the torch backend alone (importing this module loads no backend)
     import torch
 
     weight, bias = layer.weight.value, layer.bias.value
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias)):
+    if keras.backend.standardize_dtype(x.dtype) not in RESPONSE_NORM_DTYPES or (
+        torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias))
+    ):
         return layer._response_norm(x)
     return torch_response_norm(x, weight, bias, layer.epsilon)
 
