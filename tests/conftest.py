@@ -9,6 +9,7 @@ import torch
 import contextlib
 import ctypes
 import gc
+import importlib.util
 import io
 import itertools
 import json
@@ -119,6 +120,16 @@ def _free_models_after_each_module():
         jax.clear_caches()
     gc.collect()
     _return_freed_memory_to_the_system()
+
+
+def benchmark_script(name: str):
+    """benchmarks/<name>.py loaded as a module (its functions, without running it)."""
+    spec = importlib.util.spec_from_file_location(
+        f"convnext_{name}", os.path.join(ROOT, "benchmarks", f"{name}.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def random_timm_model(arch: str, seed: int = 0, **kwargs) -> torch.nn.Module:

@@ -3,7 +3,6 @@ KERAS_BACKEND only. It checks the structure of the JSON / Markdown it writes and
 that the numbers are positive and finite; it never asserts a speed."""
 
 import copy
-import importlib.util
 import json
 import math
 import os
@@ -12,17 +11,10 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import BACKEND
+from conftest import BACKEND, benchmark_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "benchmark.py")
-
-
-def _load_benchmark_module():
-    spec = importlib.util.spec_from_file_location("convnext_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _run(args, tmp_path):
@@ -39,7 +31,7 @@ def _run(args, tmp_path):
 
 def test_macs_match_timm_counts():
     # torch.utils.flop_counter on the timm models gives exactly these
-    bench = _load_benchmark_module()
+    bench = benchmark_script("benchmark")
     assert bench.macs("convnext_atto", 224) == 547_332_480
     assert bench.macs("convnextv2_atto", 224) == 547_332_480
     assert bench.macs("convnext_tiny", 224) == 4_455_531_264
@@ -117,7 +109,7 @@ def test_quick_benchmark_writes_table(tmp_path):
     two = copy.deepcopy(report)
     two["config"]["batch_sizes"] = [1, 2]
     two["results"] += [{**row, "batch_size": 2} for row in copy.deepcopy(rows)]
-    bench = _load_benchmark_module()
+    bench = benchmark_script("benchmark")
     tables = [t for t in bench.render_markdown(two).split("\n\n") if t.startswith("|")]
     speed, memory, full = (t.splitlines() for t in tables[:3])
     assert len(speed) == len(memory) == 2 + 2 and len(full) == 2 + 2 * len(rows)
@@ -126,7 +118,7 @@ def test_quick_benchmark_writes_table(tmp_path):
 def test_timm_compiled_side_and_ratios_to_it(monkeypatch):
     """--timm-compile adds timm + torch.compile second; every row gets its ratio to it,
     and the fraction of the CPU's peak, derived from /proc/cpuinfo's facts."""
-    bench = _load_benchmark_module()
+    bench = benchmark_script("benchmark")
     sides = bench.sides_for(["torch"], ["predict_batch"], None, timm_compile=True)
     assert [(s.side, s.name) for s in sides] == [
         ("timm", "timm"),
@@ -151,7 +143,7 @@ def test_timm_compiled_side_and_ratios_to_it(monkeypatch):
 
 
 def test_xla_flags_side_is_an_extra_jax_worker():
-    bench = _load_benchmark_module()
+    bench = benchmark_script("benchmark")
     sides = bench.sides_for(["jax", "torch"], ["predict_batch"], "--xla_cpu_foo=true")
     assert [side.name for side in sides] == [
         "timm",

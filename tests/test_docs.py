@@ -133,25 +133,38 @@ def test_benchmark_tables_are_current():
     assert shown == set(benchmark_tables.TABLES)
 
 
+# the performance tables' column titles -> the benchmark's side names
+BACKEND_COLUMNS = {"JAX": "keras-jax", "TensorFlow": "keras-tensorflow", "PyTorch": "keras-torch"}
+
+
+def _performance_table(name: str) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the first table in docs/performance.md's fenced benchmark table
+    `name`, each row its stripped cells."""
+    page = (ROOT / "docs/performance.md").read_text()
+    fenced = page.split(f"<!-- benchmark-table:{name}:begin -->")[1].split("<!--")[0]
+    lines = []
+    for line in fenced.splitlines():
+        if line.startswith("|"):
+            lines.append(line)
+        elif lines:
+            break  # the first table only
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in lines]
+    return rows[0], rows[2:]
+
+
 @pytest.mark.once("torch")
 def test_performance_page_shows_the_measured_ratios():
     """Each backend's speed ratio in the results file is the cell of its variant and
     batch on the performance page (read here from the JSON, not from the generator)."""
     with open(ROOT / "benchmarks/results/cpu_r224_float32.json") as f:
         results = json.load(f)["results"]
-    page = (ROOT / "docs/performance.md").read_text()
-    table = page.split("<!-- benchmark-table:inference:begin -->")[1].split("<!--")[0]
-    rows = [
-        [c.strip() for c in line.split("|")[1:-1]] for line in table.splitlines() if "|" in line
-    ]
-    header, rows = rows[0], rows[2:]
-    columns = {"JAX": "keras-jax", "TensorFlow": "keras-tensorflow", "PyTorch": "keras-torch"}
+    header, rows = _performance_table("inference")
     checked = 0
     for row in results:
-        if row["name"] not in columns.values():
+        if row["name"] not in BACKEND_COLUMNS.values():
             continue
         cells = next(r for r in rows if r[:2] == [row["variant"], str(row["batch_size"])])
-        title = next(t for t, name in columns.items() if name == row["name"])
+        title = next(t for t, name in BACKEND_COLUMNS.items() if name == row["name"])
         assert cells[header.index(title)] == f"{row['ratio_to_timm']:.2f}x", row
         checked += 1
     assert checked == 27  # 3 variants x 3 batch sizes x 3 backends
@@ -166,25 +179,22 @@ def test_performance_page_shows_the_ratios_against_torch_compile(dtype):
     name = {"float32": "cpu_r224_float32_compile", "bfloat16": "cpu_r224_bfloat16"}[dtype]
     with open(ROOT / f"benchmarks/results/{name}.json") as f:
         results = json.load(f)["results"]
-    page = (ROOT / "docs/performance.md").read_text()
-    table = page.split(f"<!-- benchmark-table:against-compiled-{dtype}:begin -->")[1]
-    lines = [line for line in table.split("First call")[0].splitlines() if line.startswith("|")]
-    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in lines]
-    header, rows = rows[0], rows[2:]
-    columns = {"JAX": "keras-jax", "TensorFlow": "keras-tensorflow", "PyTorch": "keras-torch"}
+    header, rows = _performance_table(f"against-compiled-{dtype}")
     checked = 0
     for variant, batch in {(r["variant"], r["batch_size"]) for r in results}:
         group = {
             r["name"]: r for r in results if (r["variant"], r["batch_size"]) == (variant, batch)
         }
         cells = next(r for r in rows if r[:2] == [variant, str(batch)])
-        for title, side in columns.items():
+        for title, side in BACKEND_COLUMNS.items():
             row = group[side]
             expected = f"{row['ratio_to_timm']:.2f}x / {row['ratio_to_timm_compiled']:.2f}x"
             assert cells[header.index(title)] == expected, (variant, batch, title)
             checked += 1
-        best = max(columns, key=lambda title: group[columns[title]]["images_per_s"])
-        ratio = group[columns[best]]["images_per_s"] / group["timm +compile"]["images_per_s"]
+        best = max(BACKEND_COLUMNS, key=lambda title: group[BACKEND_COLUMNS[title]]["images_per_s"])
+        ratio = (
+            group[BACKEND_COLUMNS[best]]["images_per_s"] / group["timm +compile"]["images_per_s"]
+        )
         assert cells[header.index("best vs timm + compile")] == f"{ratio:.2f}x ({best})"
     assert checked == 27  # 3 variants x 3 batch sizes x 3 backends
 

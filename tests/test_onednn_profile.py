@@ -1,20 +1,8 @@
 """benchmarks/onednn_profile.py: its reading of oneDNN's verbose lines, and one real
 run of timm's side (oneDNN prints what it executes; the profile finds the convolutions)."""
 
-import importlib.util
-import os
-
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "benchmarks", "onednn_profile.py")
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("onednn_profile", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import benchmark_script
 
 
 @pytest.mark.once("torch")
@@ -29,7 +17,7 @@ def test_verbose_lines_are_summed_per_kind_and_implementation():
         "dnnl_verbose,exec,cpu,reorder,jit:uni,undef,src_f32::blocked:abcd::f0,,,8x3x4x4,0.125",
         "not a verbose line,exec,cpu,convolution,x,9.0",
     ]
-    totals = _module().parse_verbose(lines)
+    totals = benchmark_script("onednn_profile").parse_verbose(lines)
     assert totals == {
         ("convolution", "brgconv:avx512_core_amx_bf16"): 0.75,
         ("reorder", "jit:uni"): 0.125,
@@ -38,7 +26,7 @@ def test_verbose_lines_are_summed_per_kind_and_implementation():
 
 @pytest.mark.once("torch")
 def test_a_timm_profile_finds_its_convolutions(tmp_path):
-    module = _module()
+    module = benchmark_script("onednn_profile")
     output = tmp_path / "profile.md"
     argv = ["--side", "timm", "--variant", "convnext_atto", "--batch-size", "1"]
     argv += ["--resolution", "64", "--dtype", "float32", "--passes", "2", "--warmup", "1"]
