@@ -343,6 +343,7 @@ class ConvNeXt(keras.Model):
                         kernels.apply or apply_layer_directly,
                         kernels.by_rows,
                         head,
+                        kernels.residual_dense,
                     ),
                     lambda: plan.run(
                         images, self.output_stages, apply_layer_directly, head_apply=head

@@ -71,30 +71,50 @@ class Residual:
     runs the block's per-position tail (`_pointwise_tail`) instead of calling it
     once: `tail(x, shortcut)` is the rest of the branch and the add, and `width`
     the widest channel count inside it (`fast_ops.jax_kernels.jax_by_row_blocks`,
-    `fast_ops.torch_kernels.torch_by_row_blocks`).
+    `fast_ops.torch_kernels.torch_by_row_blocks`). `residual_dense(x, shortcut,
+    dense, scales, unfused)`, when given, runs the block's output part (its last
+    pointwise Dense, the layer scales after it and the add; `_output_part`) as one
+    product with the shortcut added, `unfused()` being the layers one by one
+    (`fast_ops.torch_kernels.residual_dense`).
     """
 
     def __init__(self, branch, add):
         self.branch = tuple(branch)
         self.add = add
         self._tail = _pointwise_tail(self.branch)
+        self._output = _output_part(self.branch)
 
     @property
     def layers(self):
         return (*self.branch, self.add)
 
-    def __call__(self, x, apply=apply_layer, by_rows=None):
+    def __call__(self, x, apply=apply_layer, by_rows=None, residual_dense=None):
         shortcut = x
-        start = len(self.branch) if by_rows is None or self._tail is None else self._tail[0]
+        fused = residual_dense is not None and self._output is not None
+        stop = self._output if fused else len(self.branch)  # the layers before the add
+        blocked = by_rows is not None and self._tail is not None
+        start = min(self._tail[0], stop) if blocked else stop  # where by_rows takes over
         for layer in self.branch[:start]:
             x = apply(layer, x)
 
-        def tail(x, shortcut):
-            for layer in self.branch[start:]:
+        def unfused_output(x, shortcut):
+            for layer in self.branch[stop:]:
                 x = apply(layer, x)
             return apply(self.add, [shortcut, x])
 
-        if start == len(self.branch):
+        def tail(x, shortcut):
+            for layer in self.branch[start:stop]:
+                x = apply(layer, x)
+            if stop == len(self.branch):
+                return apply(self.add, [shortcut, x])
+            scales = tuple(
+                layer.gamma for layer in self.branch[stop + 1 :] if isinstance(layer, LayerScale)
+            )
+            return residual_dense(
+                x, shortcut, self.branch[stop], scales, lambda: unfused_output(x, shortcut)
+            )
+
+        if not blocked:
             return tail(x, shortcut)
         return by_rows(tail, x, shortcut, self._tail[1])
 
@@ -111,6 +131,24 @@ def _pointwise_tail(branch) -> tuple[int, int] | None:
     if not denses or denses[0] < where:
         return None
     return where, max(branch[i].units for i in denses)
+
+
+def _output_part(branch) -> int | None:
+    """Where the block's output part starts: the index of its last pointwise Dense
+    when it has no activation and only layer scales and stochastic depth (the
+    identity at inference) follow it, so that `shortcut + scales * (x @ W + b)` is
+    one product with the scales folded into W and b and the shortcut added by the
+    product; None when the block ends otherwise."""
+    denses = [i for i, layer in enumerate(branch) if isinstance(layer, PointwiseDense)]
+    if not denses:
+        return None
+    last = denses[-1]
+    if branch[last].activation not in (None, keras.activations.linear):
+        return None
+    after = branch[last + 1 :]
+    return (
+        last if all(isinstance(layer, (LayerScale, StochasticDepth)) for layer in after) else None
+    )
 
 
 def block_layers(
@@ -236,21 +274,34 @@ class LayerPlan:
             self._direct = (dtype, policies, answer)
         return answer
 
-    def run(self, x, output_stages=None, apply=apply_layer, by_rows=None, head_apply=None):
+    def run(
+        self,
+        x,
+        output_stages=None,
+        apply=apply_layer,
+        by_rows=None,
+        head_apply=None,
+        residual_dense=None,
+    ):
+        def step_of(step, x):
+            if isinstance(step, Residual):
+                return step(x, apply, by_rows, residual_dense)
+            return apply(step, x)
+
         for step in self.stem:
-            x = _apply_step(step, x, apply, by_rows)
+            x = step_of(step, x)
         wanted = {} if output_stages is None else dict.fromkeys(output_stages)
         for index, stage in enumerate(self.stages):
             if output_stages is not None and index > max(output_stages):
                 break
             for step in stage:
-                x = _apply_step(step, x, apply, by_rows)
+                x = step_of(step, x)
             if index in wanted:
                 wanted[index] = x
         if output_stages is not None:
             return [wanted[s] for s in output_stages]
         for step in self.head:
-            x = _apply_step(step, x, head_apply or apply, by_rows)
+            x = (head_apply or apply)(step, x)
         return x
 
 
@@ -264,10 +315,6 @@ def _all_direct(layers, dtype) -> bool:
         and layer.variable_dtype == name
         for layer in layers
     )
-
-
-def _apply_step(step, x, apply, by_rows):
-    return step(x, apply, by_rows) if isinstance(step, Residual) else apply(step, x)
 
 
 def _drop_path_rates(depths, drop_path_rate):

@@ -210,3 +210,14 @@ def test_generated_parts_are_fenced_whole():
     updated = benchmark_tables.updated_page(stale)
     assert "old" not in updated and updated.startswith("a\n") and updated.endswith("\nb\n")
     assert "| torch | ONNX | float32 |" in updated
+
+
+@pytest.mark.once("torch")  # text and a tuple of names
+def test_architecture_page_lists_every_fast_path():
+    """Each fast path in `fast_ops.FAST_PATHS` has its row (name, backend, what it is,
+    fallback) in docs/architecture.md's table, and the table names no other."""
+    from convnext_layers import fast_ops
+
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    rows = re.findall(r"^\| `([a-z0-9_]+)` \| (\w+) \| .+ \| .+ \|$", text, flags=re.M)
+    assert sorted(name for name, _ in rows) == sorted(fast_ops.FAST_PATHS)

@@ -42,6 +42,8 @@ FAST_PATHS = (
     (torch_kernels, "torch_linear"),
     (torch_kernels, "torch_conv2d_nhwc"),
     (torch_kernels, "torch_multiply_add"),
+    (torch_kernels, "residual_dense"),
+    (torch_kernels, "torch_response_norm"),
     (tensorflow_kernels, "tensorflow_dense"),
     (jax_kernels, "depthwise_shifted_sum"),
 )

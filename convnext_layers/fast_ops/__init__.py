@@ -41,6 +41,11 @@ The fast paths (name: what it is; the fallback that replaces it):
 - "torch_row_blocks" (torch): the same blocks in the layer-by-layer inference
   without autograd, in float32, one after another (`torch_by_row_blocks`);
   fallback the tail in one piece.
+- "torch_residual_dense" (torch): in the layer-by-layer inference without
+  autograd, a block's last Dense, its layer scale and the residual add as one
+  oneDNN product that adds the shortcut (`_linear_pointwise.binary`), the scale
+  folded into the weights (`torch_kernels.residual_dense`); fallback the three
+  layers one by one.
 - "torch_grn_bfloat16" (torch): GRN on a bfloat16 tensor kept in bfloat16 (its
   norm accumulated in float32 by `vector_norm(dtype=float32)`, one bfloat16
   `addcmul`; `torch_kernels.torch_response_norm`); fallback the float32 GRN.
@@ -119,6 +124,7 @@ FAST_PATHS = (
     "jax_float32_compute",
     "torch_row_blocks",
     "torch_grn_bfloat16",
+    "torch_residual_dense",
     "layerwise_call",
     "compiled_inference",
     "flatten_layers",
@@ -251,11 +257,15 @@ def run_kernel(kind: str, x, portable_call, *args):
     return guarded(name, lambda: getattr(module, function)(x, *args), portable_call)
 
 
-class LayerKernels(collections.namedtuple("LayerKernels", "name apply by_rows")):
+class LayerKernels(
+    collections.namedtuple("LayerKernels", "name apply by_rows residual_dense", defaults=(None,))
+):
     """What the layer-by-layer inference runs differently on a backend: fast path
     `name`; `apply(layer, x)` for each layer (None: the layer's own `call`);
     `by_rows(tail, x, shortcut, width)` for a block's per-position tail (None: in
-    one piece; see `model.Residual`)."""
+    one piece); `residual_dense(x, shortcut, dense, scales, unfused)` for a block's
+    last Dense, layer scales and add as one product (None: layer by layer). See
+    `plan.Residual`."""
 
 
 def layer_kernels(x) -> LayerKernels | None:

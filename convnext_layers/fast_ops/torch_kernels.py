@@ -24,6 +24,9 @@ KERNELS = {
 # `torch_grn_bfloat16`'s dtypes: in float32 the portable GRN's cast is free and its
 # sum of squares measured faster than `vector_norm` (see `GlobalResponseNorm`)
 RESPONSE_NORM_DTYPES = ("bfloat16",)
+# `torch_residual_dense`'s dtypes: measured faster than the three ops in both
+# (`residual_dense`)
+RESIDUAL_DENSE_DTYPES = ("float32", "bfloat16")
 
 
 def torch_value(variable, dtype):
@@ -41,41 +44,85 @@ def torch_prepared(layer, variable, dtype, prepare):
     For weights torch wants in another layout (a conv kernel made contiguous in
     torch's (O, I, kh, kw) order): redoing that copy every call was ~45 us of a
     7x7 depthwise conv's ~85 us on an 8x8x40 input (1 thread)."""
+    return torch_prepared_from(layer, (variable,), dtype, prepare)
+
+
+def torch_prepared_from(layer, variables, dtype, prepare):
+    """`prepare(*values)` (a tensor or a tuple of them) of several variables' tensors
+    in `dtype` (`torch_prepared`), cached on `layer` while every one of them is the
+    same object, unmodified."""
     # torch: on the torch backend alone (importing this module loads no backend)
     import torch
 
-    value = torch_value(variable, dtype)
-    if torch.is_grad_enabled() and value.requires_grad:
-        return prepare(value)
+    values = tuple(torch_value(variable, dtype) for variable in variables)
+    if torch.is_grad_enabled() and any(value.requires_grad for value in values):
+        return prepare(*values)
     cache = layer.__dict__.get("_convnext_torch_prepared")
     if cache is None:
         cache = {}
         object.__setattr__(layer, "_convnext_torch_prepared", cache)
-    key = (id(variable), dtype)
+    key = (tuple(id(variable) for variable in variables), dtype)
+    versions = tuple(value._version for value in values)
     entry = cache.get(key)
-    if entry is None or entry[0] is not value or entry[1] != value._version:
-        entry = cache[key] = (value, value._version, prepare(value).detach())
+    if (
+        entry is None
+        or any(a is not b for a, b in zip(entry[0], values, strict=True))
+        or entry[1] != versions
+    ):
+        prepared = prepare(*values)
+        if isinstance(prepared, tuple):
+            prepared = tuple(tensor.detach() for tensor in prepared)
+        else:
+            prepared = prepared.detach()
+        entry = cache[key] = (values, versions, prepared)
     return entry[2]
+
+
+# keras' LayerNormalization on a bfloat16 tensor casts it to float32, normalises and
+# casts back: two float32 copies of the tensor. `F.layer_norm` on the bfloat16 tensor
+# with float32 scale and offset computes in float32 inside its kernel and writes
+# bfloat16 (the same numbers within one final rounding). Measured, median of 40, 2
+# threads, ms, keras -> this: (8, 56, 56, 96) 1.50-1.54 -> 1.34-1.71, (32, 56, 56,
+# 96) 24.7-28.1 -> 4.9-6.8, (8, 28, 28, 192) 0.68-0.72 -> 0.49-0.65, (32, 28, 28, 80)
+# 1.31 -> 1.23-1.50; slower on 40 channels, (8, 56, 56, 40) 0.85-1.11 -> 1.44-1.95,
+# so from this width on only.
+BFLOAT16_LAYER_NORM_FROM_WIDTH = 64
 
 
 def _torch_layer_norm(layer, x):
     # torch: on the torch backend alone (importing this module loads no backend)
+    import torch
     import torch.nn.functional as F
 
-    gamma = torch_value(layer.gamma, x.dtype)
-    beta = torch_value(layer.beta, x.dtype)
+    dtype = torch.float32 if x.dtype == torch.bfloat16 else x.dtype
+    gamma = torch_value(layer.gamma, dtype)
+    beta = torch_value(layer.beta, dtype)
     return F.layer_norm(x, (x.shape[-1],), gamma, beta, layer.epsilon)
+
+
+def _runs_layer_norm(layer, x) -> bool:
+    """`_torch_layer_norm` computes `layer` on `x`: keras' LayerNormalization over the
+    last axis in float32, or in bfloat16 from `BFLOAT16_LAYER_NORM_FROM_WIDTH`
+    channels on."""
+    if fast_ops.plain_layer_norm(layer, x):
+        return True
+    return (
+        fast_ops.plain_layer_norm(layer, x, ("bfloat16",))
+        and x.shape[-1] >= BFLOAT16_LAYER_NORM_FROM_WIDTH
+    )
 
 
 def torch_apply(layer, x):
     """`layer.call(x)` for layer-by-layer inference on torch, with keras' own
     LayerNormalization and Add computed straight in torch (the same kernels keras
     calls: `F.layer_norm`, `torch.add`) without keras' op dispatch, measured at
-    ~37 vs ~6 us and ~9 vs ~2 us per call on an 8x8x40 input (1 thread)."""
+    ~37 vs ~6 us and ~9 vs ~2 us per call on an 8x8x40 input (1 thread); a bfloat16
+    LayerNormalization from `BFLOAT16_LAYER_NORM_FROM_WIDTH` channels on without its
+    float32 copies (`_torch_layer_norm`)."""
     kind = type(layer)
     if kind is keras.layers.Add and len(x) == 2:
         return x[0] + x[1]
-    if fast_ops.plain_layer_norm(layer, x):
+    if _runs_layer_norm(layer, x):
         return _torch_layer_norm(layer, x)
     return layer.call(x)
 
@@ -135,6 +182,15 @@ def _onednn_linear_usable(x, weight) -> bool:
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return False
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _onednn_linear_add(x, other, weight, bias):
+    """The private oneDNN op with an added tensor (the one place it is called):
+    x @ weight.T + bias + other, one product whose output pass adds `other`."""
+    # torch: on the torch backend alone (importing this module loads no backend)
+    import torch
+
+    return torch.ops.mkldnn._linear_pointwise.binary(x, other, weight, bias, "add")
 
 
 def torch_linear(x, weight, bias, fuse_gelu: bool):
@@ -237,6 +293,77 @@ def dense(x, layer, fuse_gelu):
     return y if fused or layer.activation is None else layer.activation(y)
 
 
+def _folded_output_weights(kernel, bias, *gammas):
+    """(weight (out, in), bias (out,)) of `x @ kernel + bias` (no bias: zeros)
+    followed by `* gamma` for each gamma (out,), folded in float32 and rounded to the
+    kernel's dtype once."""
+    # torch: on the torch backend alone (importing this module loads no backend)
+    import torch
+
+    scale = torch.ones(kernel.shape[-1], dtype=torch.float32, device=kernel.device)
+    for gamma in gammas:
+        scale = scale * gamma.to(torch.float32)
+    weight = (kernel.to(torch.float32) * scale).t().contiguous().to(kernel.dtype)
+    folded_bias = torch.zeros_like(scale) if bias is None else bias.to(torch.float32) * scale
+    return weight, folded_bias.to(kernel.dtype)
+
+
+def residual_dense(x, shortcut, dense, scales, unfused):
+    """A ConvNeXt block's output part, `shortcut + gammas * (x @ kernel + bias)`
+    ((..., in), (..., out) -> (..., out)), as one oneDNN product whose output pass
+    adds the shortcut, the layer scales folded into the weight and bias (cached per
+    weight update, `torch_prepared_from`); guarded ("torch_residual_dense") with
+    `unfused()`, the Dense, the scales and the add one by one, as its fallback.
+
+    Measured one op against the three on a 2-core x86-64 with AMX, 2 threads, min of
+    40: (8, 56, 56, 160) -> 40 in bfloat16 0.97 -> 0.55 ms, (32, 14, 14, 640) -> 160
+    1.76 -> 1.43 ms; in float32 3.24 -> 2.90 and 10.1 -> 9.2 ms. The fold rounds the
+    weights once, the unfused path rounds the product, the scaled product and the
+    sum: in bfloat16 the fused result was the closer to float64 (max error 0.035
+    against 0.047)."""
+    variables = (dense.kernel, *(() if dense.bias is None else (dense.bias,)), *scales)
+
+    def fused():
+        def fold(kernel, *rest):
+            bias = rest[0] if dense.bias is not None else None
+            gammas = rest[1:] if dense.bias is not None else rest
+            return _folded_output_weights(kernel, bias, *gammas)
+
+        weight, bias = torch_prepared_from(dense, variables, x.dtype, fold)
+        return _onednn_linear_add(x, shortcut, weight, bias)
+
+    return fast_ops.guarded("torch_residual_dense", fused, unfused)
+
+
+def _residual_dense_runner(x):
+    """`residual_dense` where it may run on `x`: CPU inference without autograd, in
+    `RESIDUAL_DENSE_DTYPES`, with oneDNN's linear-with-add op present."""
+    # torch: on the torch backend alone (importing this module loads no backend)
+    import torch
+
+    if (
+        torch.is_grad_enabled()
+        or keras.backend.standardize_dtype(x.dtype) not in RESIDUAL_DENSE_DTYPES
+        or not fast_ops.use_fast_path("torch_residual_dense", x)
+        or not torch.backends.mkldnn.is_available()
+        or not hasattr(getattr(torch.ops.mkldnn, "_linear_pointwise", None), "binary")
+    ):
+        return None
+    return _checked_residual_dense
+
+
+def _checked_residual_dense(x, shortcut, dense, scales, unfused):
+    # switched off by a failure earlier in this pass; the fused op adds a tensor of the
+    # product's own shape and dtype only
+    if (
+        not fast_ops.fast_paths_allowed("torch_residual_dense")
+        or shortcut.dtype != x.dtype
+        or tuple(shortcut.shape) != (*x.shape[:-1], dense.units)
+    ):
+        return unfused()
+    return residual_dense(x, shortcut, dense, scales, unfused)
+
+
 def torch_response_norm(x, weight, bias, epsilon):
     """ConvNeXt V2's GRN on a bfloat16 (B, H, W, C) tensor without a float32 copy of it:
     the L2 norm over (H, W) accumulated in float32 from the bfloat16 values
@@ -277,7 +404,9 @@ def layer_kernels(x):
     without autograd in float32."""
     if not fast_ops.use_fast_path("torch_kernels", x):
         return None
-    return fast_ops.LayerKernels("torch_kernels", torch_apply, _torch_row_runner(x))
+    return fast_ops.LayerKernels(
+        "torch_kernels", torch_apply, _torch_row_runner(x), _residual_dense_runner(x)
+    )
 
 
 def inference_function(model):
