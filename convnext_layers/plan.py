@@ -83,6 +83,10 @@ class Residual:
         self.add = add
         self._tail = _pointwise_tail(self.branch)
         self._output = _output_part(self.branch)
+        after_output = self.branch[self._output + 1 :] if self._output is not None else ()
+        self._output_scales = tuple(
+            layer for layer in after_output if isinstance(layer, LayerScale)
+        )
 
     @property
     def layers(self):
@@ -107,9 +111,7 @@ class Residual:
                 x = apply(layer, x)
             if stop == len(self.branch):
                 return apply(self.add, [shortcut, x])
-            scales = tuple(
-                layer.gamma for layer in self.branch[stop + 1 :] if isinstance(layer, LayerScale)
-            )
+            scales = tuple(layer.gamma for layer in self._output_scales)
             return residual_dense(
                 x, shortcut, self.branch[stop], scales, lambda: unfused_output(x, shortcut)
             )

@@ -109,6 +109,58 @@ def _release_memory_after_each_test():
     _return_freed_memory_to_the_system()
 
 
+# What one session may keep in its temporary root (pytest's basetemp) after a test has
+# finished. A passing test's `tmp_path` is deleted when it ends (pyproject:
+# tmp_path_retention_policy = "failed"); what module and session fixtures write stays until
+# the session ends (0.12-0.35 GB in a full run of each backend). A CI run holds two
+# sessions' roots at once beside its virtualenv: a run that kept every test's files held
+# 3.2 GB for TensorFlow's session alone and filled a smaller disk, failing tests of
+# other modules.
+TEMP_BUDGET_BYTES = 2**30
+
+
+def folder_bytes(root) -> dict:
+    """{folder directly under `root`: bytes of the files below it} (links not followed)."""
+    sizes = {}
+    for entry in os.scandir(root):
+        total, stack = 0, [entry]
+        while stack:
+            item = stack.pop()
+            with contextlib.suppress(FileNotFoundError):
+                if item.is_dir(follow_symlinks=False):
+                    stack.extend(os.scandir(item.path))
+                else:
+                    total += item.stat(follow_symlinks=False).st_size
+        sizes[entry.name] = total
+    return sizes
+
+
+def temporary_root_overflow(root, budget: int = TEMP_BUDGET_BYTES):
+    """None while the files below `root` add up to at most `budget` bytes; else what is
+    there, naming its largest folders."""
+    sizes = folder_bytes(root)
+    if sum(sizes.values()) <= budget:
+        return None
+    largest = sorted(sizes.items(), key=lambda item: -item[1])[:5]
+    listed = ", ".join(f"{name} {size / 2**20:.0f} MiB" for name, size in largest)
+    return (
+        f"the temporary root holds {sum(sizes.values()) / 2**30:.2f} GiB after this test "
+        f"(budget {budget / 2**30:.2f} GiB); largest: {listed}. Write big files to a "
+        "function's tmp_path, or remove them when the fixture that wrote them ends"
+    )
+
+
+@pytest.fixture(autouse=True)
+def _temporary_files_within_budget(tmp_path_factory):
+    """Fails the test after which the session's temporary root holds more than
+    TEMP_BUDGET_BYTES (torn down after `tmp_path`, so a passing test's own folder is
+    gone by then)."""
+    yield
+    overflow = temporary_root_overflow(tmp_path_factory.getbasetemp())
+    if overflow:
+        pytest.fail(overflow, pytrace=False)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _free_models_after_each_module():
     """Models a test module built are freed when it ends (keras' global state holds

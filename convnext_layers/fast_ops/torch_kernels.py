@@ -104,12 +104,9 @@ def _runs_layer_norm(layer, x) -> bool:
     """`_torch_layer_norm` computes `layer` on `x`: keras' LayerNormalization over the
     last axis in float32, or in bfloat16 from `BFLOAT16_LAYER_NORM_FROM_WIDTH`
     channels on."""
-    if fast_ops.plain_layer_norm(layer, x):
-        return True
-    return (
-        fast_ops.plain_layer_norm(layer, x, ("bfloat16",))
-        and x.shape[-1] >= BFLOAT16_LAYER_NORM_FROM_WIDTH
-    )
+    if not fast_ops.plain_layer_norm(layer, x, ("float32", "bfloat16")):
+        return False
+    return layer.compute_dtype == "float32" or x.shape[-1] >= BFLOAT16_LAYER_NORM_FROM_WIDTH
 
 
 def torch_apply(layer, x):
