@@ -114,8 +114,8 @@ def _release_memory_after_each_test():
 # tmp_path_retention_policy = "failed"); what module and session fixtures write stays until
 # the session ends (0.12-0.35 GB in a full run of each backend). A CI run holds two
 # sessions' roots at once beside its virtualenv: a run that kept every test's files held
-# 3.2 GB for TensorFlow's session alone and filled a smaller disk, failing tests of
-# other modules.
+# 11.5 GB at its peak (3.2-4.7 GB per session) and filled a smaller disk, failing tests
+# of other modules.
 TEMP_BUDGET_BYTES = 2**30
 
 
