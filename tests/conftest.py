@@ -139,12 +139,13 @@ def temporary_root_overflow(root, budget: int = TEMP_BUDGET_BYTES):
     """None while the files below `root` add up to at most `budget` bytes; else what is
     there, naming its largest folders."""
     sizes = folder_bytes(root)
-    if sum(sizes.values()) <= budget:
+    total = sum(sizes.values())
+    if total <= budget:
         return None
     largest = sorted(sizes.items(), key=lambda item: -item[1])[:5]
     listed = ", ".join(f"{name} {size / 2**20:.0f} MiB" for name, size in largest)
     return (
-        f"the temporary root holds {sum(sizes.values()) / 2**30:.2f} GiB after this test "
+        f"the temporary root holds {total / 2**30:.2f} GiB after this test "
         f"(budget {budget / 2**30:.2f} GiB); largest: {listed}. Write big files to a "
         "function's tmp_path, or remove them when the fixture that wrote them ends"
     )
