@@ -105,6 +105,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -488,10 +489,13 @@ def _cold_image(folder):
 
 
 def bench_cold_start(variant, backends, args):
-    """Whole-process cold starts, alternating sides run by run; returns the rows."""
-    import tempfile
+    """Whole-process cold starts, alternating sides run by run; returns the rows.
+    Its checkpoint, image and caches live in a folder removed when it returns."""
+    with tempfile.TemporaryDirectory(prefix="convnext-cold-") as work:
+        return _bench_cold_start(variant, backends, args, work)
 
-    work = tempfile.mkdtemp(prefix="convnext-cold-")
+
+def _bench_cold_start(variant, backends, args, work):
     source = args.source or os.path.join(work, variant)
     if not args.source:
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", "checkpoint"]
@@ -843,11 +847,14 @@ def bench_end_to_end(variant, backends, args):
         return []
     if not os.path.isdir(args.images) or not _image_paths(args.images):
         raise SystemExit(f"--images {args.images!r}: no .jpg/.jpeg/.png files there")
+    with tempfile.TemporaryDirectory(prefix="convnext-bench-") as work:
+        return _bench_end_to_end(variant, backends, args, work)
+
+
+def _bench_end_to_end(variant, backends, args, work):
     sub = argparse.Namespace(**{**vars(args), "variant": variant})
     if not sub.source:
-        import tempfile
-
-        sub.source = os.path.join(tempfile.mkdtemp(prefix="convnext-bench-"), variant)
+        sub.source = os.path.join(work, variant)
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", "checkpoint"]
         subprocess.run(
             cmd + ["--variant", variant, "--source", sub.source, "--images", args.images],

@@ -88,37 +88,41 @@ def main(argv=None):
 
     backend = keras.backend.backend()
     photos = [getattr(skimage.data, name)() for name in PHOTOS]
-    rows, work = [], tempfile.mkdtemp(prefix="export-parity-")
-    for seed, arch in enumerate(("convnext_atto", "convnextv2_atto")):
-        folder = os.path.join(work, arch)
-        timm_model = timm_checkpoint(arch, folder, seed)
-        embedder = Embedder(folder, cache=False)
-        for format, name, options in VARIANTS:
-            row = {"backend": backend, "arch": arch, "format": format}
-            row["dtype"] = options.get("dtype", "float32")
-            try:
-                check_backend_supports(format)
-                path = os.path.join(work, f"{arch}-{name}")
-                sidecar = embedder.export(path, **options)
-            except ExportUnavailableError as error:
-                rows.append({**row, "refused": str(error)})
-                print(f"{arch} {format} {row['dtype']}: refused: {error}", flush=True)
-                continue
-            preprocessor = Preprocessor(sidecar["preprocessing"])
-            x = np.stack([preprocessor(image) for image in photos])
-            with torch.no_grad():
-                nchw = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
-                ref = timm_model.forward_head(timm_model.forward_features(nchw), pre_logits=True)
-                ref = torch.nn.functional.normalize(ref, dim=1).numpy()
-            out = run(format, path, x)
-            cosine = np.sum(out * ref, axis=1) / np.linalg.norm(out, axis=1)
-            row.update(max_abs_diff=float(np.abs(out - ref).max()), min_cosine=float(cosine.min()))
-            rows.append(row)
-            print(
-                f"{arch} {format} {row['dtype']}: max abs diff {row['max_abs_diff']:.2e}, "
-                f"min cosine {row['min_cosine']:.7f}",
-                flush=True,
-            )
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="export-parity-") as work:
+        for seed, arch in enumerate(("convnext_atto", "convnextv2_atto")):
+            folder = os.path.join(work, arch)
+            timm_model = timm_checkpoint(arch, folder, seed)
+            embedder = Embedder(folder, cache=False)
+            for format, name, options in VARIANTS:
+                row = {"backend": backend, "arch": arch, "format": format}
+                row["dtype"] = options.get("dtype", "float32")
+                try:
+                    check_backend_supports(format)
+                    path = os.path.join(work, f"{arch}-{name}")
+                    sidecar = embedder.export(path, **options)
+                except ExportUnavailableError as error:
+                    rows.append({**row, "refused": str(error)})
+                    print(f"{arch} {format} {row['dtype']}: refused: {error}", flush=True)
+                    continue
+                preprocessor = Preprocessor(sidecar["preprocessing"])
+                x = np.stack([preprocessor(image) for image in photos])
+                with torch.no_grad():
+                    nchw = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+                    features = timm_model.forward_features(nchw)
+                    ref = timm_model.forward_head(features, pre_logits=True)
+                    ref = torch.nn.functional.normalize(ref, dim=1).numpy()
+                out = run(format, path, x)
+                cosine = np.sum(out * ref, axis=1) / np.linalg.norm(out, axis=1)
+                row.update(
+                    max_abs_diff=float(np.abs(out - ref).max()), min_cosine=float(cosine.min())
+                )
+                rows.append(row)
+                print(
+                    f"{arch} {format} {row['dtype']}: max abs diff {row['max_abs_diff']:.2e}, "
+                    f"min cosine {row['min_cosine']:.7f}",
+                    flush=True,
+                )
     if args.output:
         with open(args.output + ".json", "w") as f:
             json.dump({"images": list(PHOTOS), "size": 224, "rows": rows}, f, indent=1)

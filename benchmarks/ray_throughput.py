@@ -146,17 +146,17 @@ def main(argv=None):
     parser.add_argument("--model", default=None, help="default: a random convnext_atto")
     parser.add_argument("--output", default=None, help="write OUTPUT.json and OUTPUT.md")
     args = parser.parse_args(argv)
-    work = tempfile.mkdtemp(prefix="ray-throughput-")
-    images = os.path.join(work, "images")
-    make_images(images, args.images)
-    model = args.model or make_model(os.path.join(work, "model"))
-    runs = []
-    for round_ in range(args.rounds):
-        order = CONFIGS if round_ % 2 == 0 else CONFIGS[::-1]  # alternate the order
-        for config in order:
-            result = run_once(config, model, images, work, args.chunk_size, args.batch_size)
-            runs.append(result)
-            print(json.dumps(result), flush=True)
+    with tempfile.TemporaryDirectory(prefix="ray-throughput-") as work:
+        images = os.path.join(work, "images")
+        make_images(images, args.images)
+        model = args.model or make_model(os.path.join(work, "model"))
+        runs = []
+        for round_ in range(args.rounds):
+            order = CONFIGS if round_ % 2 == 0 else CONFIGS[::-1]  # alternate the order
+            for config in order:
+                result = run_once(config, model, images, work, args.chunk_size, args.batch_size)
+                runs.append(result)
+                print(json.dumps(result), flush=True)
     summary = {}
     for config in CONFIGS:
         mine = [r for r in runs if r["config"] == config]

@@ -18,10 +18,15 @@ SCRIPT = os.path.join(ROOT, "benchmarks", "benchmark.py")
 
 
 def _run(args, tmp_path):
+    """Runs the script with its own temporary folder, which it must leave empty."""
     output = str(tmp_path / "result")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
     cmd = [sys.executable, SCRIPT, "--quick", "--backend", BACKEND, "--output", output, *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(os.listdir(scratch)) == [], "the benchmark left temporary files behind"
     with open(output + ".json") as f:
         report = json.load(f)
     with open(output + ".md") as f:

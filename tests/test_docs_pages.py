@@ -6,6 +6,7 @@ prints."""
 import contextlib
 import io
 import re
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,7 @@ def test_page_examples_run_and_print_what_they_say(page, tmp_path, monkeypatch):
     blocks = python_blocks(page)
     assert blocks
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # what the examples write goes too
     namespace = {}
     for index, block in enumerate(blocks):
         printed = io.StringIO()

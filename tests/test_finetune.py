@@ -615,6 +615,9 @@ def _start_processes(data, model, out, count, block=False):
     """`count` finetune processes of one run (count 1: a plain single-process run)."""
     env = {**os.environ, "PYTHONPATH": ROOT, "KERAS_BACKEND": "jax", "BLOCK": "1" if block else ""}
     env.pop("XLA_FLAGS", None)  # one CPU device per process
+    # a killed process cannot remove its scratch folder: it goes beside `out`, in the
+    # test's own folder, which pytest removes
+    env["TMPDIR"] = os.path.dirname(os.path.abspath(out))
     port = _free_port()
     procs = []
     for index in range(count):
