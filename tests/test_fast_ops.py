@@ -901,8 +901,9 @@ def test_torch_kernels_equal_the_layers_own_calls(rng):
 def test_torch_bfloat16_layer_norm_is_the_layers_own(width, rng, monkeypatch):
     """In bfloat16, from `BFLOAT16_LAYER_NORM_FROM_WIDTH` channels on, the kernel
     normalises in float32 as keras does and rounds once to bfloat16: at most one
-    bfloat16 step (2^-7 relative) from keras' own result; below that width (where it
-    measured slower) keras' own call runs."""
+    bfloat16 step (2^-7 relative) from keras' own result; below that width (where that
+    measured slower) it runs keras' own recipe, the same numbers. Its float32 scale and
+    offset, converted once, follow an update of the weights."""
     import torch
 
     spy = Spy(monkeypatch, torch_kernels, "_torch_layer_norm")
@@ -914,11 +915,18 @@ def test_torch_bfloat16_layer_norm_is_the_layers_own(width, rng, monkeypatch):
     x = torch.from_numpy(x).bfloat16()
     with torch.inference_mode():
         got, expected = torch_kernels.torch_apply(norm, x), norm.call(x)
-    assert got.dtype == torch.bfloat16
+    assert got.dtype == torch.bfloat16 and spy.calls == 1
+    norm.gamma.assign(-norm.gamma)  # other numbers: the kernel must not keep the old scale
+    with torch.inference_mode():
+        updated = torch_kernels.torch_apply(norm, x)
+        if width < torch_kernels.BFLOAT16_LAYER_NORM_FROM_WIDTH:
+            assert torch.equal(updated, norm.call(x))
+        norm.gamma.assign(-norm.gamma)
+        assert not torch.equal(updated, got)
+        assert torch.equal(torch_kernels.torch_apply(norm, x), got)
     if width < torch_kernels.BFLOAT16_LAYER_NORM_FROM_WIDTH:
-        assert spy.calls == 0 and torch.equal(got, expected)
+        assert torch.equal(got, expected)
         return
-    assert spy.calls == 1
     got, expected = got.double().numpy(), expected.double().numpy()
     x64 = x.double().numpy()
     gamma, beta = (keras.ops.convert_to_numpy(w).astype("float64") for w in norm.weights)
