@@ -344,6 +344,7 @@ class ConvNeXt(keras.Model):
                         kernels.by_rows,
                         head,
                         kernels.residual_dense,
+                        kernels.whole,
                     ),
                     lambda: plan.run(
                         images, self.output_stages, apply_layer_directly, head_apply=head

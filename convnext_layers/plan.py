@@ -10,6 +10,8 @@ follow timm's module paths, which is what `weights_convert` maps (see
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import keras
 
 from convnext_layers.config import ConvNeXtConfig
@@ -75,7 +77,11 @@ class Residual:
     dense, scales, unfused)`, when given, runs the block's output part (its last
     pointwise Dense, the layer scales after it and the add; `_output_part`) as one
     product with the shortcut added, `unfused()` being the layers one by one
-    (`fast_ops.torch_kernels.residual_dense`).
+    (`fast_ops.torch_kernels.residual_dense`). `whole(parts, x, layers, blocked)`,
+    when given, runs a block that is the plain inverted bottleneck (`parts`, a
+    `BlockParts`) at once, `layers()` being the block layer by layer as above and
+    `blocked` whether that would hand its tail to `by_rows`
+    (`fast_ops.torch_kernels.whole_block`).
     """
 
     def __init__(self, branch, add):
@@ -87,12 +93,21 @@ class Residual:
         self._output_scales = tuple(
             layer for layer in after_output if isinstance(layer, LayerScale)
         )
+        self.parts = _block_parts(self.branch, self._output, self._output_scales)
 
     @property
     def layers(self):
         return (*self.branch, self.add)
 
-    def __call__(self, x, apply=apply_layer, by_rows=None, residual_dense=None):
+    def __call__(self, x, apply=apply_layer, by_rows=None, residual_dense=None, whole=None):
+        if whole is not None and self.parts is not None:
+            blocked = by_rows is not None and self._tail is not None
+            return whole(
+                self.parts, x, lambda: self._layers(x, apply, by_rows, residual_dense), blocked
+            )
+        return self._layers(x, apply, by_rows, residual_dense)
+
+    def _layers(self, x, apply, by_rows, residual_dense):
         shortcut = x
         fused = residual_dense is not None and self._output is not None
         stop = self._output if fused else len(self.branch)  # the layers before the add
@@ -151,6 +166,40 @@ def _output_part(branch) -> int | None:
     return (
         last if all(isinstance(layer, (LayerScale, StochasticDepth)) for layer in after) else None
     )
+
+
+class BlockParts(NamedTuple):
+    """A block that is the plain inverted bottleneck: `dwconv` -> `norm` -> `expand`
+    (a pointwise Dense with the exact GELU) (-> `response_norm`, V2's GRN) ->
+    `project` (a pointwise Dense without activation) -> `scales` (its layer scales),
+    with nothing else in the branch but stochastic depth after them (the identity at
+    inference): what a backend may run as one sequence of kernels
+    (`fast_ops.LayerKernels.whole`)."""
+
+    dwconv: DepthwiseConv
+    norm: keras.layers.Layer
+    expand: PointwiseDense
+    response_norm: GlobalResponseNorm | None
+    project: PointwiseDense
+    scales: tuple
+
+
+def _block_parts(branch, output, output_scales) -> BlockParts | None:
+    """`branch`'s `BlockParts`, or None when it is another shape (`output`: where its
+    output part starts, `_output_part`)."""
+    if output is None or output not in (3, 4):
+        return None
+    dwconv, norm, expand = branch[:3]
+    response_norm = branch[3] if output == 4 else None
+    if (
+        type(dwconv) is not DepthwiseConv
+        or type(expand) is not PointwiseDense
+        or expand.activation is not exact_gelu
+        or (output == 4 and type(response_norm) is not GlobalResponseNorm)
+        or type(branch[output]) is not PointwiseDense
+    ):
+        return None
+    return BlockParts(dwconv, norm, expand, response_norm, branch[output], output_scales)
 
 
 def block_layers(
@@ -228,9 +277,10 @@ class LayerPlan:
     """A ConvNeXt as the ordered steps its forward pass runs: the stem's layers, each
     stage's layers and `Residual` blocks, and the head's layers.
 
-    `run(x, output_stages, apply, by_rows)` applies them in order to `x`
-    (B, H, W, C) and returns the head's output, or the requested stages' feature
-    maps (`apply` and `by_rows`: see `Residual`). Only the current
+    `run(x, output_stages, apply, by_rows, head_apply, residual_dense, whole)` applies
+    them in order to `x` (B, H, W, C) and returns the head's output, or the requested
+    stages' feature maps (`apply`, `by_rows`, `residual_dense` and `whole`: see
+    `Residual`; `head_apply`: how the head's layers are run, `apply` by default). Only the current
     tensor (and inside a block its shortcut) is held, so on eager backends each
     intermediate is freed after its last use; the model's functional graph is
     built by the same `run` on keras tensors.
@@ -284,10 +334,11 @@ class LayerPlan:
         by_rows=None,
         head_apply=None,
         residual_dense=None,
+        whole=None,
     ):
         def step_of(step, x):
             if isinstance(step, Residual):
-                return step(x, apply, by_rows, residual_dense)
+                return step(x, apply, by_rows, residual_dense, whole)
             return apply(step, x)
 
         for step in self.stem:

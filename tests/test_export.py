@@ -44,6 +44,7 @@ FAST_PATHS = (
     (torch_kernels, "torch_multiply_add"),
     (torch_kernels, "residual_dense"),
     (torch_kernels, "torch_response_norm"),
+    (torch_kernels, "whole_block"),
     (tensorflow_kernels, "tensorflow_dense"),
     (jax_kernels, "depthwise_shifted_sum"),
 )

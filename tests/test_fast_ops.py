@@ -328,7 +328,7 @@ def _switched_off(mode, patch, name):
 
 # the layer-by-layer inference's kernels that compute a layer or a block's output part
 # other than the layers' own calls do (each checked against them within its roundings)
-BLOCK_KERNELS = ("tensorflow_layer_norm", "torch_residual_dense")
+BLOCK_KERNELS = ("tensorflow_layer_norm", "torch_residual_dense", "torch_whole_block")
 
 
 def _layers_own_kernels(monkeypatch):
@@ -462,7 +462,13 @@ def _raise(*args):
 
 @pytest.mark.parametrize(
     "layer,weight",
-    [("head_fc", "bias"), ("stage2_downsample_conv", "kernel"), ("stage1_block1_dwconv", "kernel")],
+    [
+        ("head_fc", "bias"),
+        ("stage2_downsample_conv", "kernel"),
+        ("stage1_block1_dwconv", "kernel"),
+        ("stage0_block1_norm", "beta"),
+        ("stage2_block0_grn", "weight"),
+    ],
 )
 def test_predict_batch_sees_new_weights(small_v2_weights, layer, weight):
     """Weights assigned after a call are used by the next one (the compiled function
@@ -592,7 +598,7 @@ def test_layer_kernels_fallback_equals_them(small_v2_weights, mode, monkeypatch)
     with monkeypatch.context() as patch, _inference_mode():
         spy = Spy(patch, owner, apply)
         fast = [keras.ops.convert_to_numpy(model(x)), model.predict_batch(x)]
-    assert spy.calls > 50
+    assert spy.calls > 10  # the stem's, the downsampling's and the head's layers at least
     with monkeypatch.context() as patch, _inference_mode():
         spy = Spy(patch, owner, apply, fail=mode == "failure")
         if mode == "off_cpu":
@@ -846,7 +852,10 @@ def test_residual_dense_fallback_equals_it(dtype, mode, monkeypatch, rng):
         cosine /= np.linalg.norm(fallback, axis=1) * np.linalg.norm(fast, axis=1)
         assert cosine.min() >= 0.999, cosine
     if mode == "failure":
-        assert spy.calls == 1 and list(fast_ops.disabled_fast_paths()) == [name]
+        # on torch the first block ran whole (`torch_kernels.whole_block`), then again
+        # layer by layer, where this kernel's own guard switched it off
+        assert spy.calls == (2 if BACKEND == "torch" else 1)
+        assert list(fast_ops.disabled_fast_paths()) == [name]
     else:
         assert spy.calls == 0 and fast_ops.disabled_fast_paths() == {}
 
@@ -876,6 +885,100 @@ def test_torch_residual_dense_steps_aside_where_it_was_not_measured(monkeypatch,
             unfused = torch_kernels._checked_residual_dense(x4, shortcut, dense, (), lambda: "u")
             assert unfused == "u"
     assert spy.calls == 0
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="a torch fast path")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_torch_whole_block_is_the_block_layer_by_layer(version, dtype, monkeypatch, rng):
+    """Each block run at once gives the very numbers of the block layer by layer (the
+    same kernels on the same weights)."""
+    create = create_convnext_v1 if version == "v1" else create_convnext_v2
+    model = create("atto", num_classes=5, input_shape=(32, 32, 3), dtype=dtype)
+    model.set_weights(random_weights(model, rng, scale=0.3))
+    x = rng.standard_normal((2, 32, 32, 3)).astype("float32")
+    with monkeypatch.context() as patch:
+        spy = Spy(patch, plan_module.Residual, "_layers")
+        whole = model.predict_batch(x)
+    assert spy.calls == 0
+    with monkeypatch.context() as patch:
+        patch.setattr(fast_ops, "_DISABLED", {"torch_whole_block": "test"})
+        spy = Spy(patch, plan_module.Residual, "_layers")
+        layer_by_layer = model.predict_batch(x)
+    assert spy.calls == 12  # convnext_atto's blocks
+    np.testing.assert_array_equal(whole, layer_by_layer)
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="a torch fast path")
+@pytest.mark.parametrize("mode", MODES)
+def test_torch_whole_block_fallback_equals_it(small_v2_weights, mode, monkeypatch):
+    weights, x = small_v2_weights
+    fast = _fresh_v2(weights).predict_batch(x)
+    model = _fresh_v2(weights)
+
+    def failing_program(parts, x):
+        return _raise
+
+    with monkeypatch.context() as patch:
+        spy = Spy(patch, plan_module.Residual, "_layers")
+        if mode == "failure":
+            patch.setattr(torch_kernels, "_whole_block_program", failing_program)
+        if mode == "off_cpu":
+            patch.setattr(fast_ops, "on_cpu", lambda x=None: False)
+        with _switched_off(mode, patch, "torch_whole_block"):
+            fallback = model.predict_batch(x)
+    np.testing.assert_allclose(fallback, fast, atol=1e-5, rtol=1e-5)
+    if mode == "failure":  # the first block failed whole; each block ran layer by layer
+        np.testing.assert_array_equal(fallback, fast)
+        assert spy.calls == 12 and list(fast_ops.disabled_fast_paths()) == ["torch_whole_block"]
+    else:
+        assert fast_ops.disabled_fast_paths() == {}
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="a torch fast path")
+def test_torch_whole_block_steps_aside_where_a_layer_would(small_v2_weights, monkeypatch):
+    """LoRA on a Dense, autograd, float16: the block runs layer by layer."""
+    import torch
+
+    weights, x = small_v2_weights
+    model = _fresh_v2(weights)
+    with monkeypatch.context() as patch:
+        spy = Spy(patch, plan_module.Residual, "_layers")
+        model.get_layer("stage1_block0_pwconv1").enable_lora(2)
+        model.predict_batch(x)
+        assert spy.calls == 1
+    with monkeypatch.context() as patch, torch.no_grad():
+        kernels = fast_ops.layer_kernels(torch.zeros(1, 2, 2, 3))
+        assert kernels.whole is torch_kernels.whole_block
+        assert fast_ops.layer_kernels(torch.zeros(1, 2, 2, 3, dtype=torch.float16)).whole is None
+    assert fast_ops.layer_kernels(torch.zeros(1, 2, 2, 3)).whole is None  # autograd on
+    assert fast_ops.disabled_fast_paths() == {}
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="the backend whose kernels read weights")
+@pytest.mark.parametrize("mode", ("portable", "environment", "failure"))
+def test_stored_values_are_what_value_returns(mode, monkeypatch, rng):
+    """The kernels' weights read as stored, or through `.value` (a StatelessScope's
+    values inside one), give the layer's own numbers."""
+    layer = DepthwiseConv(7, name="dw")
+    layer.build((None, 9, 9, 4))
+    layer.set_weights([rng.standard_normal(w.shape).astype("float32") for w in layer.weights])
+    x = keras.ops.convert_to_tensor(rng.standard_normal((2, 9, 9, 4)).astype("float32"))
+    zeros = keras.ops.zeros(layer.kernel.shape)
+    with _inference_mode():
+        fast = keras.ops.convert_to_numpy(layer(x))
+        with keras.StatelessScope(state_mapping=[(layer.kernel, zeros)]):
+            scoped = keras.ops.convert_to_numpy(layer(x))
+        with monkeypatch.context() as patch:
+            spy = Spy(patch, keras_internals, "_keras_stored_value", fail=mode == "failure")
+            with _switched_off(mode, patch, "stored_values"):
+                fallback = keras.ops.convert_to_numpy(layer(x))
+    bias = keras.ops.convert_to_numpy(layer.bias)
+    np.testing.assert_allclose(scoped, np.broadcast_to(bias, scoped.shape), atol=1e-6)
+    np.testing.assert_allclose(fallback, fast, atol=1e-5, rtol=1e-5)
+    assert spy.calls == (1 if mode == "failure" else 0)
+    expected = ["stored_values"] if mode == "failure" else []
+    assert list(fast_ops.disabled_fast_paths()) == expected
 
 
 @pytest.mark.skipif(BACKEND != "torch", reason="torch kernels")

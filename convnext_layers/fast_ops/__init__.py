@@ -47,8 +47,8 @@ The fast paths (name: what it is; the fallback that replaces it):
   folded into the weights (`torch_kernels.residual_dense`); fallback the three
   layers one by one.
 - "torch_grn_bfloat16" (torch): GRN on a bfloat16 tensor kept in bfloat16 (its
-  norm accumulated in float32 by `vector_norm(dtype=float32)`, one bfloat16
-  `addcmul`; `torch_kernels.torch_response_norm`); fallback the float32 GRN.
+  sum of squares a batched product with a row of ones, accumulated in float32, one
+  bfloat16 `addcmul`; `torch_kernels.torch_response_norm`); fallback the float32 GRN.
 - "jax_shifted_sum" (jax): the 7x7 depthwise conv as 49 shifted multiply-adds
   instead of XLA's grouped conv, for inference and training: its gradient has
   its own rule (`jax_depthwise`), measured for training on a CPU as well;
@@ -65,6 +65,14 @@ The fast paths (name: what it is; the fallback that replaces it):
 - "deferred_variables" (Keras' private variable-initialisation hooks, used to
   build a model straight from checkpoint values without random init first);
   fallback build, then assign.
+- "stored_values" (Keras' private attribute holding a variable's tensor): the
+  kernels read their weights as stored, outside a `keras.StatelessScope`
+  (`keras_internals.stored_values`); fallback each variable's `.value`.
+- "torch_whole_block" (torch): in the layer-by-layer inference without autograd,
+  in float32 and bfloat16, a block that is the plain inverted bottleneck
+  (`plan.BlockParts`) runs the same kernels as layer by layer, its weights
+  prepared once per weight update and its checks made once per block
+  (`torch_kernels.whole_block`); fallback the block layer by layer.
 
 Layout: this module is the guard and the dispatch; each backend's kernels live in
 their own module (`torch_kernels`, `jax_kernels`, `tensorflow_kernels`), Keras'
@@ -129,16 +137,38 @@ FAST_PATHS = (
     "compiled_inference",
     "flatten_layers",
     "deferred_variables",
+    "stored_values",
+    "torch_whole_block",
 )
 
 
-def _env_allows() -> bool:
+def _read_env() -> bool:
     return os.environ.get("KERAS_CONVNEXT_FAST_PATHS", "1").strip().lower() not in (
         "0",
         "false",
         "no",
         "off",
     )
+
+
+def _env_allows() -> bool:
+    """KERAS_CONVNEXT_FAST_PATHS allows fast paths: read once per `inference_pass`,
+    else on every call."""
+    during_pass = getattr(_state, "env_allows", None)
+    return _read_env() if during_pass is None else during_pass
+
+
+@contextlib.contextmanager
+def inference_pass():
+    """One inference pass: KERAS_CONVNEXT_FAST_PATHS is read once for the whole of it
+    (a pass asks ~70 times whether a fast path may run; reading the environment is
+    ~0.9 us each time)."""
+    previous = getattr(_state, "env_allows", None)
+    _state.env_allows = _read_env()
+    try:
+        yield
+    finally:
+        _state.env_allows = previous
 
 
 @contextlib.contextmanager
@@ -157,6 +187,11 @@ def fast_paths_allowed(name: str | None = None) -> bool:
     if getattr(_state, "portable", 0) or not _env_allows():
         return False
     return name is None or name not in _DISABLED
+
+
+def any_disabled(names) -> bool:
+    """Whether any of fast paths `names` is switched off in this process."""
+    return bool(_DISABLED) and any(name in _DISABLED for name in names)
 
 
 def disabled_fast_paths() -> dict[str, str]:
@@ -258,14 +293,17 @@ def run_kernel(kind: str, x, portable_call, *args):
 
 
 class LayerKernels(
-    collections.namedtuple("LayerKernels", "name apply by_rows residual_dense", defaults=(None,))
+    collections.namedtuple(
+        "LayerKernels", "name apply by_rows residual_dense whole", defaults=(None, None)
+    )
 ):
     """What the layer-by-layer inference runs differently on a backend: fast path
     `name`; `apply(layer, x)` for each layer (None: the layer's own `call`);
     `by_rows(tail, x, shortcut, width)` for a block's per-position tail (None: in
     one piece); `residual_dense(x, shortcut, dense, scales, unfused)` for a block's
-    last Dense, layer scales and add as one product (None: layer by layer). See
-    `plan.Residual`."""
+    last Dense, layer scales and add as one product (None: layer by layer);
+    `whole(parts, x, layers, blocked)` for a plain inverted-bottleneck block at once
+    (None: layer by layer). See `plan.Residual`."""
 
 
 def layer_kernels(x) -> LayerKernels | None:
@@ -358,6 +396,7 @@ from convnext_layers.fast_ops.keras_internals import (  # noqa: E402, F401
     flatten_layers,
     forget_deferred,
     initialize_deferred,
+    stored_values,
     supports_deferred_variables,
     variables_are_deferred,
 )

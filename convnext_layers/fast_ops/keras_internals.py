@@ -36,6 +36,42 @@ def flatten_layers(model):
     return walk()
 
 
+def _keras_stored_value(variable):
+    """Keras' private attribute holding a variable's tensor (the one place it is read)."""
+    return variable._value
+
+
+def _keras_in_stateless_scope() -> bool:
+    """Whether a `keras.StatelessScope` is in effect (Keras' private module, the one
+    place it is asked)."""
+    from keras.src.backend.common.stateless_scope import in_stateless_scope
+
+    return in_stateless_scope()
+
+
+def stored_values(variables) -> tuple:
+    """Each of `variables`' backend tensors as stored: what `.value` returns for an
+    initialised variable outside a `keras.StatelessScope`, without an autocast scope's
+    cast (callers convert to the dtype they compute in), and without `.value`'s
+    checks on every read (on torch 1.8 us a read against 0.03 us; a block's
+    kernels read about 11). `.value` inside a StatelessScope (its values are the
+    scope's), for an uninitialised variable, and when this fast path is off."""
+
+    def read():
+        return tuple(variable.value for variable in variables)
+
+    if not fast_ops.fast_paths_allowed("stored_values"):
+        return read()
+
+    def stored():
+        if _keras_in_stateless_scope():
+            return read()
+        values = tuple(_keras_stored_value(variable) for variable in variables)
+        return read() if any(value is None for value in values) else values
+
+    return fast_ops.guarded("stored_values", stored, read)
+
+
 def _keras_initialize_all_variables():
     """Keras' private initialisation of deferred variables (the one place it is called)."""
     # Keras' private module: imported when used (`supports_deferred_variables` checked it)

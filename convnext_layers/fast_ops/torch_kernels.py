@@ -30,9 +30,9 @@ RESIDUAL_DENSE_DTYPES = ("float32", "bfloat16")
 
 
 def torch_value(variable, dtype):
-    """A keras variable's torch tensor in `dtype` (None: its own), without keras' op
-    dispatch."""
-    value = variable.value
+    """A keras variable's torch tensor in `dtype` (None: as stored), without keras' op
+    dispatch (`fast_ops.stored_values`)."""
+    (value,) = fast_ops.stored_values((variable,))
     return value if dtype is None or value.dtype == dtype else value.to(dtype)
 
 
@@ -50,34 +50,41 @@ def torch_prepared(layer, variable, dtype, prepare):
 
 def torch_prepared_from(layer, variables, dtype, prepare, variant=None):
     """`prepare(*values)` (a tensor or a tuple of them) of several variables' tensors
-    in `dtype` (None: their own, so that `prepare` alone converts, once per weight
-    update) (`torch_prepared`), cached on `layer` while every one of them is the same
-    object, unmodified; `variant` tells apart preparations of the same variables (the
-    dtype a `prepare` converts to)."""
+    in `dtype` (None: as stored, so that `prepare` alone converts), cached on `layer`
+    while every variable's stored tensor is the same object, unmodified (so the
+    conversion and preparation run once per weight update); `variant` tells apart
+    preparations of the same variables (the dtype a `prepare` converts to)."""
     # torch: on the torch backend alone (importing this module loads no backend)
     import torch
 
-    values = tuple(torch_value(variable, dtype) for variable in variables)
-    if torch.is_grad_enabled() and any(value.requires_grad for value in values):
+    stored = fast_ops.stored_values(variables)
+
+    def prepared_now():
+        values = stored
+        if dtype is not None:
+            values = tuple(v if v.dtype == dtype else v.to(dtype) for v in stored)
         return prepare(*values)
+
+    if torch.is_grad_enabled() and any(value.requires_grad for value in stored):
+        return prepared_now()
     cache = layer.__dict__.get("_convnext_torch_prepared")
     if cache is None:
         cache = {}
         object.__setattr__(layer, "_convnext_torch_prepared", cache)
     key = (tuple(id(variable) for variable in variables), dtype, variant)
-    versions = tuple(value._version for value in values)
+    versions = tuple(value._version for value in stored)
     entry = cache.get(key)
     if (
         entry is None
-        or any(a is not b for a, b in zip(entry[0], values, strict=True))
+        or any(a is not b for a, b in zip(entry[0], stored, strict=True))
         or entry[1] != versions
     ):
-        prepared = prepare(*values)
+        prepared = prepared_now()
         if isinstance(prepared, tuple):
-            prepared = tuple(tensor.detach() for tensor in prepared)
+            prepared = tuple(None if t is None else t.detach() for t in prepared)
         else:
             prepared = prepared.detach()
-        entry = cache[key] = (values, versions, prepared)
+        entry = cache[key] = (stored, versions, prepared)
     return entry[2]
 
 
@@ -99,20 +106,28 @@ def _torch_layer_norm(layer, x):
     convnextv2_atto pass). In bfloat16 from `BFLOAT16_LAYER_NORM_FROM_WIDTH` channels
     on, the bfloat16 tensor goes in as it is; below, keras' own recipe (a float32 copy
     normalised, cast back), the same numbers without keras' op dispatch."""
+    gamma, beta = torch_prepared_from(layer, (layer.gamma, layer.beta), None, _float32_pair)
+    return torch_layer_norm(x, gamma, beta, layer.epsilon)
+
+
+def _float32_pair(a, b):
+    # torch: on the torch backend alone (importing this module loads no backend)
+    import torch
+
+    return a.to(torch.float32), b.to(torch.float32)
+
+
+def torch_layer_norm(x, gamma, beta, epsilon):
+    """LayerNorm over the last axis of `x` (float32 or bfloat16) with float32 `gamma`
+    and `beta` as `_torch_layer_norm` computes it."""
     # torch: on the torch backend alone (importing this module loads no backend)
     import torch
     import torch.nn.functional as F
 
-    gamma, beta = torch_prepared_from(
-        layer,
-        (layer.gamma, layer.beta),
-        None,
-        lambda g, b: (g.to(torch.float32), b.to(torch.float32)),
-    )
     if x.dtype == torch.bfloat16 and x.shape[-1] < BFLOAT16_LAYER_NORM_FROM_WIDTH:
-        y = F.layer_norm(x.to(torch.float32), (x.shape[-1],), gamma, beta, layer.epsilon)
+        y = F.layer_norm(x.to(torch.float32), (x.shape[-1],), gamma, beta, epsilon)
         return y.to(x.dtype)
-    return F.layer_norm(x, (x.shape[-1],), gamma, beta, layer.epsilon)
+    return F.layer_norm(x, (x.shape[-1],), gamma, beta, epsilon)
 
 
 def _runs_layer_norm(layer, x) -> bool:
@@ -396,13 +411,17 @@ def torch_response_norm(x, weight, bias, epsilon):
     ones = x.new_ones((batch, 1, height * width))
     squares = torch.square(x)
     sums = torch.bmm(ones, squares.reshape(batch, height * width, channels))
-    gx = torch.sqrt(sums.reshape(batch, 1, 1, channels).to(torch.float32))
-    nx = gx / (gx.mean(dim=-1, keepdim=True) + epsilon)
-    scale = 1.0 + weight.to(torch.float32) * nx
+    # the small (B, 1, 1, C) steps in place, and no conversion of what is already in
+    # its dtype: at batch 1 each op is a few microseconds of dispatch, 12 GRNs a pass
+    gx = sums.reshape(batch, 1, 1, channels).to(torch.float32).sqrt_()
+    nx = gx.div_(gx.mean(dim=-1, keepdim=True).add_(epsilon))
+    scale = nx.mul_(weight if weight.dtype == torch.float32 else weight.to(torch.float32))
+    scale = scale.add_(1.0).to(x.dtype)
+    bias = bias if bias.dtype == x.dtype else bias.to(x.dtype)
     # the squares are this function's own and spent: the output reuses them (one tensor
     # of x's size fewer per call; convnextv2_atto bf16 batch 8 69.3 -> 66.4 and 74.9 ->
     # 68.9 ms, alternating, median of 16)
-    return torch.addcmul(bias.to(x.dtype), x, scale.to(x.dtype), out=squares)
+    return torch.addcmul(bias, x, scale, out=squares)
 
 
 def response_norm(x, layer):
@@ -428,13 +447,163 @@ def response_norm(x, layer):
     return torch_response_norm(x, weight, bias, layer.epsilon)
 
 
+# ----------------------------------------------------------------------------
+# A whole block at once
+# ----------------------------------------------------------------------------
+
+# What a block run at once stands for, kernel by kernel: where any of these is off, the
+# block runs layer by layer (where each layer then asks for its own).
+WHOLE_BLOCK_FAST_PATHS = (
+    "torch_kernels",
+    "torch_conv_nhwc",
+    "onednn_linear",
+    "torch_residual_dense",
+)
+# and what it asks for itself on the way, as the layers would
+WHOLE_BLOCK_ALSO_USES = ("torch_row_blocks", "torch_grn_bfloat16", "stored_values")
+
+
+def whole_block(parts, x, layers, blocked):
+    """A block that is the plain inverted bottleneck (`plan.BlockParts`) on `x`
+    (B, H, W, C) -> (B, H, W, C), as the layer-by-layer inference computes it (the
+    same kernels, in the same order, on the same weights: the same numbers), with the
+    per-layer work done once: its weights read and prepared once per weight update
+    (one `torch_prepared_from` for the block), and what each layer checks on every
+    call (its fast path, its device, its dtype) checked once per block or once per
+    model. `layers()`: the block layer by layer, where a part of it may not run so
+    (LoRA on a Dense, one of `WHOLE_BLOCK_FAST_PATHS` off, a tail `by_rows` would
+    split: `blocked`).
+
+    If it raises, the block runs layer by layer, where each layer's own guard finds
+    the failing kernel and switches its fast path off (after which blocks run layer
+    by layer); if none of the fast paths it runs is off then, the block's own code
+    failed and "torch_whole_block" is switched off (`fast_ops.guarded`'s rule
+    otherwise).
+
+    What it saves is Python: convnextv2_atto in bfloat16 at batch 1 spent ~3 ms of an
+    ~11.6 ms pass outside torch's ops, about 220 us a block, where timm spent ~1.4 ms
+    of 12.6 (2-core AMD EPYC, torch profiler); see `_whole_block_program` for what
+    it measured."""
+    if (
+        parts.expand.lora_enabled
+        or parts.project.lora_enabled
+        or fast_ops.any_disabled(WHOLE_BLOCK_FAST_PATHS)
+        or not fast_ops.use_fast_path("torch_whole_block", x)
+    ):
+        return layers()
+    try:
+        rows = x.shape[0] * x.shape[1] * x.shape[2]
+        if blocked and fast_ops.row_blocks(rows, parts.expand.units) is not None:
+            return layers()
+        program = _whole_block_program(parts, x)
+        return layers() if program is None else program(x)
+    except Exception as error:
+        result = layers()  # bad input raises here, and the fast paths stay on
+        if not fast_ops.any_disabled(WHOLE_BLOCK_FAST_PATHS + WHOLE_BLOCK_ALSO_USES):
+            fast_ops._disable("torch_whole_block", error)
+        return result
+
+
+def _whole_block_program(parts, x):
+    """`parts`' block as one function of its input, for `x`'s dtype (kept on the
+    block's depthwise conv, one per dtype), or None where its layers are not what
+    the function computes: the depthwise conv's fast shape without activation,
+    keras' plain LayerNormalization, and Dense layers whose product oneDNN fuses."""
+    # torch: on the torch backend alone (importing this module loads no backend)
+    import torch
+
+    dwconv, norm, expand, grn, project, scales = parts
+    programs = dwconv.__dict__.get("_convnext_torch_whole_block")
+    if programs is None:
+        programs = {}
+        object.__setattr__(dwconv, "_convnext_torch_whole_block", programs)
+    if x.dtype in programs:
+        return programs[x.dtype]
+    dtype = x.dtype
+    channels = dwconv.kernel.shape[2]
+    usable = (
+        dwconv._fast_path_shape()
+        and dwconv.activation in (None, keras.activations.linear)
+        and _runs_layer_norm(norm, x)
+        and project.units == channels
+        and dtype in (torch.float32, torch.bfloat16)
+        and torch.backends.mkldnn.is_available()
+        and hasattr(getattr(torch.ops.mkldnn, "_linear_pointwise", None), "binary")
+    )
+    if not usable:
+        programs[dtype] = None
+        return None
+    size = dwconv.kernel_size[0]
+    variables = [dwconv.kernel, *([dwconv.bias] if dwconv.use_bias else [])]
+    variables += [norm.gamma, norm.beta, expand.kernel]
+    variables += [expand.bias] if expand.bias is not None else []
+    variables += [grn.weight, grn.bias] if grn is not None else []
+    variables += [project.kernel, *([project.bias] if project.bias is not None else [])]
+    variables += [scale.gamma for scale in scales]
+    variables = tuple(variables)
+
+    def prepare(*stored):
+        values = iter(stored)
+        conv = next(values).to(dtype).permute(2, 3, 0, 1).contiguous()
+        conv_bias = next(values).to(dtype) if dwconv.use_bias else None
+        gamma, beta = _float32_pair(next(values), next(values))
+        expand_weight = next(values).to(dtype).t()  # (in, out) -> (out, in): a view
+        expand_bias = next(values).to(dtype) if expand.bias is not None else None
+        grn_weight = grn_bias = None
+        if grn is not None:
+            grn_weight, grn_bias = next(values).to(torch.float32), next(values).to(dtype)
+        kernel = next(values).to(dtype)
+        bias = next(values).to(dtype) if project.bias is not None else None
+        output = _folded_output_weights(kernel, bias, *(next(values).to(dtype) for _ in scales))
+        return (conv, conv_bias, gamma, beta, expand_weight, expand_bias, grn_weight, grn_bias,
+                *output)  # fmt: skip
+
+    def program(x):
+        conv, conv_bias, gamma, beta, w1, b1, grn_weight, grn_bias, w2, b2 = torch_prepared_from(
+            dwconv, variables, None, prepare, variant=("whole_block", dtype)
+        )
+        y = torch_conv2d_nhwc(x, conv, conv_bias, padding=size // 2, groups=channels)
+        y = torch_layer_norm(y, gamma, beta, norm.epsilon)
+        y = _onednn_linear_pointwise(y, w1, b1, "gelu", [], "none")
+        if grn is not None:
+            if _runs_response_norm(y):
+                y = torch_response_norm(y, grn_weight, grn_bias, grn.epsilon)
+            else:
+                y = grn.call(y)
+        return _onednn_linear_add(y, x, w2, b2)
+
+    programs[dtype] = program
+    return program
+
+
+def _runs_response_norm(x) -> bool:
+    """`response_norm` would run `torch_response_norm` on `x` (no autograd)."""
+    return keras.backend.standardize_dtype(
+        x.dtype
+    ) in RESPONSE_NORM_DTYPES and fast_ops.use_fast_path("torch_grn_bfloat16", x)
+
+
+def _whole_block_runner(x):
+    """`whole_block` where it may run on `x`: where `residual_dense` may
+    (`_residual_dense_runner`: CPU inference without autograd, float32 or bfloat16,
+    oneDNN's linear-with-add op present) and this fast path is on."""
+    if _residual_dense_runner(x) is None or not fast_ops.use_fast_path("torch_whole_block", x):
+        return None
+    return whole_block
+
+
 def layer_kernels(x):
-    """`fast_ops.layer_kernels` on torch: `torch_apply`, and `torch_by_row_blocks`
-    without autograd in float32."""
+    """`fast_ops.layer_kernels` on torch: `torch_apply`, `torch_by_row_blocks`
+    without autograd in float32, `residual_dense` and `whole_block` without autograd
+    in float32 and bfloat16."""
     if not fast_ops.use_fast_path("torch_kernels", x):
         return None
     return fast_ops.LayerKernels(
-        "torch_kernels", torch_apply, _torch_row_runner(x), _residual_dense_runner(x)
+        "torch_kernels",
+        torch_apply,
+        _torch_row_runner(x),
+        _residual_dense_runner(x),
+        _whole_block_runner(x),
     )
 
 
@@ -445,7 +614,7 @@ def inference_function(model):
     import torch
 
     def infer(x):
-        with torch.inference_mode():
+        with torch.inference_mode(), fast_ops.inference_pass():
             return fast_ops.to_numpy(model(keras.ops.convert_to_tensor(x), training=False))
 
     return infer
