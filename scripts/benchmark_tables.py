@@ -11,7 +11,8 @@ A page asks for a table by fencing its place (see `markdown_pages`):
 and this script writes it there, with the date, the machine and the load average of
 the run it comes from. The tables (`TABLES`): `inference` and `inference-memory`
 (speed and peak memory against timm), `against-compiled-float32` and
-`against-compiled-bfloat16` (round three: timm eager and timm + torch.compile),
+`against-compiled-bfloat16` (round three: timm eager and timm + torch.compile; the
+`-epyc` ones: the same on a second machine),
 `end-to-end`, `cold-start` and `cold-start-user-install`, `gallery`, `gallery-sweep` and
 `gallery-stores`, `export-parity`, `serve`. A new results file gets a new entry in
 `TABLES`; rerunning a benchmark into the same file and then this script updates every
@@ -168,6 +169,14 @@ def against_compiled_bfloat16() -> str:
     return against_compiled("cpu_r224_bfloat16")
 
 
+def against_compiled_float32_epyc() -> str:
+    return against_compiled("cpu_r224_float32_compile_epyc")
+
+
+def against_compiled_bfloat16_epyc() -> str:
+    return against_compiled("cpu_r224_bfloat16_epyc")
+
+
 def inference_memory(name="cpu_r224_float32") -> str:
     report = {**read(name), "_name": name}
     table = _pivot(
@@ -306,6 +315,8 @@ TABLES = {
     "inference-memory": inference_memory,
     "against-compiled-float32": against_compiled_float32,
     "against-compiled-bfloat16": against_compiled_bfloat16,
+    "against-compiled-float32-epyc": against_compiled_float32_epyc,
+    "against-compiled-bfloat16-epyc": against_compiled_bfloat16_epyc,
     "end-to-end": end_to_end,
     "cold-start": cold_start,
     "cold-start-user-install": cold_start_user_install,

@@ -171,15 +171,22 @@ def test_performance_page_shows_the_measured_ratios():
 
 
 @pytest.mark.once("torch")
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_performance_page_shows_the_ratios_against_torch_compile(dtype):
+@pytest.mark.parametrize(
+    "table,name",
+    [
+        ("float32", "cpu_r224_float32_compile"),
+        ("bfloat16", "cpu_r224_bfloat16"),
+        ("float32-epyc", "cpu_r224_float32_compile_epyc"),
+        ("bfloat16-epyc", "cpu_r224_bfloat16_epyc"),
+    ],
+)
+def test_performance_page_shows_the_ratios_against_torch_compile(table, name):
     """Round three's tables: each backend's cell is its ratio to timm eager / to timm +
     torch.compile from the results file, and the best column names the fastest backend
     with its ratio (read here from the JSON, not from the generator)."""
-    name = {"float32": "cpu_r224_float32_compile", "bfloat16": "cpu_r224_bfloat16"}[dtype]
     with open(ROOT / f"benchmarks/results/{name}.json") as f:
         results = json.load(f)["results"]
-    header, rows = _performance_table(f"against-compiled-{dtype}")
+    header, rows = _performance_table(f"against-compiled-{table}")
     checked = 0
     for variant, batch in {(r["variant"], r["batch_size"]) for r in results}:
         group = {
