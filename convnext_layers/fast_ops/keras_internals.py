@@ -44,6 +44,8 @@ def _keras_stored_value(variable):
 def _keras_in_stateless_scope() -> bool:
     """Whether a `keras.StatelessScope` is in effect (Keras' private module, the one
     place it is asked)."""
+    # Keras' private module: imported when asked (`stored_values` falls back to `.value`
+    # if it is missing)
     from keras.src.backend.common.stateless_scope import in_stateless_scope
 
     return in_stateless_scope()
