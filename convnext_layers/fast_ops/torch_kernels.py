@@ -493,8 +493,9 @@ def whole_block(parts, x, layers, blocked):
     if (
         parts.expand.lora_enabled
         or parts.project.lora_enabled
-        or fast_ops.any_disabled(WHOLE_BLOCK_FAST_PATHS)
-        or not fast_ops.use_fast_path("torch_whole_block", x)
+        # the environment, `portable()` and the device: asked once per pass
+        # (`_whole_block_runner`); a fast path switched off since, here
+        or fast_ops.any_disabled(("torch_whole_block", *WHOLE_BLOCK_FAST_PATHS))
     ):
         return layers()
     try:
