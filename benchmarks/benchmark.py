@@ -35,6 +35,11 @@ What is timed
          whose environment has XLA_FLAGS=FLAGS (process-wide XLA CPU options a
          user can set; the library never sets them). "auto": the flags
          documented in docs/performance.md (XLA_FLAGS_MEASURED below).
+  allocator: every worker inherits this process's environment, so glibc's
+         malloc settings (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_,
+         GLIBC_TUNABLES) or an LD_PRELOAD-ed allocator given to the benchmark
+         apply to every side alike, timm's too; the report records them and the
+         table names them (`allocator_env`). The library sets none of them.
   timm:  `model(x)` on a torch tensor under `torch.inference_mode()`, eager,
          NCHW, i.e. timm used as shipped.
   timm +compile (--timm-compile): the same model through `torch.compile(model)`
@@ -643,6 +648,17 @@ class Side:
 TIMM_COMPILED = "timm +compile"
 
 
+# glibc's malloc settings read from the environment at a process's start (every
+# worker inherits them, timm's as ours): a run made with any is labelled with them
+ALLOCATOR_ENV_PREFIXES = ("MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD")
+
+
+def allocator_env() -> dict:
+    """{name: value} of the environment variables that change the C allocator of every
+    worker (glibc's MALLOC_* and GLIBC_TUNABLES, a preloaded allocator)."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(ALLOCATOR_ENV_PREFIXES)}
+
+
 def sides_for(backends, calls, xla_flags, timm_compile=False):
     """timm first (then timm + torch.compile with `timm_compile`), then every
     backend x call, then JAX with `xla_flags` (if any)."""
@@ -1046,11 +1062,13 @@ def _extra_sections(report):
     return lines
 
 
-def render_markdown(report):
+def run_description(report) -> str:
+    """The sentence above the tables: the run's sizes, machine, passes, calls, XLA_FLAGS
+    row and the allocator settings every side ran with."""
     cfg = report["config"]
     m = report["machine"]
     batches = ", ".join(str(b) for b in cfg["batch_sizes"])
-    lines = [
+    return (
         f"ConvNeXt inference, batch {batches}, {cfg['resolution']}x"
         f"{cfg['resolution']}, {cfg['dtype']}, {cfg['device']}; {m['cpu']}, "
         f"{m['usable_cpus'] or m['logical_cpus']} usable CPUs, {m['os']}, Python {m['python']}. "
@@ -1066,9 +1084,21 @@ def render_markdown(report):
         f"`{', '.join(cfg['calls'])}`; timm: eager `model(x)` under `torch.inference_mode()`"
         + (" (and `torch.compile(model)`: timm +compile)" if cfg.get("timm_compile") else "")
         + "."
-        + (f" XLA_FLAGS row: `{cfg['xla_flags']}`." if cfg.get("xla_flags") else ""),
-        "",
-    ]
+        + (f" XLA_FLAGS row: `{cfg['xla_flags']}`." if cfg.get("xla_flags") else "")
+        + (
+            " Every side's process (timm's too) ran with "
+            + ", ".join(f"`{k}={v}`" for k, v in cfg["allocator_env"].items())
+            + "."
+            if cfg.get("allocator_env")
+            else ""
+        )
+    )
+
+
+def render_markdown(report):
+    cfg = report["config"]
+    m = report["machine"]
+    lines = [run_description(report), ""]
     results = report["results"]
     if not results:  # another mode only (cold start, footprint)
         lines = [f"{m['cpu']}, {m['usable_cpus'] or m['logical_cpus']} usable CPUs, {m['os']}, "
@@ -1244,6 +1274,7 @@ def main(argv=None):
             "min_round_seconds": args.min_round_seconds,
             "calls": calls,
             "xla_flags": xla_flags or None,
+            "allocator_env": allocator_env(),
             "timm_compile": args.timm_compile,
             "quick": args.quick,
             "flops": "analytic: 2 x MACs of convolutions and matmuls (benchmark.macs)",

@@ -12,7 +12,8 @@ and this script writes it there, with the date, the machine and the load average
 the run it comes from. The tables (`TABLES`): `inference` and `inference-memory`
 (speed and peak memory against timm), `against-compiled-float32` and
 `against-compiled-bfloat16` (round three: timm eager and timm + torch.compile; the
-`-epyc` ones: the same on a second machine),
+`-epyc` ones: the same on a second machine; `-malloc-epyc`: there, with glibc's malloc
+keeping freed memory in every side's process),
 `end-to-end`, `cold-start` and `cold-start-user-install`, `gallery`, `gallery-sweep` and
 `gallery-stores`, `export-parity`, `serve`. A new results file gets a new entry in
 `TABLES`; rerunning a benchmark into the same file and then this script updates every
@@ -74,8 +75,17 @@ def _caption(report: dict, rows) -> str:
     return (
         f"Measured {report['created'][:10]} on {_machine(report)}; 1-minute load average "
         f"{_load_range(loads)} during the run (`benchmarks/results/{report['_name']}.md` "
-        "has every figure)."
+        "has every figure)." + _allocator_text(report)
     )
+
+
+def _allocator_text(report: dict) -> str:
+    """The C allocator settings every side's process ran with, where the run had any."""
+    settings = report["config"].get("allocator_env")
+    if not settings:
+        return ""
+    named = ", ".join(f"`{k}={v}`" for k, v in settings.items())
+    return f" Every side's process, timm's too, ran with {named}."
 
 
 def _pivot(report: dict, first: tuple[str, str], cell) -> str:
@@ -175,6 +185,14 @@ def against_compiled_float32_epyc() -> str:
 
 def against_compiled_bfloat16_epyc() -> str:
     return against_compiled("cpu_r224_bfloat16_epyc")
+
+
+def against_compiled_float32_malloc_epyc() -> str:
+    return against_compiled("cpu_r224_float32_malloc_epyc")
+
+
+def against_compiled_bfloat16_malloc_epyc() -> str:
+    return against_compiled("cpu_r224_bfloat16_malloc_epyc")
 
 
 def inference_memory(name="cpu_r224_float32") -> str:
@@ -317,6 +335,8 @@ TABLES = {
     "against-compiled-bfloat16": against_compiled_bfloat16,
     "against-compiled-float32-epyc": against_compiled_float32_epyc,
     "against-compiled-bfloat16-epyc": against_compiled_bfloat16_epyc,
+    "against-compiled-float32-malloc-epyc": against_compiled_float32_malloc_epyc,
+    "against-compiled-bfloat16-malloc-epyc": against_compiled_bfloat16_malloc_epyc,
     "end-to-end": end_to_end,
     "cold-start": cold_start,
     "cold-start-user-install": cold_start_user_install,

@@ -161,6 +161,36 @@ def test_xla_flags_side_is_an_extra_jax_worker():
     assert [s.name for s in bench.sides_for(["torch"], ["call"], "--x")] == ["timm", "keras-torch"]
 
 
+def test_allocator_settings_label_the_run(monkeypatch):
+    """glibc's malloc settings in the benchmark's environment (which every worker, timm's
+    too, inherits) are recorded and named under the table; a run without any says
+    nothing about them."""
+    bench = benchmark_script("benchmark")
+    for name in [k for k in os.environ if k.startswith(("MALLOC_", "GLIBC_TUNABLES", "LD_PRE"))]:
+        monkeypatch.delenv(name)
+    assert bench.allocator_env() == {}
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "4294967296")
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "4294967296")
+    monkeypatch.setenv("MALLOCATOR_UNRELATED", "x")  # not glibc's: a prefix with an underscore
+    settings = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
+    assert bench.allocator_env() == settings
+    report = {
+        "config": {
+            "batch_sizes": [1], "resolution": 224, "dtype": "float32", "device": "cpu",
+            "warmup": 1, "rounds": 1, "iterations": 1, "calls": ["predict_batch"],
+            "allocator_env": settings,
+        },
+        "machine": {"cpu": "x86-64", "usable_cpus": 2, "os": "Linux", "python": "3.11"},
+        "results": [],
+    }  # fmt: skip
+    head = bench.run_description(report)
+    assert head.endswith(
+        "ran with `MALLOC_MMAP_THRESHOLD_=4294967296`, `MALLOC_TRIM_THRESHOLD_=4294967296`."
+    )
+    report["config"]["allocator_env"] = {}
+    assert "MALLOC" not in bench.run_description(report)
+
+
 @pytest.mark.slow
 @pytest.mark.once("tensorflow")
 def test_quick_end_to_end(tmp_path):
