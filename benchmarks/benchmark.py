@@ -659,6 +659,15 @@ def allocator_env() -> dict:
     return {k: v for k, v in sorted(os.environ.items()) if k.startswith(ALLOCATOR_ENV_PREFIXES)}
 
 
+def allocator_sentence(settings: dict | None) -> str:
+    """The sentence naming a run's `allocator_env` in its tables' captions (here and
+    in the docs, `scripts/benchmark_tables.py`); empty for a run without any."""
+    if not settings:
+        return ""
+    named = ", ".join(f"`{k}={v}`" for k, v in settings.items())
+    return f" Every side's process, timm's too, ran with {named}."
+
+
 def sides_for(backends, calls, xla_flags, timm_compile=False):
     """timm first (then timm + torch.compile with `timm_compile`), then every
     backend x call, then JAX with `xla_flags` (if any)."""
@@ -1085,13 +1094,7 @@ def run_description(report) -> str:
         + (" (and `torch.compile(model)`: timm +compile)" if cfg.get("timm_compile") else "")
         + "."
         + (f" XLA_FLAGS row: `{cfg['xla_flags']}`." if cfg.get("xla_flags") else "")
-        + (
-            " Every side's process (timm's too) ran with "
-            + ", ".join(f"`{k}={v}`" for k, v in cfg["allocator_env"].items())
-            + "."
-            if cfg.get("allocator_env")
-            else ""
-        )
+        + allocator_sentence(cfg.get("allocator_env"))
     )
 
 

@@ -75,17 +75,9 @@ def _caption(report: dict, rows) -> str:
     return (
         f"Measured {report['created'][:10]} on {_machine(report)}; 1-minute load average "
         f"{_load_range(loads)} during the run (`benchmarks/results/{report['_name']}.md` "
-        "has every figure)." + _allocator_text(report)
+        "has every figure)."
+        + _benchmark_module("benchmark").allocator_sentence(report["config"].get("allocator_env"))
     )
-
-
-def _allocator_text(report: dict) -> str:
-    """The C allocator settings every side's process ran with, where the run had any."""
-    settings = report["config"].get("allocator_env")
-    if not settings:
-        return ""
-    named = ", ".join(f"`{k}={v}`" for k, v in settings.items())
-    return f" Every side's process, timm's too, ran with {named}."
 
 
 def _pivot(report: dict, first: tuple[str, str], cell) -> str:

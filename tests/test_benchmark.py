@@ -166,7 +166,7 @@ def test_allocator_settings_label_the_run(monkeypatch):
     too, inherits) are recorded and named under the table; a run without any says
     nothing about them."""
     bench = benchmark_script("benchmark")
-    for name in [k for k in os.environ if k.startswith(("MALLOC_", "GLIBC_TUNABLES", "LD_PRE"))]:
+    for name in [k for k in os.environ if k.startswith(bench.ALLOCATOR_ENV_PREFIXES)]:
         monkeypatch.delenv(name)
     assert bench.allocator_env() == {}
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "4294967296")
