@@ -27,6 +27,7 @@ zero-second ones), from the JSON the benchmarks' own `.md` files were written fr
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import sys
@@ -161,30 +162,6 @@ def against_compiled(name: str) -> str:
         + "\n\nFirst call in seconds (compilation: torch.compile, JAX's jit, TensorFlow's "
         "trace; never inside the timed passes):\n\n" + "\n".join(first)
     )
-
-
-def against_compiled_float32() -> str:
-    return against_compiled("cpu_r224_float32_compile")
-
-
-def against_compiled_bfloat16() -> str:
-    return against_compiled("cpu_r224_bfloat16")
-
-
-def against_compiled_float32_epyc() -> str:
-    return against_compiled("cpu_r224_float32_compile_epyc")
-
-
-def against_compiled_bfloat16_epyc() -> str:
-    return against_compiled("cpu_r224_bfloat16_epyc")
-
-
-def against_compiled_float32_malloc_epyc() -> str:
-    return against_compiled("cpu_r224_float32_malloc_epyc")
-
-
-def against_compiled_bfloat16_malloc_epyc() -> str:
-    return against_compiled("cpu_r224_bfloat16_malloc_epyc")
 
 
 def inference_memory(name="cpu_r224_float32") -> str:
@@ -323,12 +300,18 @@ def serve(name="serve_cpu") -> str:
 TABLES = {
     "inference": inference,
     "inference-memory": inference_memory,
-    "against-compiled-float32": against_compiled_float32,
-    "against-compiled-bfloat16": against_compiled_bfloat16,
-    "against-compiled-float32-epyc": against_compiled_float32_epyc,
-    "against-compiled-bfloat16-epyc": against_compiled_bfloat16_epyc,
-    "against-compiled-float32-malloc-epyc": against_compiled_float32_malloc_epyc,
-    "against-compiled-bfloat16-malloc-epyc": against_compiled_bfloat16_malloc_epyc,
+    "against-compiled-float32": functools.partial(against_compiled, "cpu_r224_float32_compile"),
+    "against-compiled-bfloat16": functools.partial(against_compiled, "cpu_r224_bfloat16"),
+    "against-compiled-float32-epyc": functools.partial(
+        against_compiled, "cpu_r224_float32_compile_epyc"
+    ),
+    "against-compiled-bfloat16-epyc": functools.partial(against_compiled, "cpu_r224_bfloat16_epyc"),
+    "against-compiled-float32-malloc-epyc": functools.partial(
+        against_compiled, "cpu_r224_float32_malloc_epyc"
+    ),
+    "against-compiled-bfloat16-malloc-epyc": functools.partial(
+        against_compiled, "cpu_r224_bfloat16_malloc_epyc"
+    ),
     "end-to-end": end_to_end,
     "cold-start": cold_start,
     "cold-start-user-install": cold_start_user_install,
