@@ -39,7 +39,11 @@ What is timed
          malloc settings (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_,
          GLIBC_TUNABLES) or an LD_PRELOAD-ed allocator given to the benchmark
          apply to every side alike, timm's too; the report records them and the
-         table names them (`allocator_env`). The library sets none of them.
+         table names them (`allocator_env`). The library sets no environment
+         variable; on PyTorch it raises glibc's malloc thresholds in its own
+         process at predict_batch's first call on a CPU (`torch_keep_freed_memory`,
+         not where the environment sets any of these): each worker reports whether
+         it did, and the table's caption names the sides that did.
   timm:  `model(x)` on a torch tensor under `torch.inference_mode()`, eager,
          NCHW, i.e. timm used as shipped.
   timm +compile (--timm-compile): the same model through `torch.compile(model)`
@@ -115,6 +119,13 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+# every worker inherits the benchmark's environment, so its allocator settings too:
+# a run made with any is labelled with them
+from convnext_common.allocator import ALLOCATOR_ENV_PREFIXES, allocator_env  # noqa: E402, F401
+
 PROTOCOL = "@@BENCH "
 BACKENDS = ("jax", "tensorflow", "torch")
 CALLS = ("predict_batch", "predict_on_batch", "call")
@@ -607,6 +618,7 @@ def worker_main(args):
             "build_s": build_s,
             "first_call_s": first_call_s,
             "warmup_s": warmup_s,
+            "malloc_thresholds_raised": _malloc_thresholds_raised(args.side),
             **info,
         }
     )
@@ -648,24 +660,34 @@ class Side:
 TIMM_COMPILED = "timm +compile"
 
 
-# glibc's malloc settings read from the environment at a process's start (every
-# worker inherits them, timm's as ours): a run made with any is labelled with them
-ALLOCATOR_ENV_PREFIXES = ("MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD")
+def allocator_sentence(report) -> str:
+    """The sentences naming a run's allocator in its tables' captions (here and in the
+    docs, `scripts/benchmark_tables.py`): the environment's settings, which every
+    worker inherits (timm's too), and the sides whose process raised glibc's malloc
+    thresholds itself (`torch_keep_freed_memory`); empty for a run with neither."""
+    settings = report["config"].get("allocator_env")
+    raised = list(dict.fromkeys(
+        row["name"] for row in report["results"] if row.get("malloc_thresholds_raised")
+    ))  # fmt: skip
+    sentence = ""
+    if settings:
+        named = ", ".join(f"`{k}={v}`" for k, v in settings.items())
+        sentence += f" Every side's process, timm's too, ran with {named}."
+    if raised:
+        others = "; the other sides ran with glibc's defaults" if not settings else ""
+        sentence += (
+            f" {', '.join(raised)} raised glibc's malloc thresholds in its own process at "
+            "its first call, as the library does by default on a CPU "
+            f"(`torch_keep_freed_memory`){others}."
+        )
+    return sentence
 
 
-def allocator_env() -> dict:
-    """{name: value} of the environment variables that change the C allocator of every
-    worker (glibc's MALLOC_* and GLIBC_TUNABLES, a preloaded allocator)."""
-    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(ALLOCATOR_ENV_PREFIXES)}
-
-
-def allocator_sentence(settings: dict | None) -> str:
-    """The sentence naming a run's `allocator_env` in its tables' captions (here and
-    in the docs, `scripts/benchmark_tables.py`); empty for a run without any."""
-    if not settings:
-        return ""
-    named = ", ".join(f"`{k}={v}`" for k, v in settings.items())
-    return f" Every side's process, timm's too, ran with {named}."
+def _malloc_thresholds_raised(side) -> bool:
+    """Whether this worker's process raised glibc's malloc thresholds itself (the
+    library's `torch_keep_freed_memory`, at its first call)."""
+    module = sys.modules.get("convnext_layers.fast_ops.torch_kernels")
+    return side.startswith("keras") and module is not None and module.kept_freed_memory()
 
 
 def sides_for(backends, calls, xla_flags, timm_compile=False):
@@ -788,6 +810,7 @@ def _summarise(name, info, times, loads, peak_rss_mb, batch, flops):
         "build_s": round(info["build_s"], 2),
         "first_call_s": round(info["first_call_s"], 2),
         "warmup_s": round(info["warmup_s"], 2),
+        "malloc_thresholds_raised": info.get("malloc_thresholds_raised", False),
         "runs": len(times),
         "median_s": median,
         "min_s": min(times),
@@ -1094,7 +1117,7 @@ def run_description(report) -> str:
         + (" (and `torch.compile(model)`: timm +compile)" if cfg.get("timm_compile") else "")
         + "."
         + (f" XLA_FLAGS row: `{cfg['xla_flags']}`." if cfg.get("xla_flags") else "")
-        + allocator_sentence(cfg.get("allocator_env"))
+        + allocator_sentence(report)
     )
 
 

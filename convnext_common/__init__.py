@@ -6,6 +6,8 @@
   temporary file left behind), whether an output path can be written, and how an
   input file is opened (regular files only: never a pipe or a device);
 - `jsonable`: values made JSON-safe (the one sanitiser);
+- `allocator`: the environment variables that configure the C allocator, and
+  glibc's malloc thresholds raised at run time;
 - `cli`: the command-line parser, its argument types and the exit policy shared by
   `python -m weights_convert` and `python -m embedding` (interfaces only).
 """

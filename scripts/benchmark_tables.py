@@ -13,7 +13,8 @@ the run it comes from. The tables (`TABLES`): `inference` and `inference-memory`
 (speed and peak memory against timm), `against-compiled-float32` and
 `against-compiled-bfloat16` (round three: timm eager and timm + torch.compile; the
 `-epyc` ones: the same on a second machine; `-malloc-epyc`: there, with glibc's malloc
-keeping freed memory in every side's process),
+keeping freed memory in every side's process; `-kept-epyc`: there, with the library
+keeping its own process's freed memory, `torch_keep_freed_memory`),
 `end-to-end`, `cold-start` and `cold-start-user-install`, `gallery`, `gallery-sweep` and
 `gallery-stores`, `export-parity`, `serve`. A new results file gets a new entry in
 `TABLES`; rerunning a benchmark into the same file and then this script updates every
@@ -76,8 +77,7 @@ def _caption(report: dict, rows) -> str:
     return (
         f"Measured {report['created'][:10]} on {_machine(report)}; 1-minute load average "
         f"{_load_range(loads)} during the run (`benchmarks/results/{report['_name']}.md` "
-        "has every figure)."
-        + _benchmark_module("benchmark").allocator_sentence(report["config"].get("allocator_env"))
+        "has every figure)." + _benchmark_module("benchmark").allocator_sentence(report)
     )
 
 
@@ -306,6 +306,12 @@ TABLES = {
         against_compiled, "cpu_r224_float32_compile_epyc"
     ),
     "against-compiled-bfloat16-epyc": functools.partial(against_compiled, "cpu_r224_bfloat16_epyc"),
+    "against-compiled-float32-kept-epyc": functools.partial(
+        against_compiled, "cpu_r224_float32_kept_epyc"
+    ),
+    "against-compiled-bfloat16-kept-epyc": functools.partial(
+        against_compiled, "cpu_r224_bfloat16_kept_epyc"
+    ),
     "against-compiled-float32-malloc-epyc": functools.partial(
         against_compiled, "cpu_r224_float32_malloc_epyc"
     ),

@@ -393,8 +393,10 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def run_python(code, *args, timeout=600, env_extra=None):
-    env = {**os.environ, "PYTHONPATH": ROOT, **(env_extra or {})}
+def run_python(code, *args, timeout=600, env=None, env_extra=None):
+    """`code` in a fresh Python, in `env` (default: this process's environment) with
+    `env_extra` added and the repository on its path."""
+    env = {**(os.environ if env is None else env), "PYTHONPATH": ROOT, **(env_extra or {})}
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
         env=env,

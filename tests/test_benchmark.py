@@ -188,7 +188,17 @@ def test_allocator_settings_label_the_run(monkeypatch):
         "ran with `MALLOC_MMAP_THRESHOLD_=4294967296`, `MALLOC_TRIM_THRESHOLD_=4294967296`."
     )
     report["config"]["allocator_env"] = {}
-    assert "MALLOC" not in bench.run_description(report)
+    assert "malloc" not in bench.run_description(report).lower()
+    # the library's own setting (`torch_keep_freed_memory`), as a worker reported it
+    report["results"] = [
+        {"name": "timm", "malloc_thresholds_raised": False},
+        {"name": "keras-torch", "malloc_thresholds_raised": True},
+    ]
+    assert bench.run_description(report).endswith(
+        " keras-torch raised glibc's malloc thresholds in its own process at its first call, "
+        "as the library does by default on a CPU (`torch_keep_freed_memory`); the other sides "
+        "ran with glibc's defaults."
+    )
 
 
 @pytest.mark.slow

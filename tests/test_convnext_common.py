@@ -1,5 +1,6 @@
 """convnext_common: the one writer leaves nothing behind, the one output check, the JSON
-sanitiser and the exit policy of both command lines (standard library + numpy only)."""
+sanitiser, the exit policy of both command lines and the allocator settings
+(standard library + numpy only)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import os
 import numpy as np
 import pytest
 
+from convnext_common import allocator
 from convnext_common.cli import (
     CommandError,
     finite_float,
@@ -166,3 +168,32 @@ def test_argument_types_take_their_values_and_name_the_refusal(kind, text, value
     else:
         with pytest.raises(argparse.ArgumentTypeError, match=refusal):
             kind(text)
+
+
+def test_allocator_env_names_what_configures_the_allocator():
+    environ = {
+        "MALLOC_ARENA_MAX": "2",
+        "GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1",
+        "LD_PRELOAD": "libjemalloc.so.2",
+        "PATH": "/bin",
+        "MY_MALLOC_": "x",
+    }
+    assert allocator.allocator_env(environ) == {
+        "GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1",
+        "LD_PRELOAD": "libjemalloc.so.2",
+        "MALLOC_ARENA_MAX": "2",
+    }
+    assert allocator.allocator_env({"PATH": "/bin"}) == {}
+
+
+def test_raise_malloc_thresholds_says_why_it_could_not(monkeypatch):
+    if allocator._glibc() is None:
+        pytest.skip("glibc's malloc thresholds: a glibc system")
+    set_values = []
+    monkeypatch.setattr(allocator, "_mallopt", lambda libc, p, v: set_values.append((p, v)) or 0)
+    with pytest.raises(OSError, match="refused M_MMAP_THRESHOLD"):
+        allocator.raise_malloc_thresholds()
+    monkeypatch.setattr(allocator, "_glibc", lambda: None)
+    with pytest.raises(OSError, match="not glibc"):
+        allocator.raise_malloc_thresholds()
+    assert not allocator.glibc_malloc_in_use()

@@ -180,6 +180,8 @@ def test_performance_page_shows_the_measured_ratios():
         ("bfloat16-epyc", "cpu_r224_bfloat16_epyc", 3),
         ("float32-malloc-epyc", "cpu_r224_float32_malloc_epyc", 2),
         ("bfloat16-malloc-epyc", "cpu_r224_bfloat16_malloc_epyc", 2),
+        ("float32-kept-epyc", "cpu_r224_float32_kept_epyc", 3),
+        ("bfloat16-kept-epyc", "cpu_r224_bfloat16_kept_epyc", 3),
     ],
 )
 def test_performance_page_shows_the_ratios_against_torch_compile(table, name, batches):

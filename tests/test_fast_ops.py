@@ -6,14 +6,16 @@ fast path's numbers on random inputs; a spy on the private call checks the fast 
 really ran (or really did not)."""
 
 import contextlib
+import os
 import weakref
 
 import keras
 import numpy as np
 import pytest
-from conftest import BACKEND, random_timm_model, timm_state_numpy
+from conftest import BACKEND, random_timm_model, result_line, run_python, timm_state_numpy
 
 import weights_convert as wc
+from convnext_common import allocator
 from convnext_layers import (
     ConvNeXtConfig,
     DepthwiseConv,
@@ -953,6 +955,86 @@ def test_torch_whole_block_steps_aside_where_a_layer_would(small_v2_weights, mon
         assert fast_ops.layer_kernels(torch.zeros(1, 2, 2, 3, dtype=torch.float16)).whole is None
     assert fast_ops.layer_kernels(torch.zeros(1, 2, 2, 3)).whole is None  # autograd on
     assert fast_ops.disabled_fast_paths() == {}
+
+
+# In a fresh process, after `predict_batch`: a 64 MiB tensor (above glibc's largest
+# moving mmap threshold, 32 MiB) allocated, written and freed five times, and the
+# median count of minor page faults of a round (now and then one round of a kept
+# process faults its pages in afresh once, as the heap moves)
+_FAULTS_OF_REUSE = """
+    import json, resource, statistics
+    import numpy as np
+    import torch
+    from convnext_layers.fast_ops import torch_kernels
+    from convnext_v2 import create_convnext_v2
+
+    model = create_convnext_v2("atto", include_top=False, input_shape=(32, 32, 3))
+    model.predict_batch(np.zeros((1, 32, 32, 3), "float32"))
+    elements = 16 * 2**20
+    torch.ones(elements)
+    faults = []
+    for _ in range(5):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.ones(elements)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    kept = torch_kernels.kept_freed_memory()
+    print("RESULT" + json.dumps({"kept": kept, "faults": statistics.median(faults)}))
+"""
+
+
+@pytest.mark.slow  # two fresh processes
+@pytest.mark.skipif(BACKEND != "torch", reason="a torch fast path")
+def test_torch_keep_freed_memory_stops_the_page_faults():
+    """With glibc's defaults (fast paths off) the kernel maps a large freed tensor's
+    16,384 pages afresh each time; after `predict_batch` the process reuses them."""
+    if not allocator.glibc_malloc_in_use():
+        pytest.skip("glibc's malloc thresholds: a glibc system without a preloaded allocator")
+    environ = {k: v for k, v in os.environ.items() if k not in allocator.allocator_env()}
+    pages = 16 * 2**20 * 4 // os.sysconf("SC_PAGE_SIZE")
+    defaults = result_line(
+        run_python(_FAULTS_OF_REUSE, env=environ, env_extra={"KERAS_CONVNEXT_FAST_PATHS": "0"})
+    )
+    assert not defaults["kept"] and defaults["faults"] >= pages / 2
+    kept = result_line(run_python(_FAULTS_OF_REUSE, env=environ))
+    assert kept["kept"] and kept["faults"] < pages / 20, (kept, defaults)
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="a torch fast path")
+@pytest.mark.parametrize("mode", (*MODES, "allocator_env", "not_glibc"))
+def test_torch_keep_freed_memory_steps_aside(small_v2_weights, mode, monkeypatch):
+    """Raised once, at `predict_batch`'s first call on a CPU; not where fast paths are
+    off, the environment configures the allocator or the C library is not glibc."""
+    if not allocator.glibc_malloc_in_use() and not allocator.allocator_env():
+        pytest.skip("glibc's malloc thresholds: a glibc system")
+    weights, x = small_v2_weights
+    for name in allocator.allocator_env():
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(torch_kernels, "_kept_freed_memory", [])
+    with monkeypatch.context() as patch:
+        spy = Spy(patch, allocator, "raise_malloc_thresholds")
+        model = _fresh_v2(weights)
+        fast = model.predict_batch(x)
+        model.predict_batch(x)
+    assert spy.calls == 1 and torch_kernels.kept_freed_memory()
+
+    monkeypatch.setattr(torch_kernels, "_kept_freed_memory", [])
+    with monkeypatch.context() as patch:
+        spy = Spy(patch, allocator, "raise_malloc_thresholds", fail=mode == "failure")
+        if mode == "off_cpu":
+            patch.setattr(fast_ops, "on_cpu", lambda x=None: False)
+        if mode == "allocator_env":
+            patch.setenv("MALLOC_ARENA_MAX", "2")
+        if mode == "not_glibc":
+            patch.setattr(allocator, "_glibc", lambda: None)
+        with _switched_off(mode, patch, "torch_keep_freed_memory"):
+            fallback = _fresh_v2(weights).predict_batch(x)
+    np.testing.assert_allclose(fallback, fast, atol=1e-5, rtol=1e-5)
+    assert not torch_kernels.kept_freed_memory()
+    if mode == "failure":
+        assert spy.calls == 1
+        assert list(fast_ops.disabled_fast_paths()) == ["torch_keep_freed_memory"]
+    else:
+        assert spy.calls == 0 and fast_ops.disabled_fast_paths() == {}
 
 
 @pytest.mark.skipif(BACKEND != "torch", reason="the backend whose kernels read weights")

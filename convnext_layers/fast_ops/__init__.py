@@ -53,6 +53,12 @@ The fast paths (name: what it is; the fallback that replaces it):
   instead of XLA's grouped conv, for inference and training: its gradient has
   its own rule (`jax_depthwise`), measured for training on a CPU as well;
   fallback keras' depthwise conv.
+- "torch_keep_freed_memory" (torch): at `predict_batch`'s first call on a CPU,
+  glibc's malloc thresholds raised for the process (`convnext_common.allocator`),
+  so large freed tensors stay in the process instead of being handed back to the
+  kernel and faulted in again on the next pass; not where the environment sets
+  an allocator option (`MALLOC_*`, `GLIBC_TUNABLES`, `LD_PRELOAD`) or the C
+  library is not glibc; fallback glibc's defaults.
 - "layerwise_call" (every backend): `ConvNeXt`'s inference call runs its layers
   one after another, keeping only the current tensor and a block's shortcut
   (keras' functional runner keeps every intermediate until the call ends);
@@ -139,6 +145,7 @@ FAST_PATHS = (
     "deferred_variables",
     "stored_values",
     "torch_whole_block",
+    "torch_keep_freed_memory",
 )
 
 
