@@ -937,6 +937,72 @@ def test_torch_whole_block_fallback_equals_it(small_v2_weights, mode, monkeypatc
         assert fast_ops.disabled_fast_paths() == {}
 
 
+def _random_bfloat16_atto(version, rng):
+    create = create_convnext_v1 if version == "v1" else create_convnext_v2
+    model = create("atto", num_classes=5, input_shape=(32, 32, 3), dtype="bfloat16")
+    model.set_weights(random_weights(model, rng, scale=0.3))
+    return model
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="a torch fast path")
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_torch_packed_weights_give_the_plain_weights_numbers(version, monkeypatch, rng):
+    """In bfloat16 each block's two products read packed weights, with the very
+    numbers of the plain weights; in float32 they are not packed."""
+    model = _random_bfloat16_atto(version, rng)
+    x = rng.standard_normal((2, 32, 32, 3)).astype("float32")
+    with monkeypatch.context() as patch:
+        spy = Spy(patch, torch_kernels, "_packed_linear_weight")
+        packed = model.predict_batch(x)
+        np.testing.assert_array_equal(model.predict_batch(x), packed)
+    assert spy.calls == 24  # two products in each of convnext_atto's 12 blocks, once
+    with monkeypatch.context() as patch:
+        patch.setattr(fast_ops, "_DISABLED", {"torch_packed_weights": "test"})
+        spy = Spy(patch, torch_kernels, "_packed_linear_weight")
+        plain = model.predict_batch(x)
+    assert spy.calls == 0
+    np.testing.assert_array_equal(packed, plain)
+
+    float32_model = create_convnext_v1("atto", num_classes=5, input_shape=(32, 32, 3))
+    with monkeypatch.context() as patch:
+        spy = Spy(patch, torch_kernels, "_packed_linear_weight")
+        float32_model.predict_batch(x)
+    assert spy.calls == 0
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="a torch fast path")
+@pytest.mark.parametrize("mode", (*MODES, "unusable"))
+def test_torch_packed_weights_fallback_equals_them(mode, monkeypatch, rng):
+    """Packing that fails, or packed weights the product refuses ("unusable"): the
+    plain weights' numbers, `torch_packed_weights` alone switched off, and the next
+    pass runs whole blocks on plain weights."""
+    weights = _random_bfloat16_atto("v2", rng).get_weights()
+    x = rng.standard_normal((2, 32, 32, 3)).astype("float32")
+    model = _random_bfloat16_atto("v2", rng)
+    model.set_weights(weights)
+    fast = model.predict_batch(x)
+    model = _random_bfloat16_atto("v2", rng)
+    model.set_weights(weights)
+    with monkeypatch.context() as patch:
+        spy = Spy(patch, torch_kernels, "_packed_linear_weight", fail=mode == "failure")
+        if mode == "unusable":
+            patch.setattr(torch_kernels, "_packed_linear_weight", lambda weight, rows: "opaque")
+        if mode == "off_cpu":
+            patch.setattr(fast_ops, "on_cpu", lambda x=None: False)
+        context = _switched_off("failure" if mode == "unusable" else mode, patch, "torch_packed")
+        with context:
+            fallback = model.predict_batch(x)
+    if mode in ("failure", "unusable"):
+        np.testing.assert_array_equal(fallback, fast)
+        assert list(fast_ops.disabled_fast_paths()) == ["torch_packed_weights"]
+        with monkeypatch.context() as patch:
+            layers = Spy(patch, plan_module.Residual, "_layers")
+            np.testing.assert_array_equal(model.predict_batch(x), fast)
+        assert layers.calls == 0
+    else:
+        assert spy.calls == 0 and fast_ops.disabled_fast_paths() == {}
+
+
 @pytest.mark.skipif(BACKEND != "torch", reason="a torch fast path")
 def test_torch_whole_block_steps_aside_where_a_layer_would(small_v2_weights, monkeypatch):
     """LoRA on a Dense, autograd, float16: the block runs layer by layer."""

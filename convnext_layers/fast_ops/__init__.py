@@ -53,6 +53,10 @@ The fast paths (name: what it is; the fallback that replaces it):
   instead of XLA's grouped conv, for inference and training: its gradient has
   its own rule (`jax_depthwise`), measured for training on a CPU as well;
   fallback keras' depthwise conv.
+- "torch_packed_weights" (torch): in bfloat16, a whole block's two products
+  (`torch_whole_block`) read weights oneDNN laid out once per weight update
+  (`torch.ops.mkldnn._reorder_linear_weight`), bit-equal to the plain ones' products;
+  fallback the plain weights.
 - "torch_keep_freed_memory" (torch): at `predict_batch`'s first call on a CPU,
   glibc's malloc thresholds raised for the process (`convnext_common.allocator`),
   so large freed tensors stay in the process instead of being handed back to the
@@ -146,6 +150,7 @@ FAST_PATHS = (
     "stored_values",
     "torch_whole_block",
     "torch_keep_freed_memory",
+    "torch_packed_weights",
 )
 
 
