@@ -1075,7 +1075,7 @@ def test_torch_keep_freed_memory_steps_aside(small_v2_weights, mode, monkeypatch
     weights, x = small_v2_weights
     for name in allocator.allocator_env():
         monkeypatch.delenv(name)
-    monkeypatch.setattr(torch_kernels, "_kept_freed_memory", [])
+    monkeypatch.setattr(torch_kernels, "_freed_memory", {})
     with monkeypatch.context() as patch:
         spy = Spy(patch, allocator, "raise_malloc_thresholds")
         model = _fresh_v2(weights)
@@ -1083,7 +1083,7 @@ def test_torch_keep_freed_memory_steps_aside(small_v2_weights, mode, monkeypatch
         model.predict_batch(x)
     assert spy.calls == 1 and torch_kernels.kept_freed_memory()
 
-    monkeypatch.setattr(torch_kernels, "_kept_freed_memory", [])
+    monkeypatch.setattr(torch_kernels, "_freed_memory", {})
     with monkeypatch.context() as patch:
         spy = Spy(patch, allocator, "raise_malloc_thresholds", fail=mode == "failure")
         if mode == "off_cpu":
@@ -1101,6 +1101,12 @@ def test_torch_keep_freed_memory_steps_aside(small_v2_weights, mode, monkeypatch
         assert list(fast_ops.disabled_fast_paths()) == ["torch_keep_freed_memory"]
     else:
         assert spy.calls == 0 and fast_ops.disabled_fast_paths() == {}
+    if mode in ("allocator_env", "not_glibc"):
+        # decided once per process, as glibc reads its environment once
+        with monkeypatch.context() as patch:
+            spy = Spy(patch, allocator, "raise_malloc_thresholds")
+            _fresh_v2(weights).predict_batch(x)
+        assert spy.calls == 0 and not torch_kernels.kept_freed_memory()
 
 
 @pytest.mark.skipif(BACKEND != "torch", reason="the backend whose kernels read weights")

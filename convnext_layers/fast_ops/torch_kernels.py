@@ -702,7 +702,9 @@ def inference_function(model):
 #   convnext_atto bfloat16, batch 8:    63 faults/pass 38.2 ms -> 1, 38.3 ms
 # JAX and TensorFlow measured no change (XLA's buffers fault as many times with it;
 # TensorFlow's allocator already keeps its memory): torch only.
-_kept_freed_memory = []  # [True] once this process's thresholds were raised
+# this process's allocator, once decided: "kept" (thresholds raised) or "not ours"
+# (configured by the environment, or not glibc's: both fixed when the process started)
+_freed_memory = {}
 
 
 def keep_freed_memory(x) -> bool:
@@ -710,25 +712,29 @@ def keep_freed_memory(x) -> bool:
     when `x` is on a CPU, malloc is glibc's, and the environment sets no allocator
     option of its own (`MALLOC_*`, `GLIBC_TUNABLES`, `LD_PRELOAD`: a user's choice is
     left alone). Returns whether this process's thresholds are raised."""
-    if _kept_freed_memory:
-        return True
-    if (
-        not fast_ops.use_fast_path("torch_keep_freed_memory", x)
-        or allocator.allocator_env()
-        or not allocator.glibc_malloc_in_use()
-    ):
+    decided = _freed_memory.get("allocator")
+    if decided is not None:
+        return decided == "kept"
+    if not fast_ops.use_fast_path("torch_keep_freed_memory", x):
         return False
     with _allocator_lock:
-        if not _kept_freed_memory:
-            fast_ops.guarded("torch_keep_freed_memory", _raise_malloc_thresholds, lambda: None)
-    return bool(_kept_freed_memory)
+        if "allocator" not in _freed_memory:
+            if allocator.allocator_env() or not allocator.glibc_malloc_in_use():
+                _freed_memory["allocator"] = "not ours"
+            else:
+                fast_ops.guarded("torch_keep_freed_memory", _raise_malloc_thresholds, _leave)
+    return _freed_memory.get("allocator") == "kept"
 
 
 def _raise_malloc_thresholds():
     allocator.raise_malloc_thresholds()
-    _kept_freed_memory.append(True)
+    _freed_memory["allocator"] = "kept"
+
+
+def _leave():
+    """The fallback: glibc's defaults (asked again only while the fast path is on)."""
 
 
 def kept_freed_memory() -> bool:
     """Whether `keep_freed_memory` raised this process's malloc thresholds."""
-    return bool(_kept_freed_memory)
+    return _freed_memory.get("allocator") == "kept"
