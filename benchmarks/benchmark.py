@@ -664,7 +664,7 @@ def allocator_sentence(report) -> str:
     """The sentences naming a run's allocator in its tables' captions (here and in the
     docs, `scripts/benchmark_tables.py`): the environment's settings, which every
     worker inherits (timm's too), and the sides whose process raised glibc's malloc
-    thresholds itself (`torch_keep_freed_memory`); empty for a run with neither."""
+    thresholds itself (`THRESHOLDS_RAISED_BY`); empty for a run with neither."""
     settings = report["config"].get("allocator_env")
     raised = list(dict.fromkeys(
         row["name"] for row in report["results"] if row.get("malloc_thresholds_raised")
@@ -675,18 +675,25 @@ def allocator_sentence(report) -> str:
         sentence += f" Every side's process, timm's too, ran with {named}."
     if raised:
         others = "; the other sides ran with glibc's defaults" if not settings else ""
+        paths = "; ".join(THRESHOLDS_RAISED_BY.get(name, "its fast paths") for name in raised)
         sentence += (
             f" {', '.join(raised)} raised glibc's malloc thresholds in its own process at "
-            "its first call, as the library does by default on a CPU "
-            f"(`torch_keep_freed_memory`){others}."
+            f"its first call, as the library does by default on a CPU ({paths}){others}."
         )
     return sentence
 
 
+# side -> the library's fast path that raises its process's malloc thresholds
+THRESHOLDS_RAISED_BY = {
+    "keras-torch": "`torch_keep_freed_memory`",
+    "keras-jax": "`jax_heap_sized_batches`, for models with GRN",
+}
+
+
 def _malloc_thresholds_raised(side) -> bool:
     """Whether this worker's process raised glibc's malloc thresholds itself (the
-    library's `torch_keep_freed_memory`, at its first call)."""
-    module = sys.modules.get("convnext_layers.fast_ops.torch_kernels")
+    library's `fast_ops.keep_freed_memory`, at its first call)."""
+    module = sys.modules.get("convnext_layers.fast_ops")
     return side.startswith("keras") and module is not None and module.kept_freed_memory()
 
 

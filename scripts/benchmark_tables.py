@@ -14,7 +14,8 @@ the run it comes from. The tables (`TABLES`): `inference` and `inference-memory`
 `against-compiled-bfloat16` (round three: timm eager and timm + torch.compile; the
 `-epyc` ones: the same on a second machine; `-malloc-epyc`: there, with glibc's malloc
 keeping freed memory in every side's process; `-kept-epyc`: there, with the library
-keeping its own process's freed memory, `torch_keep_freed_memory`),
+keeping its own process's freed memory, `torch_keep_freed_memory`; `-heap-epyc`: with
+JAX's batches sized for glibc's heaps too, `jax_heap_sized_batches`),
 `end-to-end`, `cold-start` and `cold-start-user-install`, `gallery`, `gallery-sweep` and
 `gallery-stores`, `export-parity`, `serve`. A new results file gets a new entry in
 `TABLES`; rerunning a benchmark into the same file and then this script updates every
@@ -311,6 +312,9 @@ TABLES = {
     ),
     "against-compiled-bfloat16-kept-epyc": functools.partial(
         against_compiled, "cpu_r224_bfloat16_kept_epyc"
+    ),
+    "against-compiled-float32-heap-epyc": functools.partial(
+        against_compiled, "cpu_r224_float32_heap_epyc"
     ),
     "against-compiled-float32-malloc-epyc": functools.partial(
         against_compiled, "cpu_r224_float32_malloc_epyc"

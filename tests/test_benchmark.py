@@ -199,6 +199,13 @@ def test_allocator_settings_label_the_run(monkeypatch):
         "as the library does by default on a CPU (`torch_keep_freed_memory`); the other sides "
         "ran with glibc's defaults."
     )
+    report["results"].append({"name": "keras-jax", "malloc_thresholds_raised": True})
+    assert bench.run_description(report).endswith(
+        " keras-torch, keras-jax raised glibc's malloc thresholds in its own process at its "
+        "first call, as the library does by default on a CPU (`torch_keep_freed_memory`; "
+        "`jax_heap_sized_batches`, for models with GRN); the other sides ran with glibc's "
+        "defaults."
+    )
 
 
 @pytest.mark.slow

@@ -182,6 +182,7 @@ def test_performance_page_shows_the_measured_ratios():
         ("bfloat16-malloc-epyc", "cpu_r224_bfloat16_malloc_epyc", 2),
         ("float32-kept-epyc", "cpu_r224_float32_kept_epyc", 3),
         ("bfloat16-kept-epyc", "cpu_r224_bfloat16_kept_epyc", 3),
+        ("float32-heap-epyc", "cpu_r224_float32_heap_epyc", 3),
     ],
 )
 def test_performance_page_shows_the_ratios_against_torch_compile(table, name, batches):

@@ -1065,6 +1065,17 @@ def test_torch_keep_freed_memory_stops_the_page_faults():
     assert kept["kept"] and kept["faults"] < pages / 20, (kept, defaults)
 
 
+def _allocator_mode(mode, patch):
+    """Sets up `mode` of the allocator fast paths' step-aside tests: a device other
+    than a CPU, an allocator the environment configures, a C library not glibc."""
+    if mode == "off_cpu":
+        patch.setattr(fast_ops, "on_cpu", lambda x=None: False)
+    if mode == "allocator_env":
+        patch.setenv("MALLOC_ARENA_MAX", "2")
+    if mode == "not_glibc":
+        patch.setattr(allocator, "_glibc", lambda: None)
+
+
 @pytest.mark.skipif(BACKEND != "torch", reason="a torch fast path")
 @pytest.mark.parametrize("mode", (*MODES, "allocator_env", "not_glibc"))
 def test_torch_keep_freed_memory_steps_aside(small_v2_weights, mode, monkeypatch):
@@ -1075,7 +1086,7 @@ def test_torch_keep_freed_memory_steps_aside(small_v2_weights, mode, monkeypatch
     weights, x = small_v2_weights
     for name in allocator.allocator_env():
         monkeypatch.delenv(name)
-    monkeypatch.setattr(torch_kernels, "_freed_memory", {})
+    monkeypatch.setattr(fast_ops, "_freed_memory", {})
     with monkeypatch.context() as patch:
         spy = Spy(patch, allocator, "raise_malloc_thresholds")
         model = _fresh_v2(weights)
@@ -1083,15 +1094,10 @@ def test_torch_keep_freed_memory_steps_aside(small_v2_weights, mode, monkeypatch
         model.predict_batch(x)
     assert spy.calls == 1 and torch_kernels.kept_freed_memory()
 
-    monkeypatch.setattr(torch_kernels, "_freed_memory", {})
+    monkeypatch.setattr(fast_ops, "_freed_memory", {})
     with monkeypatch.context() as patch:
         spy = Spy(patch, allocator, "raise_malloc_thresholds", fail=mode == "failure")
-        if mode == "off_cpu":
-            patch.setattr(fast_ops, "on_cpu", lambda x=None: False)
-        if mode == "allocator_env":
-            patch.setenv("MALLOC_ARENA_MAX", "2")
-        if mode == "not_glibc":
-            patch.setattr(allocator, "_glibc", lambda: None)
+        _allocator_mode(mode, patch)
         with _switched_off(mode, patch, "torch_keep_freed_memory"):
             fallback = _fresh_v2(weights).predict_batch(x)
     np.testing.assert_allclose(fallback, fast, atol=1e-5, rtol=1e-5)
@@ -1254,3 +1260,135 @@ def test_with_head_keeps_the_backbone_when_deferred_initialisation_fails(
     with pytest.warns(RuntimeWarning, match="deferred_variables"):
         fallback = model.with_head(num_classes=0, normalize=True)
     np.testing.assert_array_equal(fallback.predict_on_batch(x), fast.predict_on_batch(x))
+
+
+# ----------------------------------------------------------------------------
+# jax_heap_sized_batches: XLA's temporary buffer sized for glibc's heaps
+# ----------------------------------------------------------------------------
+
+
+def _toy_jit():
+    """A jitted call with a temporary buffer that grows with the batch, and two
+    outputs: (values [w (6, 64), v (64, 3)], x (B, 6)) -> {"y": (B, 3), "s": (B,)}."""
+    import jax  # the backend: these tests run on jax alone
+    import jax.numpy as jnp
+
+    def call(values, x):
+        hidden = jnp.tanh(x @ values[0])
+        return {"y": jnp.tanh(hidden * 2.0) @ values[1], "s": hidden.sum(-1)}
+
+    return jax.jit(call)
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="a JAX fast path")
+def test_heap_sized_chunks_are_equal_fit_the_limit_and_pad_the_last(monkeypatch):
+    """The chunk size comes from XLA's own buffer sizes: at most the limit, the fewest
+    equal chunks (a divisor of the batch where one is near), the last padded and its
+    padding dropped; the outputs are the whole batch's."""
+    rng = np.random.default_rng(5)
+    values = [rng.standard_normal((6, 64)).astype("float32"), rng.standard_normal((64, 3))]
+    values[1] = values[1].astype("float32")
+    jitted = _toy_jit()
+    temp = {b: jax_kernels._temp_bytes(jitted, values, (b, 6), "float32") for b in (3, 4, 5, 9)}
+    assert temp[3] < temp[4] < temp[5] < temp[9], temp  # grows with the batch
+    x = rng.standard_normal((5, 6)).astype("float32")
+    monkeypatch.setattr(jax_kernels, "HEAP_SIZED_TEMP_BYTES", temp[5])
+    assert jax_kernels.heap_sized_chunk(jitted, values, x) == 5  # fits: whole
+    monkeypatch.setattr(jax_kernels, "HEAP_SIZED_TEMP_BYTES", temp[3])
+    assert jax_kernels.heap_sized_chunk(jitted, values, x) == 3  # 3 + 2 (padded)
+    x9 = rng.standard_normal((9, 6)).astype("float32")
+    assert jax_kernels.heap_sized_chunk(jitted, values, x9) == 3  # a divisor: 3 x 3
+    monkeypatch.setattr(jax_kernels, "HEAP_SIZED_TEMP_BYTES", 1)
+    assert jax_kernels.heap_sized_chunk(jitted, values, x) == 5  # no chunk fits: whole
+    whole = jitted(values, x)
+    for size in (1, 2, 3, 4, 5):
+        chunked = jax_kernels.run_in_chunks(jitted, values, x, size)
+        for key in ("y", "s"):
+            assert chunked[key].shape == whole[key].shape
+            np.testing.assert_allclose(chunked[key], whole[key], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="a JAX fast path")
+@pytest.mark.parametrize("mode", (*MODES, "allocator_env", "not_glibc", "v1"))
+def test_jax_heap_sized_batches_steps_aside(small_v2_weights, mode, monkeypatch):
+    """A V2 model's batch runs in chunks where XLA's buffer is over the limit, the
+    thresholds raised once, the numbers the whole batch's; not where
+    fast paths are off, the allocator is configured by the environment or is not
+    glibc's, nor for a V1 model (measured no faster). A failure switches this path
+    alone off."""
+    if not allocator.glibc_malloc_in_use() and not allocator.allocator_env():
+        pytest.skip("glibc's malloc thresholds: a glibc system")
+    weights, x = small_v2_weights
+    x = np.concatenate([x, x[::-1], x[:1]])  # 5 images
+    for name in allocator.allocator_env():
+        monkeypatch.delenv(name)
+    # XLA's buffer as 100 bytes an image against a limit of 250: chunks of one image
+    monkeypatch.setattr(jax_kernels, "_temp_bytes", lambda jitted, v, shape, d: 100 * shape[0])
+    monkeypatch.setattr(jax_kernels, "HEAP_SIZED_TEMP_BYTES", 250)
+    monkeypatch.setattr(fast_ops, "_freed_memory", {})
+    with fast_ops.portable():
+        reference = _fresh_v2(weights).predict_on_batch(x)
+    with monkeypatch.context() as patch:
+        spy = Spy(patch, jax_kernels, "run_in_chunks")
+        raised = Spy(patch, allocator, "raise_malloc_thresholds")
+        fast = _fresh_v2(weights).predict_batch(x)
+    assert spy.calls == 1 and raised.calls == 1 and fast_ops.kept_freed_memory()
+    np.testing.assert_allclose(fast, reference, atol=1e-5, rtol=1e-5)
+
+    monkeypatch.setattr(fast_ops, "_freed_memory", {})
+    with monkeypatch.context() as patch:
+        spy = Spy(patch, jax_kernels, "run_in_chunks")
+        sizer = Spy(patch, jax_kernels, "heap_sized_chunk", fail=mode == "failure")
+        _allocator_mode(mode, patch)
+        model = _fresh_v1(np.random.default_rng(4)) if mode == "v1" else _fresh_v2(weights)
+        with _switched_off(mode, patch, "jax_heap_sized_batches"):
+            fallback = model.predict_batch(x)
+    if mode == "v1":
+        assert not jax_kernels.measured_heap_sized(model)
+        with fast_ops.portable():
+            reference = model.predict_on_batch(x)
+    np.testing.assert_allclose(fallback, reference, atol=1e-5, rtol=1e-5)
+    assert spy.calls == 0
+    assert sizer.calls == (1 if mode == "failure" else 0)
+    disabled = list(fast_ops.disabled_fast_paths())
+    assert disabled == (["jax_heap_sized_batches"] if mode == "failure" else [])
+    if mode in ("allocator_env", "not_glibc", "v1"):
+        assert not fast_ops.kept_freed_memory()
+
+
+_JAX_FAULTS_A_PASS = """
+    import json, resource, statistics
+    import numpy as np
+    from convnext_layers import fast_ops
+    from convnext_v2 import create_convnext_v2
+
+    # XLA's temporary buffer at batch 64 of 112x112: about 70 MiB, over the 64 MiB a
+    # worker thread's glibc heap holds
+    model = create_convnext_v2("atto", include_top=False, input_shape=(112, 112, 3))
+    x = np.zeros((64, 112, 112, 3), "float32")
+    model.predict_batch(x)
+    faults = []
+    for _ in range(7):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        model.predict_batch(x)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    print("RESULT" + json.dumps({"kept": fast_ops.kept_freed_memory(),
+                                 "faults": statistics.median(faults)}))
+"""
+
+
+@pytest.mark.slow  # two fresh processes, each compiling a model
+@pytest.mark.skipif(BACKEND != "jax", reason="a JAX fast path")
+def test_jax_heap_sized_batches_stop_the_page_faults():
+    """With glibc's defaults (fast paths off) each pass maps XLA's 70 MiB buffer
+    afresh, page by page; in chunks with the thresholds raised it is reused."""
+    if not allocator.glibc_malloc_in_use():
+        pytest.skip("glibc's malloc thresholds: a glibc system without a preloaded allocator")
+    environ = {k: v for k, v in os.environ.items() if k not in allocator.allocator_env()}
+    pages = 64 * 2**20 // os.sysconf("SC_PAGE_SIZE")
+    defaults = result_line(
+        run_python(_JAX_FAULTS_A_PASS, env=environ, env_extra={"KERAS_CONVNEXT_FAST_PATHS": "0"})
+    )
+    assert not defaults["kept"] and defaults["faults"] >= pages / 2, defaults
+    kept = result_line(run_python(_JAX_FAULTS_A_PASS, env=environ))
+    assert kept["kept"] and kept["faults"] < pages / 20, (kept, defaults)

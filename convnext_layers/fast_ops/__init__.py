@@ -63,6 +63,13 @@ The fast paths (name: what it is; the fallback that replaces it):
   kernel and faulted in again on the next pass; not where the environment sets
   an allocator option (`MALLOC_*`, `GLIBC_TUNABLES`, `LD_PRELOAD`) or the C
   library is not glibc; fallback glibc's defaults.
+- "jax_heap_sized_batches" (jax): on a CPU, `predict_batch` runs a batch whose
+  XLA temporary buffer is larger than a glibc heap holds as equal chunks whose
+  buffer fits (`jax_kernels.heap_sized`), with glibc's malloc thresholds raised for
+  the process as for torch (`keep_freed_memory`), so the buffer stays in the
+  process instead of being mapped and faulted in again on every pass; not where
+  the environment sets an allocator option or the C library is not glibc;
+  fallback the whole batch with glibc's defaults.
 - "layerwise_call" (every backend): `ConvNeXt`'s inference call runs its layers
   one after another, keeping only the current tensor and a block's shortcut
   (keras' functional runner keeps every intermediate until the call ends);
@@ -125,6 +132,8 @@ import warnings
 
 import keras
 
+from convnext_common import allocator
+
 _state = threading.local()
 _DISABLED: dict[str, str] = {}  # fast path name -> why it was switched off
 
@@ -151,6 +160,7 @@ FAST_PATHS = (
     "torch_whole_block",
     "torch_keep_freed_memory",
     "torch_packed_weights",
+    "jax_heap_sized_batches",
 )
 
 
@@ -274,6 +284,51 @@ def plain_layer_norm(layer, x, dtypes=("float32",)) -> bool:
         and not getattr(layer, "rms_scaling", False)
         and layer.compute_dtype in dtypes
     )
+
+
+# ----------------------------------------------------------------------------
+# The process's allocator: glibc's malloc thresholds, raised once per process
+# ----------------------------------------------------------------------------
+
+# this process's allocator, once decided: "kept" (thresholds raised) or "not ours"
+# (configured by the environment, or not glibc's: both fixed when the process started)
+_freed_memory: dict[str, str] = {}
+_allocator_lock = threading.Lock()
+
+
+def keep_freed_memory(name: str, x=None) -> bool:
+    """Raise glibc's malloc thresholds once per process (`convnext_common.allocator`)
+    for fast path `name` ("torch_keep_freed_memory", "jax_heap_sized_batches"),
+    when it may run on `x` (on a CPU), malloc is glibc's, and the environment sets
+    no allocator option of its own (`MALLOC_*`, `GLIBC_TUNABLES`, `LD_PRELOAD`: a
+    user's choice is left alone). If glibc refuses, fast path `name` is switched off
+    (`guarded`). Returns whether this process's thresholds are raised."""
+    decided = _freed_memory.get("allocator")
+    if decided is not None:
+        return decided == "kept"
+    if not use_fast_path(name, x):
+        return False
+    with _allocator_lock:
+        if "allocator" not in _freed_memory:
+            if allocator.allocator_env() or not allocator.glibc_malloc_in_use():
+                _freed_memory["allocator"] = "not ours"
+            else:
+                guarded(name, _raise_malloc_thresholds, _leave_the_defaults)
+    return _freed_memory.get("allocator") == "kept"
+
+
+def _raise_malloc_thresholds():
+    allocator.raise_malloc_thresholds()
+    _freed_memory["allocator"] = "kept"
+
+
+def _leave_the_defaults():
+    """The fallback: glibc's defaults (asked again only while the fast path is on)."""
+
+
+def kept_freed_memory() -> bool:
+    """Whether `keep_freed_memory` raised this process's malloc thresholds."""
+    return _freed_memory.get("allocator") == "kept"
 
 
 # ----------------------------------------------------------------------------

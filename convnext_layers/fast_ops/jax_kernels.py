@@ -212,15 +212,17 @@ def inference_function(model):
 
 def _compiled(run, model):
     """`jax.jit(run)`, with `jax_compiler_options(model)` where there are some (guarded,
-    the default compilation as their fallback)."""
+    the default compilation as their fallback), each run over `heap_sized` batches
+    where `measured_heap_sized(model)`."""
     # jax: on the jax backend alone (importing this module loads no backend)
     import jax
 
-    default = jax.jit(run)
+    sized = heap_sized if measured_heap_sized(model) else lambda jitted: jitted
+    default = sized(jax.jit(run))
     options = jax_compiler_options(model)
     if not options:
         return default
-    tuned = jax.jit(run, compiler_options=options)
+    tuned = sized(jax.jit(run, compiler_options=options))
 
     def compiled(values, x):
         if not fast_ops.fast_paths_allowed("jax_compiler_options"):
@@ -230,6 +232,126 @@ def _compiled(run, model):
         )
 
     return compiled
+
+
+# `jax_heap_sized_batches`: XLA:CPU runs an executable with one temporary buffer for
+# all its intermediates, allocated with malloc on one of its worker threads. glibc
+# serves such a thread from a secondary arena, whose heaps hold at most 64 MiB: a
+# larger block is mapped on its own and unmapped when freed, whatever the
+# thresholds, so every pass page-faults it in again (convnextv2_atto float32 at
+# batch 32: a 139 MiB buffer, 35,700-37,300 faults a pass). A batch whose buffer is
+# larger than HEAP_SIZED_TEMP_BYTES (what XLA's buffer assignment reports,
+# `memory_analysis`) runs as equal chunks whose buffer is at most that, with glibc's
+# thresholds raised (`fast_ops.keep_freed_memory`), so the buffer stays in the heap.
+# `predict_batch`, fresh processes, 3 warm-up and 8-12 timed passes, median ms (CPU ms
+# a pass), this fast path off -> on (2-core AMD EPYC, one process per figure):
+#   convnextv2_atto float32 b32 (chunks of 11, then 8): 534, 516, 560 (915-949) ->
+#       441, 461, 436 (746-772); 507, 614, 639 (879-1,107) -> 553, 478, 340 (597-939)
+#   convnextv2_atto bfloat16 b32 (its float32 twin): 468, 501 -> 429, 419
+#   convnextv2_atto float32 b8 (34.7 MiB: whole, the thresholds alone): 113, 100 -> 86, 95
+#   V1, not kept: convnext_atto float32 b32 (chunks of 8) 358, 391, 406, 318, 345
+#       (599-753) -> 370, 439, 364, 370, 354 (648-769); bfloat16 b32 300, 337 -> 295,
+#       319; convnext_tiny float32 b8 (chunks of 4) 566, 511 -> 522, 527
+# Faults a pass fall from 34,000-39,600 (b32) and 8,900 (b8) to 0-5,700. The first
+# call compiles once more where a batch is chunked (the whole batch's executable,
+# for its buffer's size): convnextv2_atto b32 2.6-4.2 -> 5.3-7.6 s.
+HEAP_SIZED_TEMP_BYTES = 48 * 2**20
+
+
+def measured_heap_sized(model) -> bool:
+    """Whether `predict_batch` runs `model` over `heap_sized` batches: a ConvNeXt with
+    GRN (V2), where it was measured faster; V1 models (whose block tails already run
+    over row blocks, `jax_by_row_blocks`) measured the same or slower, and keep the
+    whole batch and glibc's defaults."""
+    config = getattr(model, "convnext_config", None)
+    return config is not None and config.use_grn
+
+
+def heap_sized(jitted):
+    """`call(values, x)`: `jitted(values, x)` (a `jax.jit` of a model call on a batch
+    `x`, (B, ...) -> outputs with B rows), over `heap_sized_chunk` chunks of the
+    batch on a CPU (`jax_heap_sized_batches`); the whole batch elsewhere."""
+    chunk_sizes = {}  # (input shape, dtype) -> rows a run takes
+
+    def call(values, x):
+        name = "jax_heap_sized_batches"
+        if x.shape[0] < 2 or not fast_ops.use_fast_path(name):
+            return jitted(values, x)
+        if not fast_ops.keep_freed_memory(name):
+            return jitted(values, x)
+
+        def chunked():
+            key = (tuple(x.shape), str(x.dtype))
+            if key not in chunk_sizes:
+                chunk_sizes[key] = heap_sized_chunk(jitted, values, x)
+            return run_in_chunks(jitted, values, x, chunk_sizes[key])
+
+        return fast_ops.guarded(name, chunked, lambda: jitted(values, x))
+
+    return call
+
+
+def heap_sized_chunk(jitted, values, x) -> int:
+    """The rows of `x` (B, ...) one run of `jitted` takes: B where XLA's temporary
+    buffer for the whole batch is at most HEAP_SIZED_TEMP_BYTES, or where not even one
+    image's is; else the size of equal chunks whose buffer is (checked on their own
+    executable, which the chunks then run)."""
+    batch = x.shape[0]
+    temp = _temp_bytes(jitted, values, x.shape, x.dtype)
+    if temp <= HEAP_SIZED_TEMP_BYTES:
+        return batch
+    size = max(1, batch * HEAP_SIZED_TEMP_BYTES // temp)
+    while True:
+        size = _equal_chunk(batch, size)
+        if _temp_bytes(jitted, values, (size, *x.shape[1:]), x.dtype) <= HEAP_SIZED_TEMP_BYTES:
+            return size
+        if size == 1:
+            return batch  # not even one image's buffer fits: chunks would only cost speed
+        size //= 2
+
+
+def _equal_chunk(batch: int, most: int) -> int:
+    """The rows of equal chunks of `batch` of at most `most` rows: a divisor of `batch`
+    (nothing padded) where one is at least half of `most`, else the size of the
+    fewest chunks (the last one padded)."""
+    divisor = next((d for d in range(most, 0, -1) if batch % d == 0), 1)
+    if 2 * divisor >= most:
+        return divisor
+    return -(-batch // -(-batch // most))
+
+
+def _temp_bytes(jitted, values, shape, dtype) -> int:
+    """XLA's temporary buffer, in bytes, of `jitted`'s executable for an input of
+    `shape` and `dtype` (compiled here; jax's caches keep it for the call)."""
+    # jax: on the jax backend alone (importing this module loads no backend)
+    import jax
+
+    compiled = jitted.lower(values, jax.ShapeDtypeStruct(shape, dtype)).compile()
+    analysis = compiled.memory_analysis()
+    return 0 if analysis is None else int(analysis.temp_size_in_bytes)
+
+
+def run_in_chunks(jitted, values, x, size):
+    """`jitted(values, x)` over chunks of `size` rows of `x` (B, ...), the last padded
+    with zeros to `size` (one executable for every chunk) and its padding dropped;
+    the outputs (any structure of (rows, ...) arrays) concatenated along rows."""
+    # jax: on the jax backend alone (importing this module loads no backend)
+    import jax
+    import jax.numpy as jnp
+
+    batch = x.shape[0]
+    if size >= batch:
+        return jitted(values, x)
+    parts = []
+    for start in range(0, batch, size):
+        rows = min(size, batch - start)
+        chunk = x[start : start + rows]
+        if rows < size:
+            padding = jnp.zeros((size - rows, *x.shape[1:]), x.dtype)
+            chunk = jnp.concatenate([jnp.asarray(chunk), padding])
+        outputs = jitted(values, chunk)
+        parts.append(jax.tree_util.tree_map(lambda y, rows=rows: y[:rows], outputs))
+    return jax.tree_util.tree_map(lambda *ys: jnp.concatenate(ys), *parts)
 
 
 # XLA:CPU (jax 0.10) has no bfloat16 kernels of its own: its dots and elementwise

@@ -9,14 +9,9 @@ torch is imported inside each function: importing this module loads no backend.
 
 from __future__ import annotations
 
-import threading
-
 import keras
 
-from convnext_common import allocator
 from convnext_layers import fast_ops
-
-_allocator_lock = threading.Lock()
 
 # kind -> (fast path, function of this module): what `fast_ops.run_kernel` runs
 KERNELS = {
@@ -700,41 +695,16 @@ def inference_function(model):
 #   convnextv2_atto float32, batch 32:  112,916-121,479 faults/pass 407-433 ms -> 1, 301-306 ms
 #   convnext_tiny bfloat16, batch 32:   139,792 faults/pass 986 ms -> 2, 868 ms
 #   convnext_atto bfloat16, batch 8:    63 faults/pass 38.2 ms -> 1, 38.3 ms
-# JAX and TensorFlow measured no change (XLA's buffers fault as many times with it;
-# TensorFlow's allocator already keeps its memory): torch only.
-# this process's allocator, once decided: "kept" (thresholds raised) or "not ours"
-# (configured by the environment, or not glibc's: both fixed when the process started)
-_freed_memory = {}
+# (JAX's large buffers need more than the thresholds: `jax_kernels.heap_sized`.)
 
 
 def keep_freed_memory(x) -> bool:
-    """Raise glibc's malloc thresholds once per process (`torch_keep_freed_memory`)
-    when `x` is on a CPU, malloc is glibc's, and the environment sets no allocator
-    option of its own (`MALLOC_*`, `GLIBC_TUNABLES`, `LD_PRELOAD`: a user's choice is
-    left alone). Returns whether this process's thresholds are raised."""
-    decided = _freed_memory.get("allocator")
-    if decided is not None:
-        return decided == "kept"
-    if not fast_ops.use_fast_path("torch_keep_freed_memory", x):
-        return False
-    with _allocator_lock:
-        if "allocator" not in _freed_memory:
-            if allocator.allocator_env() or not allocator.glibc_malloc_in_use():
-                _freed_memory["allocator"] = "not ours"
-            else:
-                fast_ops.guarded("torch_keep_freed_memory", _raise_malloc_thresholds, _leave)
-    return _freed_memory.get("allocator") == "kept"
-
-
-def _raise_malloc_thresholds():
-    allocator.raise_malloc_thresholds()
-    _freed_memory["allocator"] = "kept"
-
-
-def _leave():
-    """The fallback: glibc's defaults (asked again only while the fast path is on)."""
+    """`fast_ops.keep_freed_memory` as fast path "torch_keep_freed_memory", for a
+    tensor `x` (on a CPU, or nothing is raised). Returns whether this process's
+    thresholds are raised."""
+    return fast_ops.keep_freed_memory("torch_keep_freed_memory", x)
 
 
 def kept_freed_memory() -> bool:
-    """Whether `keep_freed_memory` raised this process's malloc thresholds."""
-    return _freed_memory.get("allocator") == "kept"
+    """Whether this process's malloc thresholds are raised (`fast_ops.kept_freed_memory`)."""
+    return fast_ops.kept_freed_memory()
