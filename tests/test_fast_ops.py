@@ -1025,26 +1025,51 @@ def test_torch_whole_block_steps_aside_where_a_layer_would(small_v2_weights, mon
 
 # In a fresh process, after `predict_batch`: a 64 MiB tensor (above glibc's largest
 # moving mmap threshold, 32 MiB) allocated, written and freed five times, and the
-# median count of minor page faults of a round (now and then one round of a kept
-# process faults its pages in afresh once, as the heap moves)
-_FAULTS_OF_REUSE = """
+# The page-fault tests' subprocess half: `report_median_faults(step, rounds)` prints
+# whether the process kept its freed memory and the median count of minor page faults
+# of `step()` over `rounds` (now and then one round of a kept process faults its
+# pages in afresh once, as the heap moves)
+_MEDIAN_FAULTS = """
     import json, resource, statistics
+    from convnext_layers import fast_ops
+
+    def report_median_faults(step, rounds):
+        faults = []
+        for _ in range(rounds):
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            step()
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        print("RESULT" + json.dumps({"kept": fast_ops.kept_freed_memory(),
+                                     "faults": statistics.median(faults)}))
+"""
+
+
+def _assert_kept_memory_stops_the_faults(script, nbytes):
+    """`script` (calling `report_median_faults` on a step that allocates and frees
+    `nbytes`) in two fresh processes: with fast paths off (glibc's defaults) the
+    kernel maps those pages afresh each round; with them on, the process reuses them."""
+    if not allocator.glibc_malloc_in_use():
+        pytest.skip("glibc's malloc thresholds: a glibc system without a preloaded allocator")
+    environ = {k: v for k, v in os.environ.items() if k not in allocator.allocator_env()}
+    pages = nbytes // os.sysconf("SC_PAGE_SIZE")
+    code = _MEDIAN_FAULTS + script
+    defaults = result_line(
+        run_python(code, env=environ, env_extra={"KERAS_CONVNEXT_FAST_PATHS": "0"})
+    )
+    assert not defaults["kept"] and defaults["faults"] >= pages / 2, defaults
+    kept = result_line(run_python(code, env=environ))
+    assert kept["kept"] and kept["faults"] < pages / 20, (kept, defaults)
+
+
+_TORCH_TENSOR_REUSED = """
     import numpy as np
     import torch
-    from convnext_layers.fast_ops import torch_kernels
     from convnext_v2 import create_convnext_v2
 
     model = create_convnext_v2("atto", include_top=False, input_shape=(32, 32, 3))
     model.predict_batch(np.zeros((1, 32, 32, 3), "float32"))
-    elements = 16 * 2**20
-    torch.ones(elements)
-    faults = []
-    for _ in range(5):
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        torch.ones(elements)
-        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    kept = torch_kernels.kept_freed_memory()
-    print("RESULT" + json.dumps({"kept": kept, "faults": statistics.median(faults)}))
+    torch.ones(16 * 2**20)
+    report_median_faults(lambda: torch.ones(16 * 2**20), rounds=5)
 """
 
 
@@ -1053,16 +1078,7 @@ _FAULTS_OF_REUSE = """
 def test_torch_keep_freed_memory_stops_the_page_faults():
     """With glibc's defaults (fast paths off) the kernel maps a large freed tensor's
     16,384 pages afresh each time; after `predict_batch` the process reuses them."""
-    if not allocator.glibc_malloc_in_use():
-        pytest.skip("glibc's malloc thresholds: a glibc system without a preloaded allocator")
-    environ = {k: v for k, v in os.environ.items() if k not in allocator.allocator_env()}
-    pages = 16 * 2**20 * 4 // os.sysconf("SC_PAGE_SIZE")
-    defaults = result_line(
-        run_python(_FAULTS_OF_REUSE, env=environ, env_extra={"KERAS_CONVNEXT_FAST_PATHS": "0"})
-    )
-    assert not defaults["kept"] and defaults["faults"] >= pages / 2
-    kept = result_line(run_python(_FAULTS_OF_REUSE, env=environ))
-    assert kept["kept"] and kept["faults"] < pages / 20, (kept, defaults)
+    _assert_kept_memory_stops_the_faults(_TORCH_TENSOR_REUSED, 16 * 2**20 * 4)
 
 
 def _allocator_mode(mode, patch):
@@ -1092,7 +1108,7 @@ def test_torch_keep_freed_memory_steps_aside(small_v2_weights, mode, monkeypatch
         model = _fresh_v2(weights)
         fast = model.predict_batch(x)
         model.predict_batch(x)
-    assert spy.calls == 1 and torch_kernels.kept_freed_memory()
+    assert spy.calls == 1 and fast_ops.kept_freed_memory()
 
     monkeypatch.setattr(fast_ops, "_freed_memory", {})
     with monkeypatch.context() as patch:
@@ -1101,7 +1117,7 @@ def test_torch_keep_freed_memory_steps_aside(small_v2_weights, mode, monkeypatch
         with _switched_off(mode, patch, "torch_keep_freed_memory"):
             fallback = _fresh_v2(weights).predict_batch(x)
     np.testing.assert_allclose(fallback, fast, atol=1e-5, rtol=1e-5)
-    assert not torch_kernels.kept_freed_memory()
+    assert not fast_ops.kept_freed_memory()
     if mode == "failure":
         assert spy.calls == 1
         assert list(fast_ops.disabled_fast_paths()) == ["torch_keep_freed_memory"]
@@ -1112,7 +1128,7 @@ def test_torch_keep_freed_memory_steps_aside(small_v2_weights, mode, monkeypatch
         with monkeypatch.context() as patch:
             spy = Spy(patch, allocator, "raise_malloc_thresholds")
             _fresh_v2(weights).predict_batch(x)
-        assert spy.calls == 0 and not torch_kernels.kept_freed_memory()
+        assert spy.calls == 0 and not fast_ops.kept_freed_memory()
 
 
 @pytest.mark.skipif(BACKEND != "torch", reason="the backend whose kernels read weights")
@@ -1356,10 +1372,8 @@ def test_jax_heap_sized_batches_steps_aside(small_v2_weights, mode, monkeypatch)
         assert not fast_ops.kept_freed_memory()
 
 
-_JAX_FAULTS_A_PASS = """
-    import json, resource, statistics
+_JAX_BATCH_RERUN = """
     import numpy as np
-    from convnext_layers import fast_ops
     from convnext_v2 import create_convnext_v2
 
     # XLA's temporary buffer at batch 64 of 112x112: about 70 MiB, over the 64 MiB a
@@ -1367,13 +1381,7 @@ _JAX_FAULTS_A_PASS = """
     model = create_convnext_v2("atto", include_top=False, input_shape=(112, 112, 3))
     x = np.zeros((64, 112, 112, 3), "float32")
     model.predict_batch(x)
-    faults = []
-    for _ in range(7):
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        model.predict_batch(x)
-        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    print("RESULT" + json.dumps({"kept": fast_ops.kept_freed_memory(),
-                                 "faults": statistics.median(faults)}))
+    report_median_faults(lambda: model.predict_batch(x), rounds=7)
 """
 
 
@@ -1382,13 +1390,4 @@ _JAX_FAULTS_A_PASS = """
 def test_jax_heap_sized_batches_stop_the_page_faults():
     """With glibc's defaults (fast paths off) each pass maps XLA's 70 MiB buffer
     afresh, page by page; in chunks with the thresholds raised it is reused."""
-    if not allocator.glibc_malloc_in_use():
-        pytest.skip("glibc's malloc thresholds: a glibc system without a preloaded allocator")
-    environ = {k: v for k, v in os.environ.items() if k not in allocator.allocator_env()}
-    pages = 64 * 2**20 // os.sysconf("SC_PAGE_SIZE")
-    defaults = result_line(
-        run_python(_JAX_FAULTS_A_PASS, env=environ, env_extra={"KERAS_CONVNEXT_FAST_PATHS": "0"})
-    )
-    assert not defaults["kept"] and defaults["faults"] >= pages / 2, defaults
-    kept = result_line(run_python(_JAX_FAULTS_A_PASS, env=environ))
-    assert kept["kept"] and kept["faults"] < pages / 20, (kept, defaults)
+    _assert_kept_memory_stops_the_faults(_JAX_BATCH_RERUN, 64 * 2**20)

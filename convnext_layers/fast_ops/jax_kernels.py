@@ -277,7 +277,7 @@ def heap_sized(jitted):
         name = "jax_heap_sized_batches"
         if x.shape[0] < 2 or not fast_ops.use_fast_path(name):
             return jitted(values, x)
-        if not fast_ops.keep_freed_memory(name):
+        if not fast_ops.keep_freed_memory(name):  # chunks alone leave the buffer mapped
             return jitted(values, x)
 
         def chunked():

@@ -671,22 +671,6 @@ def layer_kernels(x):
     )
 
 
-def inference_function(model):
-    """`fast_ops.inference_function` on torch: the eager call under
-    `torch.inference_mode()`, glibc's malloc told to keep freed memory at its
-    first call on a CPU (`keep_freed_memory`)."""
-    # torch: on the torch backend alone (importing this module loads no backend)
-    import torch
-
-    def infer(x):
-        with torch.inference_mode(), fast_ops.inference_pass():
-            x = keras.ops.convert_to_tensor(x)
-            keep_freed_memory(x)
-            return fast_ops.to_numpy(model(x, training=False))
-
-    return infer
-
-
 # `torch_keep_freed_memory`: PyTorch's CPU tensors come from glibc's malloc, which
 # hands large freed blocks back to the kernel (`convnext_common.allocator`), so each
 # pass at batch 8 and more page-faults its large tensors in again. With both
@@ -696,15 +680,17 @@ def inference_function(model):
 #   convnext_tiny bfloat16, batch 32:   139,792 faults/pass 986 ms -> 2, 868 ms
 #   convnext_atto bfloat16, batch 8:    63 faults/pass 38.2 ms -> 1, 38.3 ms
 # (JAX's large buffers need more than the thresholds: `jax_kernels.heap_sized`.)
+def inference_function(model):
+    """`fast_ops.inference_function` on torch: the eager call under
+    `torch.inference_mode()`, glibc's malloc told to keep freed memory at its
+    first call on a CPU (`fast_ops.keep_freed_memory`, `torch_keep_freed_memory`)."""
+    # torch: on the torch backend alone (importing this module loads no backend)
+    import torch
 
+    def infer(x):
+        with torch.inference_mode(), fast_ops.inference_pass():
+            x = keras.ops.convert_to_tensor(x)
+            fast_ops.keep_freed_memory("torch_keep_freed_memory", x)
+            return fast_ops.to_numpy(model(x, training=False))
 
-def keep_freed_memory(x) -> bool:
-    """`fast_ops.keep_freed_memory` as fast path "torch_keep_freed_memory", for a
-    tensor `x` (on a CPU, or nothing is raised). Returns whether this process's
-    thresholds are raised."""
-    return fast_ops.keep_freed_memory("torch_keep_freed_memory", x)
-
-
-def kept_freed_memory() -> bool:
-    """Whether this process's malloc thresholds are raised (`fast_ops.kept_freed_memory`)."""
-    return fast_ops.kept_freed_memory()
+    return infer
