@@ -316,6 +316,9 @@ TABLES = {
     "against-compiled-float32-heap-epyc": functools.partial(
         against_compiled, "cpu_r224_float32_heap_epyc"
     ),
+    "against-compiled-bfloat16-products-epyc": functools.partial(
+        against_compiled, "cpu_r224_bfloat16_products_epyc"
+    ),
     "against-compiled-float32-malloc-epyc": functools.partial(
         against_compiled, "cpu_r224_float32_malloc_epyc"
     ),

@@ -183,6 +183,7 @@ def test_performance_page_shows_the_measured_ratios():
         ("float32-kept-epyc", "cpu_r224_float32_kept_epyc", 3),
         ("bfloat16-kept-epyc", "cpu_r224_bfloat16_kept_epyc", 3),
         ("float32-heap-epyc", "cpu_r224_float32_heap_epyc", 3),
+        ("bfloat16-products-epyc", "cpu_r224_bfloat16_products_epyc", 3),
     ],
 )
 def test_performance_page_shows_the_ratios_against_torch_compile(table, name, batches):

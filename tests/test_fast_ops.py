@@ -6,6 +6,7 @@ fast path's numbers on random inputs; a spy on the private call checks the fast 
 really ran (or really did not)."""
 
 import contextlib
+import math
 import os
 import weakref
 
@@ -561,6 +562,19 @@ def float32_compute_case(small_v2_weights):
     return weights, x, fast, reference
 
 
+def _bfloat16_v2_switched_off(weights, x, mode, monkeypatch, spied, name):
+    """A bfloat16 V2 model's predict_batch on JAX with fast path `name` kept from running
+    by `mode` (a failure: of `jax_kernels.<spied>`), and how often `spied` was called."""
+    model = _fresh_v2(weights).with_head(dtype="bfloat16")
+    with monkeypatch.context() as patch:
+        spy = Spy(patch, jax_kernels, spied, fail=mode == "failure")
+        if mode == "off_cpu":
+            patch.setattr(fast_ops, "on_cpu", lambda x=None: False)
+        with _switched_off(mode, patch, name):
+            outputs = model.predict_batch(x)
+    return outputs, spy.calls
+
+
 @pytest.mark.slow  # JAX compiles a model per mode
 @pytest.mark.skipif(BACKEND != "jax", reason="a JAX fast path")
 @pytest.mark.parametrize("mode", MODES)
@@ -570,18 +584,106 @@ def test_jax_float32_compute_fallback_equals_it(float32_compute_case, mode, monk
     float32 than that. A float32 model never gets a float32 copy."""
     weights, x, fast, reference = float32_compute_case
     assert jax_kernels.float32_twin(_fresh_v2(weights)) is None
-    model = _fresh_v2(weights).with_head(dtype="bfloat16")
-    with monkeypatch.context() as patch:
-        spy = Spy(patch, jax_kernels, "_float32_runner", fail=mode == "failure")
-        if mode == "off_cpu":
-            patch.setattr(fast_ops, "on_cpu", lambda x=None: False)
-        with _switched_off(mode, patch, "jax_float32_compute"):
-            fallback = model.predict_batch(x)
-    assert spy.calls == (1 if mode == "failure" else 0)
+    fallback, calls = _bfloat16_v2_switched_off(
+        weights, x, mode, monkeypatch, "_float32_runner", "jax_float32_compute"
+    )
+    assert calls == (1 if mode == "failure" else 0)
     assert list(fast_ops.disabled_fast_paths()) == (["jax_float32_compute"] * (mode == "failure"))
     fast_error = np.abs(fast - reference).max()
     fallback_error = np.abs(np.float32(fallback) - reference).max()
     assert fast_error < fallback_error < 0.05 * np.abs(reference).max()
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="a JAX fast path")
+@pytest.mark.parametrize("activation", (None, "exact_gelu"))
+def test_jax_bfloat16_product_is_the_bfloat16_operands_product(activation, rng):
+    """The product of the input and kernel rounded to bfloat16 (what a bfloat16 Dense
+    multiplies), summed in float32: against NumPy's float64 sum of the same roundings."""
+    import ml_dtypes  # jax's own dependency: the reference's bfloat16 rounding
+
+    dense = PointwiseDense(48, activation=exact_gelu if activation else None)
+    dense.build((None, 40))
+    dense.set_weights([rng.standard_normal(w.shape).astype("float32") for w in dense.weights])
+    x = rng.standard_normal((2, 5, 7, 40)).astype("float32")
+    got = np.asarray(jax_kernels.bfloat16_product(dense, keras.ops.convert_to_tensor(x)))
+
+    def rounded(a):
+        return a.astype(ml_dtypes.bfloat16).astype("float64")
+
+    kernel, bias = dense.get_weights()
+    expected = rounded(x) @ rounded(kernel) + bias
+    if activation:
+        expected = 0.5 * expected * (1.0 + np.vectorize(math.erf)(expected / np.sqrt(2.0)))
+    np.testing.assert_allclose(got, expected, rtol=2e-6, atol=2e-6)
+    if not activation:  # the operands' rounding is what it computes, not float32's product
+        assert np.abs(got - (x @ kernel + bias)).max() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def bfloat16_products_case(small_v2_weights):
+    """A bfloat16 V2 model's predict_batch on JAX with `jax_bfloat16_products`, the same
+    with that fast path alone off (its float32 twin's products in float32), and the
+    float32 model's."""
+    weights, x = small_v2_weights
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fast_ops, "_DISABLED", {})
+        spy = Spy(patch, jax_kernels, "bfloat16_product")
+        fast = _fresh_v2(weights).with_head(dtype="bfloat16").predict_batch(x)
+        dense_layers = sum(isinstance(layer, keras.layers.Dense) for layer in
+                           fast_ops.flatten_layers(_fresh_v2(weights)))  # fmt: skip
+        assert spy.calls == dense_layers  # every Dense, traced once
+        assert fast_ops.disabled_fast_paths() == {}
+        use_fast_path = fast_ops.use_fast_path
+
+        def without_bfloat16_products(name, x=None):
+            return name != "jax_bfloat16_products" and use_fast_path(name, x)
+
+        patch.setattr(fast_ops, "use_fast_path", without_bfloat16_products)
+        float32_products = _fresh_v2(weights).with_head(dtype="bfloat16").predict_batch(x)
+    reference = _fresh_v2(weights).predict_batch(x)
+    return weights, x, fast, float32_products, reference
+
+
+@pytest.mark.slow  # JAX compiles a model per mode
+@pytest.mark.skipif(BACKEND != "jax", reason="a JAX fast path")
+@pytest.mark.parametrize("mode", MODES)
+def test_jax_bfloat16_products_fallback_equals_it(bfloat16_products_case, mode, monkeypatch):
+    """Failing, the float32 twin's products run in float32 (its numbers exactly); switched
+    off with every fast path, the bfloat16 call. Either way the fast path is within
+    bfloat16's rounding of float32, as the fallbacks are."""
+    weights, x, fast, float32_products, reference = bfloat16_products_case
+    fallback, calls = _bfloat16_v2_switched_off(
+        weights, x, mode, monkeypatch, "bfloat16_product", "jax_bfloat16_products"
+    )
+    fallback = np.float32(fallback)
+    assert calls == (1 if mode == "failure" else 0)  # switched off at its first failure
+    assert list(fast_ops.disabled_fast_paths()) == (["jax_bfloat16_products"] * (mode == "failure"))
+    if mode == "failure":
+        np.testing.assert_array_equal(fallback, float32_products)
+    scale = np.abs(reference).max()
+    assert np.abs(fast - float32_products).max() > 0  # the products really changed
+    for got in (fast, fallback):
+        assert np.abs(got - reference).max() < 0.05 * scale
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="a JAX fast path")
+def test_jax_bfloat16_products_only_in_a_bfloat16_models_twin(small_v2_weights, monkeypatch):
+    """A float32 model's Dense layers keep their own call; a bfloat16 V1 model's twin
+    keeps YNNPACK's fusions for its products, V1's float32 options where this fast path
+    is off."""
+    weights, x = small_v2_weights
+    float32_model = _fresh_v2(weights)
+    spy = Spy(monkeypatch, jax_kernels, "bfloat16_product")
+    float32_model.predict_batch(x)
+    assert spy.calls == 0
+    assert jax_kernels.float32_twin_products(float32_model) is False
+    v1 = create_convnext_v1("atto", num_classes=5, input_shape=(32, 32, 3), dtype="bfloat16")
+    assert jax_kernels.float32_twin_products(v1) is True
+    assert jax_kernels.jax_compiler_options(v1) == {
+        "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
+    }
+    monkeypatch.setattr(fast_ops, "_DISABLED", {"jax_bfloat16_products": "test"})
+    assert jax_kernels.jax_compiler_options(v1) == jax_kernels.JAX_V1_COMPILER_OPTIONS
 
 
 # backend -> (fast path, the function that runs each layer in the layer-by-layer inference)
@@ -1380,7 +1482,8 @@ _JAX_BATCH_RERUN = """
     # worker thread's glibc heap holds
     model = create_convnext_v2("atto", include_top=False, input_shape=(112, 112, 3))
     x = np.zeros((64, 112, 112, 3), "float32")
-    model.predict_batch(x)
+    for _ in range(3):  # each XLA worker thread's arena grows to what a chunk takes
+        model.predict_batch(x)
     report_median_faults(lambda: model.predict_batch(x), rounds=7)
 """
 

@@ -36,8 +36,9 @@ The fast paths (name: what it is; the fallback that replaces it):
   one piece.
 - "jax_float32_compute" (jax): `predict_batch` of a model whose body is
   bfloat16 runs a float32 copy of its architecture (never allocated) on the
-  bfloat16 weights cast inside the jit (`jax_kernels.float32_twin`): XLA:CPU has
-  no bfloat16 kernels faster than its float32 ones; fallback the bfloat16 call.
+  bfloat16 weights cast inside the jit (`jax_kernels.float32_twin`): XLA:CPU
+  computes bfloat16 elementwise ops, and dots with a bfloat16 output, in float32
+  with conversions around each; fallback the bfloat16 call.
 - "torch_row_blocks" (torch): the same blocks in the layer-by-layer inference
   without autograd, in float32, one after another (`torch_by_row_blocks`);
   fallback the tail in one piece.
@@ -70,6 +71,12 @@ The fast paths (name: what it is; the fallback that replaces it):
   process instead of being mapped and faulted in again on every pass; not where
   the environment sets an allocator option or the C library is not glibc;
   fallback the whole batch with glibc's defaults.
+- "jax_bfloat16_products" (jax): in that float32 twin ("jax_float32_compute"),
+  each Dense layer's product reads the input and kernel rounded to bfloat16 and sums
+  them in float32 (`jax_kernels.bfloat16_product`), which XLA:CPU hands to YNNPACK's
+  bfloat16 kernels, and the twin is compiled with XLA's default options (V1's
+  "jax_compiler_options" switch those kernels off); fallback the twin's float32
+  products.
 - "layerwise_call" (every backend): `ConvNeXt`'s inference call runs its layers
   one after another, keeping only the current tensor and a block's shortcut
   (keras' functional runner keeps every intermediate until the call ends);
@@ -161,6 +168,7 @@ FAST_PATHS = (
     "torch_keep_freed_memory",
     "torch_packed_weights",
     "jax_heap_sized_batches",
+    "jax_bfloat16_products",
 )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import weakref
 
 import keras
 from keras import ops
@@ -59,10 +60,49 @@ def depthwise_shifted_sum(x, kernel, bias):
 
 
 def layer_kernels(x):
-    """`fast_ops.layer_kernels` on JAX: `jax_by_row_blocks` inside a jit, in float32."""
-    if traced_float32(x) and fast_ops.use_fast_path("jax_row_blocks", x):
-        return fast_ops.LayerKernels("jax_row_blocks", None, jax_by_row_blocks)
-    return None
+    """`fast_ops.layer_kernels` on JAX, inside a jit and in float32: `jax_by_row_blocks`,
+    and `jax_apply` (a bfloat16 model's products in bfloat16, `float32_twin`)."""
+    if not traced_float32(x):
+        return None
+    by_rows = jax_by_row_blocks if fast_ops.use_fast_path("jax_row_blocks", x) else None
+    apply = jax_apply if fast_ops.use_fast_path("jax_bfloat16_products", x) else None
+    if by_rows is None and apply is None:
+        return None
+    return fast_ops.LayerKernels(
+        "jax_row_blocks" if by_rows else "jax_bfloat16_products", apply, by_rows
+    )
+
+
+# `jax_bfloat16_products`: the Dense layers of a bfloat16 model's float32 twin
+# (`float32_twin`) whose products read bfloat16 operands into float32 sums.
+# XLA:CPU hands such a dot (bfloat16 x bfloat16 -> float32) to YNNPACK's
+# bfloat16 kernels (AVX512-BF16 here), where a bfloat16 -> bfloat16 dot is
+# computed in float32; and its bfloat16 weights are read as they are, not cast
+# to float32 on every call.
+_BFLOAT16_PRODUCT_LAYERS = weakref.WeakSet()
+
+
+def jax_apply(layer, x):
+    """`layer.call(x)` for the layer-by-layer inference on JAX, with the Dense layers of
+    a bfloat16 model's float32 twin as `bfloat16_product` (guarded, "jax_bfloat16_products")."""
+    name = "jax_bfloat16_products"
+    if layer in _BFLOAT16_PRODUCT_LAYERS and fast_ops.fast_paths_allowed(name):
+        return fast_ops.guarded(name, lambda: bfloat16_product(layer, x), lambda: layer.call(x))
+    return layer.call(x)
+
+
+def bfloat16_product(layer, x):
+    """A plain Dense layer's call on float32 `x` (..., in) -> (..., out) with its product
+    on bfloat16 operands summed in float32 (bias and activation in float32): the
+    numbers of the bfloat16 model's product, before its output is rounded."""
+    # jax: on the jax backend alone (importing this module loads no backend)
+    import jax.numpy as jnp
+
+    kernel = layer.kernel.value.astype(jnp.bfloat16)
+    out = jnp.matmul(x.astype(jnp.bfloat16), kernel, preferred_element_type=jnp.float32)
+    if layer.use_bias:
+        out = out + layer.bias.value
+    return out if layer.activation is None else layer.activation(out)
 
 
 def jax_depthwise(x, kernel, bias, shifted_sum):
@@ -163,17 +203,33 @@ def jax_by_row_blocks(tail, x, shortcut, width):
 # (b32 2068-2102 vs 2062-2098 ms, b8 509-520 either way); convnextv2_atto not
 # faster (b32 420-424 vs 421-483 ms), so models with GRN keep the default.
 JAX_V1_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# ... and of a bfloat16 V1 model's float32 twin with its products in bfloat16
+# (`jax_bfloat16_products`): YNNPACK's fusions for its dots alone, each dot on its
+# own; fresh processes, median ms, XLA's defaults -> these: convnext_atto b8 70.3,
+# 79.9 -> 59.2, 62.4; b32 274.8 -> 246.0; b1 12.2 -> 12.8; convnext_tiny b8 374.1,
+# 345.7 -> 363.8, 370.3; b32 1419.9 -> 1336.5; b1 48.2 -> 52.6. With GRN they were
+# slower (convnextv2_atto b8 64.7, 72.0 -> 97.6, 84.3), which keeps the defaults.
+JAX_V1_BFLOAT16_COMPILER_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
+}
 
 
 def jax_compiler_options(model) -> dict:
     """The XLA options `predict_batch` compiles `model` with on JAX: the measured ones
-    for a CPU and a ConvNeXt without GRN, unless the user's XLA_FLAGS set the same
-    option (theirs wins) or the fast path is off; else none (XLA's defaults)."""
+    for a CPU and a ConvNeXt without GRN (those of its bfloat16 products where it runs
+    them, `float32_twin_products`), unless the user's XLA_FLAGS set the same option
+    (theirs wins) or the fast path is off; else none (XLA's defaults)."""
     config = getattr(model, "convnext_config", None)
     if config is None or config.use_grn or not fast_ops.use_fast_path("jax_compiler_options"):
         return {}
+    # YNNPACK runs the products of a bfloat16 model's twin: its fusions stay on for them
+    options = (
+        JAX_V1_BFLOAT16_COMPILER_OPTIONS
+        if float32_twin_products(model)
+        else JAX_V1_COMPILER_OPTIONS
+    )
     user_flags = os.environ.get("XLA_FLAGS", "")
-    return {k: v for k, v in JAX_V1_COMPILER_OPTIONS.items() if k not in user_flags}
+    return {k: v for k, v in options.items() if k not in user_flags}
 
 
 def inference_function(model):
@@ -354,12 +410,20 @@ def run_in_chunks(jitted, values, x, size):
     return jax.tree_util.tree_map(lambda *ys: jnp.concatenate(ys), *parts)
 
 
-# XLA:CPU (jax 0.10) has no bfloat16 kernels of its own: its dots and elementwise
-# ops in bfloat16 were slower than in float32 under every library option (YNNPACK,
-# XNNPACK, oneDNN: a (25088, 160) x (160, 640) dot 80-102 ms against 61-86 ms in
-# float32, 1 thread), where torch's and TensorFlow's oneDNN kernels use AMX. So a
-# bfloat16 model computes in float32 on a CPU, its weights kept in bfloat16 and cast
-# inside the jit: convnext_atto b32, 1 thread, CPU ms: 853 in bfloat16, 701 in float32.
+# XLA:CPU (jax 0.10) computes a bfloat16 model's elementwise ops, and its dots whose
+# output is bfloat16, in float32, with conversions around each: slower than float32
+# (convnext_atto b32, 1 thread, CPU ms: 853 in bfloat16, 701 in float32). So a
+# bfloat16 model computes in float32 on a CPU, its weights kept in bfloat16. A dot of
+# bfloat16 operands into a float32 output is the exception: XLA hands it to
+# YNNPACK's bfloat16 kernels, so the twin's Dense layers multiply that way
+# (`jax_bfloat16_products`, below). predict_batch in bfloat16, fresh processes,
+# median ms of two runs, the twin's products in float32 -> in bfloat16 (2-core AMD
+# EPYC, AVX512-BF16, with XLA's default options for both): convnext_tiny b1 116.8,
+# 108.7 -> 49.5, 49.2; b8 556.3, 543.8 -> 356.3, 364.5; b32 1964.6, 2129.2 -> 1438.9,
+# 1381.9; convnextv2_atto b1 15.7, 14.0 -> 11.0, 12.2; b8 96.2, 82.1 -> 65.6, 66.6;
+# b32 334.0, 331.0 -> 307.3, 264.6; convnext_atto (before: V1's float32 options)
+# b1 14.6, 13.2 -> 12.0, 10.9; b8 91.7, 85.4 -> 90.0, 71.5; b32 308.3, 322.4 -> 328.7,
+# 299.3 (then 246.0 with `JAX_V1_BFLOAT16_COMPILER_OPTIONS`).
 def float32_twin(model):
     """A float32 copy of `model`'s architecture whose variables are never allocated
     (`_float32_runner` passes the model's values, cast), where `model` is a ConvNeXt
@@ -376,7 +440,34 @@ def float32_twin(model):
     fast_ops.forget_deferred(twin.weights)
     if [v.path for v in twin.variables] != [v.path for v in model.variables]:
         return None  # pragma: no cover - the same config builds the same variables
+    for layer in fast_ops.flatten_layers(twin):
+        if _plain_dense(layer):
+            _BFLOAT16_PRODUCT_LAYERS.add(layer)
     return twin
+
+
+def float32_twin_products(model) -> bool:
+    """Whether `predict_batch` runs `model` as its float32 twin with its products in
+    bfloat16 (`jax_bfloat16_products`): a model whose body is bfloat16, on a CPU, with
+    both fast paths allowed."""
+    plan = getattr(model, "_layer_plan", None)
+    return (
+        plan is not None
+        and plan.body_dtype() == "bfloat16"
+        and fast_ops.use_fast_path("jax_float32_compute")
+        and fast_ops.use_fast_path("jax_bfloat16_products")
+    )
+
+
+def _plain_dense(layer) -> bool:
+    """`layer` is a built keras Dense over the last axis (2-D kernel), without LoRA or
+    quantization: what `bfloat16_product` computes."""
+    return (
+        isinstance(layer, keras.layers.Dense)
+        and not layer.lora_enabled
+        and layer.quantization_mode is None
+        and len(layer.kernel.shape) == 2
+    )
 
 
 def _float32_runner(twin):
