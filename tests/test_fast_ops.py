@@ -551,13 +551,18 @@ def test_jax_compiler_options_only_where_measured(monkeypatch):
 @pytest.fixture(scope="module")
 def float32_compute_case(small_v2_weights):
     """A bfloat16 V2 model's predict_batch on JAX (computed in float32 on a float32 copy
-    of the architecture) and the float32 model's, with its weights and inputs."""
+    of the architecture, its products on bfloat16 operands) and the float32 model's,
+    with its weights and inputs."""
     weights, x = small_v2_weights
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(fast_ops, "_DISABLED", {})
         spy = Spy(patch, jax_kernels, "float32_twin")
+        products = Spy(patch, jax_kernels, "bfloat16_product")
         fast = _fresh_v2(weights).with_head(dtype="bfloat16").predict_batch(x)
         assert spy.calls == 1 and fast_ops.disabled_fast_paths() == {}
+        dense_layers = sum(isinstance(layer, keras.layers.Dense) for layer in
+                           fast_ops.flatten_layers(_fresh_v2(weights)))  # fmt: skip
+        assert products.calls == dense_layers - 1  # every Dense but the float32 head's
     reference = _fresh_v2(weights).predict_batch(x)  # float32 arithmetic, float32 weights
     return weights, x, fast, reference
 
@@ -620,19 +625,12 @@ def test_jax_bfloat16_product_is_the_bfloat16_operands_product(activation, rng):
 
 
 @pytest.fixture(scope="module")
-def bfloat16_products_case(small_v2_weights):
-    """A bfloat16 V2 model's predict_batch on JAX with `jax_bfloat16_products`, the same
-    with that fast path alone off (its float32 twin's products in float32), and the
-    float32 model's."""
-    weights, x = small_v2_weights
+def bfloat16_products_case(float32_compute_case):
+    """`float32_compute_case` and the bfloat16 model's predict_batch with
+    `jax_bfloat16_products` alone off (its float32 twin's products in float32)."""
+    weights, x, fast, reference = float32_compute_case
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(fast_ops, "_DISABLED", {})
-        spy = Spy(patch, jax_kernels, "bfloat16_product")
-        fast = _fresh_v2(weights).with_head(dtype="bfloat16").predict_batch(x)
-        dense_layers = sum(isinstance(layer, keras.layers.Dense) for layer in
-                           fast_ops.flatten_layers(_fresh_v2(weights)))  # fmt: skip
-        assert spy.calls == dense_layers  # every Dense, traced once
-        assert fast_ops.disabled_fast_paths() == {}
         use_fast_path = fast_ops.use_fast_path
 
         def without_bfloat16_products(name, x=None):
@@ -640,7 +638,6 @@ def bfloat16_products_case(small_v2_weights):
 
         patch.setattr(fast_ops, "use_fast_path", without_bfloat16_products)
         float32_products = _fresh_v2(weights).with_head(dtype="bfloat16").predict_batch(x)
-    reference = _fresh_v2(weights).predict_batch(x)
     return weights, x, fast, float32_products, reference
 
 
@@ -679,6 +676,11 @@ def test_jax_bfloat16_products_only_in_a_bfloat16_models_twin(small_v2_weights, 
     assert jax_kernels.float32_twin_products(float32_model) is False
     v1 = create_convnext_v1("atto", num_classes=5, input_shape=(32, 32, 3), dtype="bfloat16")
     assert jax_kernels.float32_twin_products(v1) is True
+    twin_layers = fast_ops.flatten_layers(jax_kernels.float32_twin(v1))
+    marked = [layer.name for layer in twin_layers if layer in jax_kernels._BFLOAT16_PRODUCT_LAYERS]
+    dense = [layer.name for layer in twin_layers if isinstance(layer, keras.layers.Dense)]
+    assert marked == [name for name in dense if name.startswith("stage")]  # not the head's
+    assert len(marked) == len(dense) - 1
     assert jax_kernels.jax_compiler_options(v1) == {
         "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
     }

@@ -72,11 +72,12 @@ The fast paths (name: what it is; the fallback that replaces it):
   the environment sets an allocator option or the C library is not glibc;
   fallback the whole batch with glibc's defaults.
 - "jax_bfloat16_products" (jax): in that float32 twin ("jax_float32_compute"),
-  each Dense layer's product reads the input and kernel rounded to bfloat16 and sums
-  them in float32 (`jax_kernels.bfloat16_product`), which XLA:CPU hands to YNNPACK's
-  bfloat16 kernels, and the twin is compiled with XLA's default options (V1's
-  "jax_compiler_options" switch those kernels off); fallback the twin's float32
-  products.
+  the product of each Dense layer computing in bfloat16 (not the float32 head's)
+  reads the input and kernel rounded to bfloat16 and sums them in float32
+  (`jax_kernels.bfloat16_product`), which XLA:CPU hands to YNNPACK's bfloat16
+  kernels; a V1 twin is compiled with YNNPACK's fusions for its dots alone
+  (`JAX_V1_BFLOAT16_COMPILER_OPTIONS`, where V1's float32 options switch YNNPACK
+  off); fallback the twin's float32 products and V1's float32 options.
 - "layerwise_call" (every backend): `ConvNeXt`'s inference call runs its layers
   one after another, keeping only the current tensor and a block's shortcut
   (keras' functional runner keeps every intermediate until the call ends);

@@ -440,8 +440,10 @@ def float32_twin(model):
     fast_ops.forget_deferred(twin.weights)
     if [v.path for v in twin.variables] != [v.path for v in model.variables]:
         return None  # pragma: no cover - the same config builds the same variables
-    for layer in fast_ops.flatten_layers(twin):
-        if _plain_dense(layer):
+    # the products of the layers that compute in bfloat16 (not the float32 head's)
+    pairs = zip(fast_ops.flatten_layers(model), fast_ops.flatten_layers(twin), strict=True)
+    for original, layer in pairs:
+        if original.compute_dtype == "bfloat16" and _plain_dense(layer):
             _BFLOAT16_PRODUCT_LAYERS.add(layer)
     return twin
 
