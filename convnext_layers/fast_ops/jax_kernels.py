@@ -429,10 +429,7 @@ def float32_twin(model):
     (`_float32_runner` passes the model's values, cast), where `model` is a ConvNeXt
     whose body computes in bfloat16 and the fast path "jax_float32_compute" may run
     (on a CPU); else None."""
-    plan = getattr(model, "_layer_plan", None)
-    if plan is None or plan.body_dtype() != "bfloat16":
-        return None
-    if not fast_ops.use_fast_path("jax_float32_compute"):
+    if not _runs_in_float32(model):
         return None
     config = {**model.get_config(), "dtype": "float32"}
     with keras.StatelessScope(initialize_variables=False):
@@ -452,12 +449,17 @@ def float32_twin_products(model) -> bool:
     """Whether `predict_batch` runs `model` as its float32 twin with its products in
     bfloat16 (`jax_bfloat16_products`): a model whose body is bfloat16, on a CPU, with
     both fast paths allowed."""
+    return _runs_in_float32(model) and fast_ops.use_fast_path("jax_bfloat16_products")
+
+
+def _runs_in_float32(model) -> bool:
+    """`model` is a ConvNeXt whose body computes in bfloat16 and the fast path
+    "jax_float32_compute" may run (on a CPU): what `float32_twin` copies."""
     plan = getattr(model, "_layer_plan", None)
     return (
         plan is not None
         and plan.body_dtype() == "bfloat16"
         and fast_ops.use_fast_path("jax_float32_compute")
-        and fast_ops.use_fast_path("jax_bfloat16_products")
     )
 
 
