@@ -56,7 +56,7 @@ def test_macs_match_timm_counts():
 
 
 @pytest.mark.slow
-@pytest.mark.once("jax")
+@pytest.mark.once("torch")  # the plumbing: 22 s on torch, 82 s on JAX (its workers compile)
 def test_quick_benchmark_writes_table(tmp_path):
     calls = ["predict_batch", "predict_on_batch"]
     # one batch size (a worker process per side and size: 3 here, each compiling on JAX);
@@ -231,7 +231,7 @@ def test_quick_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.once("jax")
+@pytest.mark.once("torch")  # whole processes: 66 s on torch, 98 s on JAX (each compiles)
 def test_quick_cold_start(tmp_path):
     """--cold-start: whole processes (timm's script, our command line without and with the
     cache), timed from outside, and one more run each timing its phases from inside."""

