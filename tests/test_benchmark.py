@@ -59,7 +59,7 @@ def test_macs_match_timm_counts():
 @pytest.mark.once("torch")  # the plumbing: 22 s on torch, 82 s on JAX (its workers compile)
 def test_quick_benchmark_writes_table(tmp_path):
     calls = ["predict_batch", "predict_on_batch"]
-    # one batch size (a worker process per side and size: 3 here, each compiling on JAX);
+    # one batch size (a worker process per side and size: 3 here, each a fresh process);
     # the pivot tables' one line per batch size is checked with two below, without workers
     report, markdown = _run(
         ["--variant", "convnext_atto", "--batch-size", "1", "--call", ",".join(calls)], tmp_path
