@@ -1127,8 +1127,6 @@ def test_torch_whole_block_steps_aside_where_a_layer_would(small_v2_weights, mon
     assert fast_ops.disabled_fast_paths() == {}
 
 
-# In a fresh process, after `predict_batch`: a 64 MiB tensor (above glibc's largest
-# moving mmap threshold, 32 MiB) allocated, written and freed five times, and the
 # The page-fault tests' subprocess half: `report_median_faults(step, rounds)` prints
 # whether the process kept its freed memory and the median count of minor page faults
 # of `step()` over `rounds` (now and then one round of a kept process faults its
@@ -1148,21 +1146,25 @@ _MEDIAN_FAULTS = """
 """
 
 
-def _assert_kept_memory_stops_the_faults(script, nbytes):
+def _assert_kept_memory_stops_the_faults(script, nbytes, input_bytes=0):
     """`script` (calling `report_median_faults` on a step that allocates and frees
     `nbytes`) in two fresh processes: with fast paths off (glibc's defaults) the
-    kernel maps those pages afresh each round; with them on, the process reuses them."""
+    kernel maps those pages afresh each round; with them on, the process reuses them.
+    `input_bytes`: what the step copies its input into (JAX copies a numpy batch into
+    buffers of its own), which may be faulted in afresh on either side and is not
+    what the fast path keeps: allowed on top of the 1/20 of `nbytes`."""
     if not allocator.glibc_malloc_in_use():
         pytest.skip("glibc's malloc thresholds: a glibc system without a preloaded allocator")
     environ = {k: v for k, v in os.environ.items() if k not in allocator.allocator_env()}
-    pages = nbytes // os.sysconf("SC_PAGE_SIZE")
+    page = os.sysconf("SC_PAGE_SIZE")
+    pages = nbytes // page
     code = _MEDIAN_FAULTS + script
     defaults = result_line(
         run_python(code, env=environ, env_extra={"KERAS_CONVNEXT_FAST_PATHS": "0"})
     )
-    assert not defaults["kept"] and defaults["faults"] >= pages / 2, defaults
+    assert not defaults["kept"] and defaults["faults"] >= pages / 2 + input_bytes / page, defaults
     kept = result_line(run_python(code, env=environ))
-    assert kept["kept"] and kept["faults"] < pages / 20, (kept, defaults)
+    assert kept["kept"] and kept["faults"] < pages / 20 + input_bytes / page, (kept, defaults)
 
 
 _TORCH_TENSOR_REUSED = """
@@ -1494,5 +1496,9 @@ _JAX_BATCH_RERUN = """
 @pytest.mark.skipif(BACKEND != "jax", reason="a JAX fast path")
 def test_jax_heap_sized_batches_stop_the_page_faults():
     """With glibc's defaults (fast paths off) each pass maps XLA's 70 MiB buffer
-    afresh, page by page; in chunks with the thresholds raised it is reused."""
-    _assert_kept_memory_stops_the_faults(_JAX_BATCH_RERUN, 64 * 2**20)
+    afresh, page by page; in chunks with the thresholds raised it is reused. The
+    batch's own copies (two 4.6 MiB chunks) are not counted against it: on a busy
+    machine (one CI run) a kept process faulted one chunk's 1,178 pages in afresh in
+    most passes, as the copies move between XLA's threads."""
+    batch_bytes = 64 * 112 * 112 * 3 * 4  # _JAX_BATCH_RERUN's x
+    _assert_kept_memory_stops_the_faults(_JAX_BATCH_RERUN, 64 * 2**20, batch_bytes)
