@@ -106,6 +106,12 @@ def test_portable_and_environment_switch_everything_off(monkeypatch):
 # The layers' fast paths
 # ----------------------------------------------------------------------------
 
+
+def _shifted_sum_case(kernel_size, shape):
+    layer = lambda: DepthwiseConv(kernel_size)  # noqa: E731
+    return ("jax", (jax_kernels, "depthwise_shifted_sum"), layer, shape)
+
+
 # name -> (backend it exists on, its private call (owner, attribute), layer, input shape)
 LAYER_CASES = {
     "torch_conv_nhwc/depthwise": (
@@ -120,12 +126,10 @@ LAYER_CASES = {
         lambda: DownsampleConv(6, 3, strides=2, explicit_padding=1),
         (9, 12, 5),
     ),
-    "jax_shifted_sum": (
-        "jax",
-        (jax_kernels, "depthwise_shifted_sum"),
-        lambda: DepthwiseConv(7),
-        (9, 11, 8),
-    ),
+    "jax_shifted_sum": _shifted_sum_case(7, (9, 11, 8)),
+    # maps the kernel reaches past on both sides: the padding no position reaches is cut
+    "jax_shifted_sum/map_under_the_kernel": _shifted_sum_case(7, (2, 3, 8)),
+    "jax_shifted_sum/one_pixel_kernel_9": _shifted_sum_case(9, (1, 4, 8)),
     "onednn_linear/gelu": (
         "torch",
         (torch_kernels, "_onednn_linear_pointwise"),
@@ -254,7 +258,8 @@ def test_fast_paths_step_aside_in_dtypes_they_were_not_measured_in(name, monkeyp
 
 @pytest.mark.skipif(BACKEND != "jax", reason="the JAX shifted sum's gradient rule")
 @pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
-def test_shifted_sum_gradient_equals_the_convolutions(policy, monkeypatch):
+@pytest.mark.parametrize("shape", [(9, 11, 8), (2, 3, 8)])  # (2, 3): a map under the kernel
+def test_shifted_sum_gradient_equals_the_convolutions(policy, shape, monkeypatch):
     """Training through the shifted sum uses its own gradient rule (jax_kernels.jax_depthwise).
     Its gradients of input, kernel and bias equal those of XLA's grouped conv (the
     portable path) in float32, on an odd-sized input with every weight random; in
@@ -265,11 +270,11 @@ def test_shifted_sum_gradient_equals_the_convolutions(policy, monkeypatch):
     rng = np.random.default_rng(11)
     layers = {p: DepthwiseConv(7, dtype=p) for p in {policy, "float32"}}
     for layer in layers.values():
-        layer.build((None, 9, 11, 8))
+        layer.build((None, *shape))
     kernel, bias = (jnp.asarray(w) for w in random_weights(layers["float32"], rng))
     dtype = layers[policy].compute_dtype
-    x = jnp.asarray(rng.standard_normal((3, 9, 11, 8)), dtype)
-    probe = jnp.asarray(rng.standard_normal((3, 9, 11, 8)), dtype)
+    x = jnp.asarray(rng.standard_normal((3, *shape)), dtype)
+    probe = jnp.asarray(rng.standard_normal((3, *shape)), dtype)
 
     def loss(layer):
         def of(x, kernel, bias):

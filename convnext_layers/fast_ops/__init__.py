@@ -51,9 +51,9 @@ The fast paths (name: what it is; the fallback that replaces it):
   sum of squares a batched product with a row of ones, accumulated in float32, one
   bfloat16 `addcmul`; `torch_kernels.torch_response_norm`); fallback the float32 GRN.
 - "jax_shifted_sum" (jax): the 7x7 depthwise conv as 49 shifted multiply-adds
-  instead of XLA's grouped conv, for inference and training: its gradient has
-  its own rule (`jax_depthwise`), measured for training on a CPU as well;
-  fallback keras' depthwise conv.
+  (fewer on a map smaller than the kernel's reach) instead of XLA's grouped conv,
+  for inference and training: its gradient has its own rule (`jax_depthwise`),
+  measured for training on a CPU as well; fallback keras' depthwise conv.
 - "torch_packed_weights" (torch): in bfloat16, a whole block's two products
   (`torch_whole_block`) read weights oneDNN laid out once per weight update
   (`torch.ops.mkldnn._reorder_linear_weight`), bit-equal to the plain ones' products;

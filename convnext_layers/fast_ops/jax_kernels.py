@@ -36,23 +36,32 @@ def depthwise_conv(x, layer):
 def depthwise_shifted_sum(x, kernel, bias):
     """'same' stride-1 depthwise conv as sum_ij pad(x)[:, i:i+H, j:j+W] * kernel[i, j].
 
-    (B, H, W, C), kernel (k, k, C, 1) -> (B, H, W, C). Accumulates in float32
-    (as a convolution kernel does) for half-precision inputs.
+    (B, H, W, C), kernel (k, k, C, 1), k odd -> (B, H, W, C). Accumulates in float32
+    (as a convolution kernel does) for half-precision inputs. On a map of static size
+    smaller than the kernel's reach (H or W at most k // 2) only the terms that read
+    some of x are summed (convnextv2_atto at 32x32, batch 2, fresh processes: the
+    first `predict_on_batch` 2.2-2.3 s against 2.5-3.5 s with all 49; the same
+    numbers, the skipped terms being zeros).
     """
     k = kernel.shape[0]
     pad = k // 2
     height, width = x.shape[1], x.shape[2]
+    # a map smaller than the kernel's reach (H <= pad): the rows (columns) of padding
+    # no output position reaches are not made, nor their all-zero terms summed
+    pad_h = pad if height is None else min(pad, height - 1)
+    pad_w = pad if width is None else min(pad, width - 1)
     if height is None or width is None:  # symbolic sizes: slice with the runtime shape
         height, width = ops.shape(x)[1], ops.shape(x)[2]
     dtype = x.dtype
     if keras.backend.standardize_dtype(x.dtype) in ("float16", "bfloat16"):
         x, kernel = ops.cast(x, "float32"), ops.cast(kernel, "float32")
         bias = None if bias is None else ops.cast(bias, "float32")
-    padded = ops.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    padded = ops.pad(x, ((0, 0), (pad_h, pad_h), (pad_w, pad_w), (0, 0)))
     out = None
-    for i in range(k):
-        for j in range(k):
-            term = padded[:, i : i + height, j : j + width, :] * kernel[i, j, :, 0]
+    for i in range(pad - pad_h, pad + pad_h + 1):
+        for j in range(pad - pad_w, pad + pad_w + 1):
+            top, left = i - (pad - pad_h), j - (pad - pad_w)
+            term = padded[:, top : top + height, left : left + width, :] * kernel[i, j, :, 0]
             out = term if out is None else out + term
     if bias is not None:
         out = out + bias
