@@ -1504,6 +1504,6 @@ def test_jax_heap_sized_batches_stop_the_page_faults():
     afresh, page by page; in chunks with the thresholds raised it is reused. The
     batch's own copies (two 4.6 MiB chunks) are not counted against it: on a busy
     machine (one CI run) a kept process faulted one chunk's 1,178 pages in afresh in
-    most passes, as the copies move between XLA's threads."""
+    most passes; on a quiet one, in one pass of seven now and then."""
     batch_bytes = 64 * 112 * 112 * 3 * 4  # _JAX_BATCH_RERUN's x
     _assert_kept_memory_stops_the_faults(_JAX_BATCH_RERUN, 64 * 2**20, batch_bytes)
