@@ -125,6 +125,7 @@ if ROOT not in sys.path:
 # every worker inherits the benchmark's environment, so its allocator settings too:
 # a run made with any is labelled with them
 from convnext_common.allocator import ALLOCATOR_ENV_PREFIXES, allocator_env  # noqa: E402, F401
+from convnext_common.cpu import cpu_flags  # noqa: E402
 
 PROTOCOL = "@@BENCH "
 BACKENDS = ("jax", "tensorflow", "torch")
@@ -989,16 +990,15 @@ def machine_description(device):
 
 def _cpu_facts():
     """(usable CPUs, cores per socket x sockets, threads per core, MHz, flags) of this
-    Linux CPU from /proc/cpuinfo; Nones where it says nothing."""
-    facts = {"mhz": None, "flags": set(), "siblings": None, "cores": None}
+    Linux CPU from /proc/cpuinfo (its flags as `convnext_common.cpu` reads them); Nones
+    where it says nothing."""
+    facts = {"mhz": None, "flags": set(cpu_flags() or ()), "siblings": None, "cores": None}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 key, _, value = (s.strip() for s in line.partition(":"))
                 if key == "cpu MHz" and facts["mhz"] is None:
                     facts["mhz"] = float(value)
-                elif key == "flags" and not facts["flags"]:
-                    facts["flags"] = set(value.split())
                 elif key == "siblings" and facts["siblings"] is None:
                     facts["siblings"] = int(value)
                 elif key == "cpu cores" and facts["cores"] is None:

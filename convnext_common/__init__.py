@@ -8,6 +8,8 @@
 - `jsonable`: values made JSON-safe (the one sanitiser);
 - `allocator`: the environment variables that configure the C allocator, and
   glibc's malloc thresholds raised at run time;
+- `cpu`: this CPU's instruction-set flags (/proc/cpuinfo), and whether it multiplies
+  bfloat16 natively;
 - `cli`: the command-line parser, its argument types and the exit policy shared by
   `python -m weights_convert` and `python -m embedding` (interfaces only).
 """

@@ -36,6 +36,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import embedding.finetune as ft
+from convnext_common import cpu
 from embedding import Embedder
 from weights_convert import randomize_timm_parameters
 
@@ -89,6 +90,18 @@ def pytest_collection_modifyitems(config, items):
             named = " and ".join(backends)
             reason = f"one backend suffices: this multi-backend run runs it under {named}"
             item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cpu_with_bfloat16_instructions():
+    """The bfloat16 fast paths step aside on a CPU without bfloat16 instructions
+    (`fast_ops.cpu_lacks_bfloat16`), and CI runs on CPUs of either kind: the suite
+    checks them as on a CPU that has the instructions, wherever it runs (the numbers
+    are the same; only the speed differs). tests/test_fast_ops.py sets the other kind
+    where it checks what runs there. Subprocesses see the machine's own flags."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cpu, "has_bfloat16_instructions", lambda: True)
+        yield
 
 
 _LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None

@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 
-from convnext_common import allocator
+from convnext_common import allocator, cpu
 from convnext_common.cli import (
     CommandError,
     finite_float,
@@ -197,3 +197,28 @@ def test_raise_malloc_thresholds_says_why_it_could_not(monkeypatch):
     with pytest.raises(OSError, match="not glibc"):
         allocator.raise_malloc_thresholds()
     assert not allocator.glibc_malloc_in_use()
+
+
+@pytest.mark.parametrize(
+    "text, flags, native",
+    [
+        ("processor : 0\nflags : fpu sse avx512f avx512_bf16\n", {"avx512_bf16"}, True),
+        ("flags\t\t: fpu avx512f amx_bf16 amx_tile\nflags : x\n", {"amx_bf16"}, True),
+        ("flags : fpu sse2 avx2 avx512f avx512_vnni\n", {"avx512f"}, False),
+        ("processor : 0\nFeatures : fp asimd bf16 i8mm\n", {"bf16"}, True),
+        ("Features : fp asimd\n", {"asimd"}, False),
+        ("processor : 0\nmodel name : a CPU\n", None, None),
+    ],
+)
+def test_cpu_flags_say_whether_bfloat16_is_native(text, flags, native, tmp_path, monkeypatch):
+    """x86's "flags" and Arm's "Features" line, the first CPU's only; a file without
+    either says nothing (None, not False: unknown is not "absent")."""
+    path = tmp_path / "cpuinfo"
+    path.write_text(text)
+    read = cpu.flags_of_cpuinfo(path)
+    assert (read is None) == (flags is None)
+    if flags is not None:
+        assert flags <= read and "x" not in read  # the first line only
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: read)
+    assert cpu.has_bfloat16_instructions() is native
+    assert cpu.flags_of_cpuinfo(tmp_path / "missing") is None

@@ -16,7 +16,7 @@ import pytest
 from conftest import BACKEND, random_timm_model, result_line, run_python, timm_state_numpy
 
 import weights_convert as wc
-from convnext_common import allocator
+from convnext_common import allocator, cpu
 from convnext_layers import (
     ConvNeXtConfig,
     DepthwiseConv,
@@ -691,6 +691,98 @@ def test_jax_bfloat16_products_only_in_a_bfloat16_models_twin(small_v2_weights, 
     }
     monkeypatch.setattr(fast_ops, "_DISABLED", {"jax_bfloat16_products": "test"})
     assert jax_kernels.jax_compiler_options(v1) == jax_kernels.JAX_V1_COMPILER_OPTIONS
+
+
+# ----------------------------------------------------------------------------
+# A CPU without bfloat16 instructions: a bfloat16 model computes in float32
+# ----------------------------------------------------------------------------
+
+# backend -> (module, the function that makes a bfloat16 model's float32 twin run)
+FLOAT32_TWINS = {
+    "torch": (torch_kernels, "float32_runner"),
+    "tensorflow": (tensorflow_kernels, "float32_runner"),
+    "jax": (jax_kernels, "_float32_runner"),
+}
+
+
+@pytest.fixture
+def cpu_without_bfloat16(monkeypatch):
+    """This CPU's flags known and naming no bfloat16 instructions (an AVX-512 Xeon
+    without AVX512_BF16), whatever CPU runs the test."""
+    monkeypatch.setattr(cpu, "has_bfloat16_instructions", lambda: False)
+
+
+def _as_float32(weights):
+    return [np.asarray(w, "float32") for w in weights]
+
+
+@pytest.mark.skipif(BACKEND not in FLOAT32_TWINS, reason="no float32 twin on this backend")
+def test_without_bfloat16_instructions_a_bfloat16_model_is_float32_arithmetic(
+    small_v2_weights, cpu_without_bfloat16, monkeypatch
+):
+    """predict_batch of a bfloat16 model is then the float32 model's on the bfloat16
+    weights (float32 arithmetic, every product too), and sees a weight update."""
+    owner, function = FLOAT32_TWINS[BACKEND]
+    weights, x = small_v2_weights
+    model = _fresh_v2(weights).with_head(dtype="bfloat16")
+    spy = Spy(monkeypatch, owner, function)
+    products = Spy(monkeypatch, jax_kernels, "bfloat16_product")
+    for update in (None, 0.5):
+        if update is not None:  # the next weights, rounded to bfloat16 by the model
+            model.set_weights([w * update + 0.01 for w in weights])
+        fast = model.predict_batch(x)
+        reference = _fresh_v2(_as_float32(model.get_weights())).predict_batch(x)
+        scale = np.abs(reference).max()
+        np.testing.assert_allclose(fast, reference, rtol=0, atol=1e-5 * scale)
+    assert spy.calls == 1 and products.calls == 0
+    assert fast_ops.disabled_fast_paths() == {}
+    if BACKEND == "jax":  # V1's float32 compiler options, its products in float32
+        v1 = create_convnext_v1("atto", num_classes=5, input_shape=(32, 32, 3), dtype="bfloat16")
+        assert jax_kernels.float32_twin_products(v1) is False
+        twin_layers = fast_ops.flatten_layers(jax_kernels.float32_twin(v1))
+        assert not any(layer in jax_kernels._BFLOAT16_PRODUCT_LAYERS for layer in twin_layers)
+        assert jax_kernels.jax_compiler_options(v1) == jax_kernels.JAX_V1_COMPILER_OPTIONS
+
+
+@pytest.mark.skipif(BACKEND == "jax", reason="JAX computes in float32 on every CPU (above)")
+@pytest.mark.skipif(BACKEND not in FLOAT32_TWINS, reason="no float32 twin on this backend")
+@pytest.mark.parametrize("mode", MODES)
+def test_float32_compute_fallback_equals_it(
+    small_v2_weights, cpu_without_bfloat16, mode, monkeypatch
+):
+    """Kept from running, a bfloat16 model computes in bfloat16: within bfloat16's
+    rounding of the float32 arithmetic on its weights, which the fast path gives. A
+    failure of the float32 copy switches the fast path off once."""
+    weights, x = small_v2_weights
+    model = _fresh_v2(weights).with_head(dtype="bfloat16")
+    reference = _fresh_v2(_as_float32(model.get_weights())).predict_batch(x)
+    with monkeypatch.context() as patch:
+        spy = Spy(patch, fast_ops, "float32_copy" if BACKEND == "torch" else "float32_architecture",
+                  fail=mode == "failure")  # fmt: skip
+        if mode == "off_cpu":
+            patch.setattr(fast_ops, "on_cpu", lambda x=None: False)
+        with _switched_off(mode, patch, "float32_compute"):
+            fallback = np.float32(model.predict_batch(x))
+    assert spy.calls == (1 if mode == "failure" else 0)
+    assert list(fast_ops.disabled_fast_paths()) == (["float32_compute"] * (mode == "failure"))
+    scale = np.abs(reference).max()
+    assert 1e-4 * scale < np.abs(fallback - reference).max() < 0.05 * scale
+
+
+@pytest.mark.skipif(BACKEND == "jax", reason="JAX computes in float32 on every CPU")
+@pytest.mark.skipif(BACKEND not in FLOAT32_TWINS, reason="no float32 twin on this backend")
+def test_float32_compute_steps_aside_where_bfloat16_is_native(small_v2_weights, monkeypatch):
+    """On a CPU with bfloat16 instructions (the suite's default, tests/conftest.py) or
+    with its flags unknown, and for a float32 model anywhere, no float32 twin."""
+    owner, function = FLOAT32_TWINS[BACKEND]
+    weights, x = small_v2_weights
+    spy = Spy(monkeypatch, owner, function)
+    for native in (True, None):
+        monkeypatch.setattr(cpu, "has_bfloat16_instructions", lambda native=native: native)
+        _fresh_v2(weights).with_head(dtype="bfloat16").predict_batch(x)
+    monkeypatch.setattr(cpu, "has_bfloat16_instructions", lambda: False)
+    _fresh_v2(weights).predict_batch(x)
+    assert spy.calls == 0
 
 
 # backend -> (fast path, the function that runs each layer in the layer-by-layer inference)

@@ -77,7 +77,15 @@ The fast paths (name: what it is; the fallback that replaces it):
   (`jax_kernels.bfloat16_product`), which XLA:CPU hands to YNNPACK's bfloat16
   kernels; a V1 twin is compiled with YNNPACK's fusions for its dots alone
   (`JAX_V1_BFLOAT16_COMPILER_OPTIONS`, where V1's float32 options switch YNNPACK
-  off); fallback the twin's float32 products and V1's float32 options.
+  off); not on a CPU without bfloat16 instructions (`cpu_lacks_bfloat16`);
+  fallback the twin's float32 products and V1's float32 options.
+- "float32_compute" (torch, tensorflow): on a CPU without bfloat16 instructions
+  (`cpu_lacks_bfloat16`: no AVX512_BF16, AMX-BF16 or Arm BF16 in its flags),
+  `predict_batch` of a model whose body is bfloat16 runs a float32 twin of its
+  architecture on its weights converted to float32 (torch: an allocated copy
+  (`float32_copy`) updated when a weight's tensor changes; TensorFlow: converted
+  inside the graph, `float32_architecture`), as oneDNN computes bfloat16 there by
+  converting around every op; fallback the bfloat16 call.
 - "layerwise_call" (every backend): `ConvNeXt`'s inference call runs its layers
   one after another, keeping only the current tensor and a block's shortcut
   (keras' functional runner keeps every intermediate until the call ends);
@@ -140,7 +148,7 @@ import warnings
 
 import keras
 
-from convnext_common import allocator
+from convnext_common import allocator, cpu
 
 _state = threading.local()
 _DISABLED: dict[str, str] = {}  # fast path name -> why it was switched off
@@ -170,6 +178,7 @@ FAST_PATHS = (
     "torch_packed_weights",
     "jax_heap_sized_batches",
     "jax_bfloat16_products",
+    "float32_compute",
 )
 
 
@@ -420,6 +429,71 @@ def inference_function(model):
         return None
     module = _backend_module()
     return None if module is None else module.inference_function(model)
+
+
+def cpu_lacks_bfloat16() -> bool:
+    """This CPU's flags are known and name no bfloat16 instructions
+    (`convnext_common.cpu`): there every bfloat16 operation is float32 arithmetic with
+    conversions around it, and the bfloat16 fast paths, each measured on a CPU with
+    AVX512-BF16 or AMX, step aside for float32 ("float32_compute",
+    "jax_bfloat16_products")."""
+    return cpu.has_bfloat16_instructions() is False
+
+
+def float32_architecture(model):
+    """A float32 copy of `model`'s architecture (its config with dtype float32) whose
+    variables are never allocated: it is called in a `keras.StatelessScope` that maps
+    its variables (in `model.variables`' order) to values. None where the copy's
+    variables are not the model's."""
+    config = {**model.get_config(), "dtype": "float32"}
+    with keras.StatelessScope(initialize_variables=False):
+        twin = type(model).from_config(config)
+    forget_deferred(twin.weights)
+    if [v.path for v in twin.variables] != [v.path for v in model.variables]:
+        return None  # pragma: no cover - the same config builds the same variables
+    return twin
+
+
+def float32_copy(model):
+    """A float32 copy of `model`'s architecture with its variables allocated and set to
+    the model's values converted to float32 (without a random initialisation first,
+    `build_with_initial_values`); None where the copy's variables are not the model's."""
+    config = {**model.get_config(), "dtype": "float32"}
+    by_path = {v.path: v for v in model.variables}
+    paths = [v.path for v in model.variables]
+
+    def initial_values(twin):
+        if [v.path for v in twin.variables] != paths:
+            raise _NotATwin  # pragma: no cover - the same config builds the same variables
+
+        def value_of(variable):
+            value = by_path[variable.path].value
+            return lambda shape, dtype: keras.ops.cast(value, dtype)
+
+        return value_of
+
+    try:
+        return build_with_initial_values(lambda: type(model).from_config(config), initial_values)
+    except _NotATwin:  # pragma: no cover
+        return None
+
+
+class _NotATwin(Exception):
+    """A float32 copy whose variables are not its model's."""
+
+
+def wants_float32_compute(model, x=None) -> bool:
+    """`model` is a ConvNeXt whose body computes in bfloat16, and "float32_compute" may
+    run on `x` (on torch it must be given): on a CPU without bfloat16 instructions
+    (`cpu_lacks_bfloat16`). What `predict_batch` runs as a float32 twin on torch and
+    TensorFlow."""
+    plan = getattr(model, "_layer_plan", None)
+    return (
+        plan is not None
+        and use_fast_path("float32_compute", x)
+        and cpu_lacks_bfloat16()
+        and plan.body_dtype() == "bfloat16"
+    )
 
 
 def to_numpy(outputs):

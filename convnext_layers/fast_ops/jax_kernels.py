@@ -465,12 +465,9 @@ def float32_twin(model):
     (on a CPU); else None."""
     if not _runs_in_float32(model):
         return None
-    config = {**model.get_config(), "dtype": "float32"}
-    with keras.StatelessScope(initialize_variables=False):
-        twin = type(model).from_config(config)
-    fast_ops.forget_deferred(twin.weights)
-    if [v.path for v in twin.variables] != [v.path for v in model.variables]:
-        return None  # pragma: no cover - the same config builds the same variables
+    twin = fast_ops.float32_architecture(model)
+    if twin is None or not _bfloat16_products_measured():
+        return twin
     # the products of the layers that compute in bfloat16 (not the float32 head's)
     pairs = zip(fast_ops.flatten_layers(model), fast_ops.flatten_layers(twin), strict=True)
     for original, layer in pairs:
@@ -481,9 +478,24 @@ def float32_twin(model):
 
 def float32_twin_products(model) -> bool:
     """Whether `predict_batch` runs `model` as its float32 twin with its products in
-    bfloat16 (`jax_bfloat16_products`): a model whose body is bfloat16, on a CPU, with
-    both fast paths allowed."""
-    return _runs_in_float32(model) and fast_ops.use_fast_path("jax_bfloat16_products")
+    bfloat16 (`jax_bfloat16_products`): a model whose body is bfloat16, on a CPU with
+    bfloat16 instructions (or flags unknown), with both fast paths allowed."""
+    return (
+        _runs_in_float32(model)
+        and fast_ops.use_fast_path("jax_bfloat16_products")
+        and _bfloat16_products_measured()
+    )
+
+
+# `jax_bfloat16_products` on a CPU without bfloat16 instructions (an Intel Xeon with
+# AVX-512 but no AVX512_BF16, 2 CPUs), where YNNPACK converts the operands in
+# software: predict_batch median ms, bfloat16 (the products in bfloat16) against
+# float32: convnext_atto b1 20.5 / 17.4, b8 122.3 / 89.8; convnext_tiny b8 740.5 /
+# 440.2. There the twin keeps its float32 products.
+def _bfloat16_products_measured() -> bool:
+    """The CPU is not known to lack bfloat16 instructions (`fast_ops.cpu_lacks_bfloat16`):
+    where `jax_bfloat16_products` was measured faster."""
+    return not fast_ops.cpu_lacks_bfloat16()
 
 
 def _runs_in_float32(model) -> bool:
