@@ -127,7 +127,10 @@ class Embedder:
         dtype: "float32" (default) or "bfloat16": the model's body computes in
             bfloat16 (on CPUs with AVX512-BF16 / AMX about twice as fast), the
             normalisation statistics and the head with its L2 in float32; the
-            embeddings are float32 either way (`embedding.model.in_dtype`).
+            embeddings are float32 either way (`embedding.model.in_dtype`). On a
+            CPU without bfloat16 instructions the bfloat16 weights are computed
+            in float32 arithmetic (bfloat16 arithmetic is emulated there, 2-3x
+            slower than float32).
     """
 
     def __init__(

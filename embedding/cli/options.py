@@ -51,7 +51,8 @@ def add_model_options(
             choices=("float32", "bfloat16"),  # convnext_layers.dtypes.DTYPES (which loads Keras)
             default="float32",
             help="bfloat16: the model computes in bfloat16 (norm statistics and the L2 in "
-            "float32; faster on CPUs with AVX512-BF16 / AMX)",
+            "float32; faster on CPUs with AVX512-BF16 / AMX; on a CPU without bfloat16 "
+            "instructions its bfloat16 weights compute in float32)",
         )
     group.add_argument("--pooling", choices=("avg", "max", "gem"), default="avg")
     group.add_argument(
