@@ -325,6 +325,9 @@ TABLES = {
     "against-compiled-bfloat16-malloc-epyc": functools.partial(
         against_compiled, "cpu_r224_bfloat16_malloc_epyc"
     ),
+    "against-compiled-bfloat16-xeon-no-bf16": functools.partial(
+        against_compiled, "cpu_r224_bfloat16_xeon_no_bf16"
+    ),
     "end-to-end": end_to_end,
     "cold-start": cold_start,
     "cold-start-user-install": cold_start_user_install,
