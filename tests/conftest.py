@@ -97,10 +97,13 @@ def _cpu_with_bfloat16_instructions():
     """The bfloat16 fast paths step aside on a CPU without bfloat16 instructions
     (`fast_ops.cpu_lacks_bfloat16`), and CI runs on CPUs of either kind: the suite
     checks them as on a CPU that has the instructions, wherever it runs (the numbers
-    are the same; only the speed differs). tests/test_fast_ops.py sets the other kind
-    where it checks what runs there. Subprocesses see the machine's own flags."""
+    are the same; only the speed differs): its flags are this CPU's and AVX512_BF16.
+    tests/test_fast_ops.py sets the other kind where it checks what runs there, and
+    tests/test_convnext_common.py reads flags of its own. Subprocesses see the
+    machine's own flags."""
+    flags = frozenset(cpu.flags_of_cpuinfo(cpu.CPUINFO) or ()) | {"avx512_bf16"}
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cpu, "has_bfloat16_instructions", lambda: True)
+        patch.setattr(cpu, "cpu_flags", lambda: flags)
         yield
 
 
