@@ -445,41 +445,35 @@ def float32_architecture(model):
     variables are never allocated: it is called in a `keras.StatelessScope` that maps
     its variables (in `model.variables`' order) to values. None where the copy's
     variables are not the model's."""
-    config = {**model.get_config(), "dtype": "float32"}
     with keras.StatelessScope(initialize_variables=False):
-        twin = type(model).from_config(config)
+        twin = _build_in_float32(model)
     forget_deferred(twin.weights)
-    if [v.path for v in twin.variables] != [v.path for v in model.variables]:
-        return None  # pragma: no cover - the same config builds the same variables
-    return twin
+    return twin if _same_variables(twin, model) else None
 
 
 def float32_copy(model):
     """A float32 copy of `model`'s architecture with its variables allocated and set to
     the model's values converted to float32 (without a random initialisation first,
     `build_with_initial_values`); None where the copy's variables are not the model's."""
-    config = {**model.get_config(), "dtype": "float32"}
     by_path = {v.path: v for v in model.variables}
-    paths = [v.path for v in model.variables]
 
-    def initial_values(twin):
-        if [v.path for v in twin.variables] != paths:
-            raise _NotATwin  # pragma: no cover - the same config builds the same variables
+    def value_of(variable):
+        source = by_path.get(variable.path)
+        if source is None:  # pragma: no cover - the same config builds the same variables
+            return None
+        return lambda shape, dtype: keras.ops.cast(source.value, dtype)
 
-        def value_of(variable):
-            value = by_path[variable.path].value
-            return lambda shape, dtype: keras.ops.cast(value, dtype)
-
-        return value_of
-
-    try:
-        return build_with_initial_values(lambda: type(model).from_config(config), initial_values)
-    except _NotATwin:  # pragma: no cover
-        return None
+    twin = build_with_initial_values(lambda: _build_in_float32(model), lambda twin: value_of)
+    return twin if _same_variables(twin, model) else None
 
 
-class _NotATwin(Exception):
-    """A float32 copy whose variables are not its model's."""
+def _build_in_float32(model):
+    return type(model).from_config({**model.get_config(), "dtype": "float32"})
+
+
+def _same_variables(twin, model) -> bool:
+    """`twin` has `model`'s variables, in the same order (the same config builds them)."""
+    return [v.path for v in twin.variables] == [v.path for v in model.variables]
 
 
 def wants_float32_compute(model, x=None) -> bool:

@@ -720,9 +720,9 @@ def inference_function(model):
 def float32_runner(model):
     """`run(x)`: `model`, whose body is bfloat16, computed as its float32 twin: a float32
     copy of its architecture (`fast_ops.float32_copy`) whose weights are the model's
-    converted to float32, again after each update of the model's (torch's version
-    counters, as `torch_prepared_from`): the bfloat16 weights' numbers in float32
-    arithmetic, with every float32 kernel. None where there is no twin."""
+    converted to float32, copied again once per update of the model's weights
+    (`torch_prepared_from`, cached on the model): the bfloat16 weights' numbers in
+    float32 arithmetic, with every float32 kernel. None where there is no twin."""
     # torch: on the torch backend alone (importing this module loads no backend)
     import torch
 
@@ -733,18 +733,17 @@ def float32_runner(model):
     if twin is None:
         return None
     variables, twin_variables = list(model.variables), list(twin.variables)
-    copied = [None]  # the model's stored tensors and their versions, as last copied
+
+    def copy_into_twin(*stored):
+        targets = fast_ops.stored_values(twin_variables)
+        with torch.inference_mode(False), torch.no_grad():
+            for variable, target, value in zip(twin_variables, targets, stored, strict=True):
+                if target is not value:  # a float32 weight the copy shares is current
+                    variable.assign(value.float())
+        return ()  # nothing to keep: the copy is in the twin's variables
 
     def run(x):
-        stored = fast_ops.stored_values(variables)
-        now = (tuple(id(value) for value in stored), tuple(value._version for value in stored))
-        if copied[0] != now:
-            targets = fast_ops.stored_values(twin_variables)
-            with torch.inference_mode(False), torch.no_grad():
-                for variable, target, value in zip(twin_variables, targets, stored, strict=True):
-                    if target is not value:  # a float32 weight the copy shares is current
-                        variable.assign(value.float())
-            copied[0] = now
+        torch_prepared_from(model, variables, None, copy_into_twin, variant="float32_twin")
         return twin(x, training=False)
 
     return run
